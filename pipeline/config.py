@@ -56,7 +56,7 @@ class RunConfig(BaseModel):
     num_frames: int = Field(8, ge=1, le=256, description="Frames sampled uniformly over each video's clip window.")
     batch_size: int = Field(4, ge=1, description="Model inputs per generate call.")
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")
-    preprocess_workers: int = Field(1, ge=1, description="Preprocess actors (each holds one HF processor).")
+    preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     attn_implementation: str = Field("sdpa", description="Attention kernel passed to transformers.")

@@ -189,6 +189,8 @@ def scan_manifest(cfg: RunConfig) -> ManifestScan:
                     continue
                 row = _normalize(row)
                 problem = validate_row(row)
+                if not problem and cfg.task == "qa" and not (row.get("questions") or row.get("prompt") or cfg.prompt):
+                    problem = "--task qa needs questions: add a 'questions' list (or a 'prompt') to the row, or pass --prompt"
                 if problem:
                     records.append(_record(row, source, problem))
                 elif row["id"] in seen:

@@ -1,0 +1,87 @@
+"""Caption videos and images, or answer questions about them, for every row of a manifest.
+
+    ray job submit --working-dir . -- python jobs/caption_videos.py \
+        --manifest s3://bucket/manifests/ --output s3://bucket/captions/ \
+        --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf
+
+Also runs with plain `python` (it then joins the local Ray cluster or starts one).
+Exit code 0 when the run completed, error rows included; non-zero when it could not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `pipeline` without installing
+
+from pydantic import ValidationError  # noqa: E402
+
+from pipeline.config import GenerationConfig, RunConfig, StorageConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> RunConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f = RunConfig.model_fields
+    g = GenerationConfig.model_fields
+    p.add_argument("--manifest", required=True, help=f["manifest"].description)
+    p.add_argument("--output", required=True, help=f["output"].description)
+    p.add_argument("--model", required=True, help=f["model"].description)
+    p.add_argument("--task", choices=["caption", "qa"], default="caption", help=f["task"].description)
+    p.add_argument("--prompt", help=f["prompt"].description + " Default: 'Describe this video/image in detail.'")
+    p.add_argument("--num-frames", type=int, default=f["num_frames"].default, help=f["num_frames"].description)
+    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"].default, help=g["max_new_tokens"].description)
+    p.add_argument("--batch-size", type=int, default=f["batch_size"].default, help=f["batch_size"].description)
+    p.add_argument("--replicas", type=int, default=f["replicas"].default, help=f["replicas"].description)
+    p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
+                   help=f["preprocess_workers"].description)
+    p.add_argument("--temperature", type=float, default=g["temperature"].default, help=g["temperature"].description)
+    p.add_argument("--top-p", type=float, default=g["top_p"].default, help=g["top_p"].description)
+    p.add_argument("--top-k", type=int, default=g["top_k"].default, help=g["top_k"].description)
+    p.add_argument("--seed", type=int, default=g["seed"].default, help=g["seed"].description)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=f["device"].description)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help=f["dtype"].description)
+    p.add_argument("--attn-implementation", default=f["attn_implementation"].default,
+                   help=f["attn_implementation"].description)
+    p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
+    p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
+    a = p.parse_args(argv)
+    try:
+        return RunConfig(
+            manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
+            num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
+            preprocess_workers=a.preprocess_workers, device=a.device, dtype=a.dtype,
+            attn_implementation=a.attn_implementation,
+            generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                        top_p=a.top_p, top_k=a.top_k, seed=a.seed),
+            storage=StorageConfig(endpoint_url=a.s3_endpoint_url),
+            **({"run_id": a.run_id} if a.run_id else {}),
+        )
+    except ValidationError as e:
+        p.error(str(e))
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    from pipeline.checkpoint import is_random_weight
+    from pipeline.manifest import ManifestError
+    from pipeline.run import run
+
+    if is_random_weight(cfg.model):
+        print(f"NOTE: {cfg.model} has RANDOM WEIGHTS: its text is noise. "
+              "For real captions use --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf (or a local or s3:// copy).")
+    try:
+        summary = run(cfg)
+    except ManifestError as e:
+        print(f"run could not start: {e}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

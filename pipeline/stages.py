@@ -1,0 +1,161 @@
+"""The pipeline's stages as Ray Data UDFs (plain Python: tests call them without Ray).
+
+Each stage takes and returns pyarrow tables with an explicit schema, passes error rows through
+untouched and turns its own failures into error rows (status, error_type, error) instead of raising.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import schemas
+from pipeline.config import RunConfig
+from pipeline.manifest import prompts_for
+
+_MEDIA_FIELDS = [
+    ("media_type", pa.string()),
+    ("num_frames", pa.int64()),
+    ("frame_timestamps_s", pa.list_(pa.float64())),
+    ("duration_s", pa.float64()),
+    ("fps", pa.float64()),
+    ("codec", pa.string()),
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+]
+_ROW_FIELDS = [
+    ("id", pa.string()), ("uri", pa.string()), ("source", pa.string()),
+    ("status", pa.string()), ("error_type", pa.string()), ("error", pa.string()),
+]
+# decode -> preprocess: one row per item, decoded frames packed as .npy bytes.
+ITEM_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [("prompts", pa.list_(pa.string())), ("frames", pa.large_binary())])
+# preprocess -> generate: one row per (item, prompt), model inputs packed as .npz bytes.
+REQUEST_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [
+    ("prompt", pa.string()), ("prompt_tokens", pa.int64()), ("model_inputs", pa.large_binary())])
+# generate -> format_output
+RESULT_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [
+    ("prompt", pa.string()), ("prompt_tokens", pa.int64()), ("text", pa.string()), ("output_tokens", pa.int64())])
+
+
+def pack(arrays: dict[str, np.ndarray]) -> bytes:
+    """Arrays -> bytes without pickle (npz, uncompressed: the payload is pixels, compression wastes CPU)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _error(row: dict, error_type: str, message: str) -> dict:
+    row.update(status="error", error_type=error_type, error=message)
+    return row
+
+
+def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+
+
+def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
+    """Fetch + decode each item (CPU task)."""
+    from pipeline.media import MediaError, fetch_and_decode
+
+    items = []
+    for rec in records.to_pylist():
+        item = {k: rec[k] for k in ("id", "uri", "source", "status", "error_type", "error", "media_type")}
+        if rec["status"] == "ok":
+            try:
+                d = fetch_and_decode(rec["uri"], cfg.storage, rec["media_type"], cfg.num_frames,
+                                     rec["start_s"], rec["end_s"])
+                item.update(media_type=d.media_type, num_frames=len(d.frames), frame_timestamps_s=d.timestamps_s or None,
+                            duration_s=d.duration_s, fps=d.fps, codec=d.codec, width=d.width, height=d.height,
+                            frames=pack({"frames": d.frames}))
+            except MediaError as e:
+                _error(item, e.error_type, str(e))
+            except Exception as e:  # an unexpected decoder failure is still this item's, not the run's
+                _error(item, "undecodable", f"decoding {rec['uri']} failed: {type(e).__name__}: {e}")
+        invalid = rec["error_type"] in ("invalid_manifest_row", "duplicate_id")
+        item["prompts"] = [None] if invalid else prompts_for(rec, item["media_type"], cfg)
+        items.append(item)
+    return _table(items, ITEM_SCHEMA)
+
+
+class Preprocess:
+    """Chat template + HF processor (CPU actor: the processor is loaded once)."""
+
+    def __init__(self, cfg: RunConfig):
+        from pipeline.checkpoint import local_checkpoint
+        from pipeline.preprocess import Preprocessor
+
+        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage))
+
+    def __call__(self, items: pa.Table) -> pa.Table:
+        requests = []
+        for item in items.to_pylist():
+            frames = unpack(item.pop("frames"))["frames"] if item["status"] == "ok" else None
+            for prompt in item.pop("prompts"):
+                row = dict(item, prompt=prompt)
+                if frames is not None:
+                    try:
+                        inputs = self.preprocessor.build(item["media_type"], frames, prompt)
+                        row.update(prompt_tokens=len(inputs["input_ids"]), model_inputs=pack(inputs))
+                    except Exception as e:
+                        _error(row, "preprocess_error", f"the processor rejected this input: {type(e).__name__}: {e}")
+                requests.append(row)
+        return _table(requests, REQUEST_SCHEMA)
+
+
+class Generate:
+    """The model (GPU actor when the cluster has GPUs, else CPU): one engine per actor."""
+
+    def __init__(self, cfg: RunConfig, device: str):
+        from pipeline.checkpoint import local_checkpoint
+        from pipeline.engine import Engine
+
+        self.cfg = cfg
+        self.engine = Engine(local_checkpoint(cfg.model, cfg.storage), device=device, dtype=cfg.dtype,
+                             attn_implementation=cfg.attn_implementation)
+
+    def __call__(self, requests: pa.Table) -> pa.Table:
+        from pipeline.engine import row_seed
+
+        rows = requests.to_pylist()
+        todo = [r for r in rows if r["status"] == "ok"]
+        if todo:
+            inputs = [unpack(r["model_inputs"]) for r in todo]
+            seeds = [row_seed(self.cfg.generation.seed, r["id"], r["prompt"]) for r in todo]
+            try:
+                results = self.engine.generate(inputs, self.cfg.generation, seeds)
+            except Exception:
+                results = [self._one(x, s) for x, s in zip(inputs, seeds)]  # isolate the failing row(s)
+            for row, result in zip(todo, results):
+                if isinstance(result, Exception):
+                    _error(row, "model_error", f"generation failed: {type(result).__name__}: {result}")
+                else:
+                    row.update(text=result.text, output_tokens=result.output_tokens)
+        return _table(rows, RESULT_SCHEMA)
+
+    def _one(self, inputs, seed):
+        try:
+            return self.engine.generate([inputs], self.cfg.generation, [seed])[0]
+        except Exception as e:
+            return e
+
+
+def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:
+    """Rows in the output schema of schemas/output.schema.json."""
+    n = results.num_rows
+    run = {
+        "task": pa.array([cfg.task] * n, pa.string()),
+        "model": pa.array([cfg.model] * n, pa.string()),
+        "run_id": pa.array([cfg.run_id] * n, pa.string()),
+        "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
+    }
+    schema = schemas.output_arrow_schema()
+    columns = [run[name] if name in run else results.column(name) for name in schema.names]
+    return pa.Table.from_arrays(columns, schema=schema)
