@@ -1,0 +1,92 @@
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import RunConfig
+from pipeline.manifest import ManifestError, scan_manifest
+
+
+def cfg_for(manifest, **kw) -> RunConfig:
+    return RunConfig(manifest=str(manifest), output="/tmp/unused", model="unused", **kw)
+
+
+def by_id(scan):
+    return {r["id"]: r for r in scan.records.to_pylist() if r["id"] is not None}
+
+
+def test_jsonl_rows_validated_and_bad_rows_become_error_records(tmp_path):
+    lines = [
+        json.dumps({"id": "a", "uri": "s3://b/a.mp4", "start_s": 1, "end_s": 3.5}),
+        json.dumps({"id": 7, "uri": "x.jpg", "media_type": "image", "extra_column": "kept out"}),
+        json.dumps({"uri": "no-id.mp4"}),
+        json.dumps({"id": "bad-type", "uri": "x.mp4", "media_type": "audio"}),
+        json.dumps({"id": "bad-window", "uri": "x.mp4", "start_s": 5, "end_s": 2}),
+        "{not json",
+        json.dumps({"id": "a", "uri": "s3://b/other.mp4"}),
+        "",
+        json.dumps(["a", "list"]),
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    scan = scan_manifest(cfg_for(tmp_path / "m.jsonl"))
+    rows = scan.records.to_pylist()
+    assert len(rows) == 8  # the blank line is not a row
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [r["id"] for r in ok] == ["a", "7"]
+    assert ok[0]["start_s"] == 1.0 and ok[0]["end_s"] == 3.5
+    errors = [r for r in rows if r["status"] == "error"]
+    assert [e["error_type"] for e in errors] == ["invalid_manifest_row"] * 4 + ["duplicate_id", "invalid_manifest_row"]
+    messages = [e["error"] for e in errors]
+    assert "'id' is a required property" in messages[0] and "m.jsonl:line 3" in messages[0]
+    assert "column 'media_type'" in messages[1]
+    assert "end_s (2) must be greater than start_s (5)" in messages[2]
+    assert "not valid JSON" in messages[3] and "line 6" in messages[3]
+    assert errors[4]["id"] == "a" and "only its first row is processed" in messages[4]
+    assert all("Fix this manifest row" in m for m in messages)
+
+
+def test_csv_and_parquet_and_prefix_with_many_files(tmp_path):
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day1" / "a.csv").write_text(
+        'id,uri,questions,start_s,end_s\n'
+        'c1,v1.mp4,"[""What?"", ""Where?""]",0.5,\n'
+        'c2,v2.mp4,,,\n'
+        'c3,v3.mp4,,soon,\n'
+    )
+    pq.write_table(pa.table({"id": ["p1", "p2"], "uri": ["i1.png", "i2.png"], "prompt": ["Say hi.", None]}),
+                   tmp_path / "day1" / "b.parquet")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"id": "g1", "uri": "g.mp4"}) + "\n")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "notes.txt").write_text("not a manifest")
+    scan = scan_manifest(cfg_for(tmp_path))
+    assert len(scan.files) == 3
+    rows = by_id(scan)
+    assert rows["c1"]["questions"] == ["What?", "Where?"] and rows["c1"]["start_s"] == 0.5 and rows["c1"]["end_s"] is None
+    assert rows["c2"]["status"] == "ok" and rows["c2"]["questions"] is None
+    assert rows["c3"]["status"] == "error" and "start_s" in rows["c3"]["error"]
+    assert rows["p1"]["prompt"] == "Say hi." and rows["p2"]["prompt"] is None
+    assert rows["g1"]["status"] == "ok"
+
+
+def test_qa_rows_need_questions_or_a_prompt(tmp_path):
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"id": "q", "uri": "v.mp4", "questions": ["Why?"]}) + "\n" + json.dumps({"id": "n", "uri": "v.mp4"}) + "\n")
+    rows = by_id(scan_manifest(cfg_for(tmp_path / "m.jsonl", task="qa")))
+    assert rows["q"]["status"] == "ok"
+    assert rows["n"]["status"] == "error" and "--task qa needs questions" in rows["n"]["error"]
+    rows = by_id(scan_manifest(cfg_for(tmp_path / "m.jsonl", task="qa", prompt="What happens?")))
+    assert rows["n"]["status"] == "ok"
+
+
+def test_unreadable_manifest_stops_the_run_with_a_reason(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        scan_manifest(cfg_for(tmp_path / "missing.jsonl"))
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(ManifestError, match="cannot tell the format"):
+        scan_manifest(cfg_for(tmp_path / "m.txt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no manifest files"):
+        scan_manifest(cfg_for(tmp_path / "empty"))

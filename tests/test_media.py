@@ -1,0 +1,153 @@
+"""Decoding real encoded files generated here with PyAV (libx264, libvpx-vp9)."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import StorageConfig
+from pipeline.media import MediaError, fetch_and_decode, sniff_media_type, uniform_targets
+from pipeline.testing.samples import encode_video
+
+STORAGE = StorageConfig()
+
+
+def count_frames(path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+@pytest.mark.parametrize(
+    "codec,ext,seconds,fps,gop",
+    [
+        ("libx264", "mp4", 4, 24, 12),  # short keyframe interval
+        ("libx264", "mp4", 12, 10, 50),  # long keyframe interval (5 s)
+        ("libvpx-vp9", "webm", 3, 24, 24),
+        ("mpeg4", "mkv", 3, 25, 25),
+    ],
+)
+@pytest.mark.parametrize("num_frames", [1, 8, 32])
+def test_sampled_timestamps_within_one_frame_of_uniform_targets(tmp_path, codec, ext, seconds, fps, gop, num_frames):
+    path = encode_video(tmp_path / f"v.{ext}", codec, seconds=seconds, fps=fps, gop=gop)
+    d = fetch_and_decode(str(path), STORAGE, None, num_frames)
+    assert d.media_type == "video" and d.frames.shape == (num_frames, 120, 160, 3) and d.frames.dtype == np.uint8
+    assert d.duration_s == pytest.approx(seconds, abs=1 / fps) and d.fps == pytest.approx(fps)
+    assert (d.width, d.height) == (160, 120)
+    assert d.codec == {"libx264": "h264", "libvpx-vp9": "vp9", "mpeg4": "mpeg4"}[codec]
+    targets = uniform_targets(0.0, d.duration_s, d.fps, num_frames)
+    assert np.all(np.abs(np.array(d.timestamps_s) - targets) <= 1 / fps + 1e-6)
+    assert d.timestamps_s == sorted(d.timestamps_s)
+
+
+def test_clip_window(tmp_path):
+    path = encode_video(tmp_path / "v.mp4", seconds=6, fps=20, gop=20)
+    d = fetch_and_decode(str(path), STORAGE, None, 5, start_s=2.0, end_s=4.0)
+    assert d.timestamps_s[0] == pytest.approx(2.0, abs=0.05)
+    assert d.timestamps_s[-1] == pytest.approx(4.0 - 1 / 20, abs=0.05)
+    assert all(2.0 - 1e-6 <= t < 4.0 for t in d.timestamps_s)
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(path), STORAGE, None, 5, start_s=7.0, end_s=9.0)
+    assert e.value.error_type == "invalid_clip_window"
+
+
+def test_long_gop_video_is_not_decoded_in_full(tmp_path):
+    # 60 s at 10 fps, a keyframe every 10 s: 600 frames in all.
+    path = encode_video(tmp_path / "long.mp4", seconds=60, fps=10, gop=100, width=96, height=64)
+    total = count_frames(path)
+    assert total == 600
+    d = fetch_and_decode(str(path), STORAGE, None, 6)
+    # Seeking decodes only from the keyframe before each target up to the target.
+    indices = [round(t * 10) for t in d.timestamps_s]
+    # (+1: the frame after the target is decoded to tell which of the two is nearer)
+    assert d.decoded_frames <= sum(i % 100 + 2 for i in indices), d.decoded_frames
+    assert d.decoded_frames < total * 0.55
+    four = fetch_and_decode(str(path), STORAGE, None, 4)  # targets 0, 20, 40, 59.9 s: next to keyframes
+    assert four.decoded_frames <= 110, four.decoded_frames
+    # A short clip of the same file decodes about one keyframe interval, not the 45 s before it.
+    clip = fetch_and_decode(str(path), STORAGE, None, 4, start_s=45.0, end_s=47.0)
+    assert clip.decoded_frames <= 100 + 20, clip.decoded_frames
+    # Dense sampling decodes each frame at most once (no re-seeking behind the current position).
+    dense = fetch_and_decode(str(path), STORAGE, None, 120)
+    assert dense.decoded_frames <= total
+
+
+def test_frames_are_the_frames_at_their_timestamps(tmp_path):
+    import av
+
+    path = encode_video(tmp_path / "v.mp4", seconds=3, fps=24, gop=30)
+    with av.open(str(path)) as c:
+        reference = {round(float(f.time), 4): f.to_ndarray(format="rgb24") for f in c.decode(video=0)}
+    d = fetch_and_decode(str(path), STORAGE, None, 8)
+    for t, frame in zip(d.timestamps_s, d.frames):
+        assert np.array_equal(frame, reference[round(t, 4)])
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "L", "CMYK", "P", "1"])
+def test_images_of_every_mode_become_rgb(tmp_path, mode):
+    img = Image.new("RGB", (40, 30), (200, 30, 60)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    path = tmp_path / "img.bin"  # the name says nothing: content decides
+    path.write_bytes(_save(img, fmt))
+    d = fetch_and_decode(str(path), STORAGE, None, 8)
+    assert d.media_type == "image" and d.frames.shape == (1, 30, 40, 3) and (d.width, d.height) == (40, 30)
+
+
+def test_transparent_pixels_are_shown_on_white(tmp_path):
+    img = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
+    (tmp_path / "t.png").write_bytes(_save(img, "PNG"))
+    d = fetch_and_decode(str(tmp_path / "t.png"), STORAGE, None, 1)
+    assert d.frames[0, 0, 0].tolist() == [255, 255, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (60, 20), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees
+    (tmp_path / "r.jpg").write_bytes(_save(img, "JPEG", exif=exif))
+    d = fetch_and_decode(str(tmp_path / "r.jpg"), STORAGE, None, 1)
+    assert (d.width, d.height) == (20, 60)
+
+
+def test_content_decides_the_media_type(tmp_path):
+    video = encode_video(tmp_path / "clip.mp4", seconds=1)
+    disguised = tmp_path / "clip.jpg"
+    disguised.write_bytes(video.read_bytes())
+    assert fetch_and_decode(str(disguised), STORAGE, None, 2).media_type == "video"
+    png = tmp_path / "pic.mp4"
+    png.write_bytes(_save(Image.new("RGB", (8, 8)), "PNG"))
+    assert fetch_and_decode(str(png), STORAGE, None, 2).media_type == "image"
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(png), STORAGE, "video", 2)
+    assert e.value.error_type == "media_type_mismatch"
+    assert sniff_media_type(video.read_bytes()[:64]) == "video"
+
+
+@pytest.mark.parametrize(
+    "content,error_type",
+    [
+        (b"", "undecodable"),
+        (bytes(np.random.RandomState(0).randint(0, 256, 4096, dtype=np.uint8)), "undecodable"),
+        (b"<html><body>503 Service Unavailable</body></html>", "undecodable"),
+    ],
+)
+def test_bad_files_raise_classified_errors(tmp_path, content, error_type):
+    path = tmp_path / "bad.mp4"
+    path.write_bytes(content)
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(path), STORAGE, None, 4)
+    assert e.value.error_type == error_type
+
+
+def test_missing_file_is_not_found(tmp_path):
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(tmp_path / "nope.mp4"), STORAGE, None, 4)
+    assert e.value.error_type == "not_found" and "does not exist" in str(e.value)
