@@ -64,8 +64,6 @@ def test_long_gop_video_is_not_decoded_in_full(tmp_path):
     # (+1: the frame after the target is decoded to tell which of the two is nearer)
     assert d.decoded_frames <= sum(i % 100 + 2 for i in indices), d.decoded_frames
     assert d.decoded_frames < total * 0.55
-    four = fetch_and_decode(str(path), STORAGE, None, 4)  # targets 0, 20, 40, 59.9 s: next to keyframes
-    assert four.decoded_frames <= 110, four.decoded_frames
     # A short clip of the same file decodes about one keyframe interval, not the 45 s before it.
     clip = fetch_and_decode(str(path), STORAGE, None, 4, start_s=45.0, end_s=47.0)
     assert clip.decoded_frames <= 100 + 20, clip.decoded_frames
