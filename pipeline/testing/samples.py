@@ -55,7 +55,7 @@ def write_images(directory: Path) -> dict[str, Path]:
 
     base = Image.fromarray(synthetic_frame(7, 120, 80))
     paths = {}
-    # JPEG stored sideways with EXIF orientation 6 (rotate 90° clockwise to display): shows as 80x120.
+    # JPEG stored sideways (80x120) with EXIF orientation 6 (rotate 90° clockwise to display): shows as 120x80.
     exif = Image.Exif()
     exif[0x0112] = 6
     paths["photo"] = directory / "photo.jpg"

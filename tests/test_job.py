@@ -1,0 +1,103 @@
+"""The job end to end on a local Ray cluster: sample data, tiny checkpoint, Parquet out."""
+
+import json
+import sys
+
+import duckdb
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs"))
+import caption_videos  # noqa: E402
+
+from pipeline import schemas  # noqa: E402
+
+
+def run_job(*args) -> int:
+    return caption_videos.main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def caption_run(ray_local, samples, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("captions")
+    code = run_job("--manifest", samples / "manifest.jsonl", "--output", out, "--model", tiny_model,
+                   "--max-new-tokens", 6, "--num-frames", 4, "--batch-size", 3)
+    return code, out
+
+
+def test_caption_run_writes_one_row_per_item_with_the_output_schema(caption_run, samples):
+    code, out = caption_run
+    assert code == 0
+    table = pads.dataset(str(out), format="parquet").to_table()
+    assert table.schema == schemas.output_arrow_schema()
+    manifest_ids = [json.loads(line)["id"] for line in (samples / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(table.column("id").to_pylist()) == sorted(manifest_ids)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["missing"]["status"] == "error" and rows["missing"]["error_type"] == "not_found"
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert len(ok) == 6 and all(r["text"] is not None and r["output_tokens"] >= 1 for r in ok)
+    assert len({r["run_id"] for r in rows.values()}) == 1 and all(r["task"] == "caption" for r in ok)
+    street = rows["street"]
+    assert (street["media_type"], street["codec"], street["num_frames"]) == ("video", "h264", 4)
+    assert street["frame_timestamps_s"][0] == 0.0 and street["duration_s"] == pytest.approx(4.0)
+    assert street["prompt"] == "Describe this video in detail."
+    assert rows["beach"]["codec"] == "vp9"
+    assert rows["photo"]["prompt"] == "Describe this photo in one sentence."
+    assert (rows["photo"]["width"], rows["photo"]["height"], rows["photo"]["num_frames"]) == (120, 80, 1)
+    assert rows["palette"]["prompt"] == "Describe this image in detail."
+    clip = rows["long-gop-clip"]
+    assert 2.0 <= clip["frame_timestamps_s"][0] and clip["frame_timestamps_s"][-1] < 8.0
+    assert all(r["prompt_tokens"] > 0 for r in ok)
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["rows"] == 7 and success["by_status"] == {"ok": 6, "error": 1}
+
+
+def test_output_is_readable_by_pandas_and_duckdb(caption_run):
+    _, out = caption_run
+    df = pd.read_parquet(out)
+    assert len(df) == 7 and set(df.columns) == set(schemas.OUTPUT_COLUMNS)
+    counts = duckdb.sql(f"SELECT status, count(*) FROM read_parquet('{out}/*.parquet') GROUP BY status ORDER BY status").fetchall()
+    assert counts == [("error", 1), ("ok", 6)]
+
+
+def test_qa_gives_one_row_per_question_and_reruns_do_not_duplicate(ray_local, samples, tiny_model, tmp_path):
+    args = ["--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model, "--task", "qa",
+            "--prompt", "What happens?", "--max-new-tokens", 4, "--num-frames", 2]
+    assert run_job(*args) == 0
+    assert run_job(*args) == 0  # rerun into the same output
+    df = pd.read_parquet(tmp_path)
+    assert not df.duplicated(["id", "prompt"]).any()
+    assert len(df) == 9  # beach and logo have two questions each
+    assert sorted(df[df.id == "beach"].prompt) == ["What colors do you see?", "What moves in this video?"]
+    assert set(df[df.id == "street"].prompt) == {"What happens?"}
+    assert df.run_id.nunique() == 1
+
+
+def test_bad_manifest_rows_become_error_rows(ray_local, samples, tiny_model, tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([
+        json.dumps({"id": "good", "uri": str(samples / "photo.jpg")}),
+        json.dumps({"id": "no-uri"}),
+        "not json at all",
+        json.dumps({"id": "good", "uri": str(samples / "logo.png")}),
+        json.dumps({"id": "zero", "uri": str(tmp_path / "zero.mp4")}),
+    ]) + "\n")
+    (tmp_path / "zero.mp4").write_bytes(b"")
+    out = tmp_path / "out"
+    assert run_job("--manifest", manifest, "--output", out, "--model", tiny_model, "--max-new-tokens", 3) == 0
+    df = pd.read_parquet(out)
+    assert len(df) == 5
+    assert df[df.status == "ok"].id.tolist() == ["good"]
+    kinds = sorted(df[df.status == "error"].error_type)
+    assert kinds == ["duplicate_id", "invalid_manifest_row", "invalid_manifest_row", "undecodable"]
+    assert df.error[df.status == "error"].str.len().min() > 20
+
+
+def test_a_run_that_cannot_start_exits_non_zero_with_the_reason(ray_local, tiny_model, tmp_path, capsys):
+    code = run_job("--manifest", tmp_path / "nope.jsonl", "--output", tmp_path / "o", "--model", tiny_model)
+    assert code != 0
+    assert "manifest not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        run_job("--manifest", "m", "--output", "o", "--model", tiny_model, "--num-frames", 0)
+    assert e.value.code == 2
