@@ -1,0 +1,73 @@
+"""The job through `ray job submit --working-dir .` against a local Ray head started by the test."""
+
+import os
+import signal
+import subprocess
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head --block` in its own process group; the group is killed afterwards."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    dashboard = free_port()
+    # `ray start` turns token authentication on; RAY_AUTH_MODE=token makes the CLI send the token.
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
+         "--include-dashboard=true", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+                               capture_output=True, text=True)
+        if probe.returncode == 0:
+            break
+        assert head.poll() is None, head.stdout.read()
+        time.sleep(2)
+    else:
+        pytest.fail("the Ray head did not come up in 120 s")
+    yield address, env
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_job(ray_head, samples, tiny_model, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "out"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/caption_videos.py", "--manifest", str(samples / "manifest.jsonl"),
+           "--output", str(out), "--model", str(tiny_model), "--max-new-tokens", "4", "--num-frames", "2"]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "7 items -> 7 rows (6 ok, 1 error: not_found=1)" in log
+    df = pd.read_parquet(out)
+    assert len(df) == 7 and (df.status == "ok").sum() == 6
+
+
+def test_ray_job_submit_reports_a_failed_run(ray_head, tmp_path, tiny_model):
+    address, env = ray_head
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+           "python", "jobs/caption_videos.py", "--manifest", str(tmp_path / "absent.jsonl"),
+           "--output", str(tmp_path / "out"), "--model", str(tiny_model)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "manifest not found" in done.stdout + done.stderr
