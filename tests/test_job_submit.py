@@ -28,19 +28,22 @@ def ray_head():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
          "--include-dashboard=true", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # Own ports for the agents: another Ray instance on this machine holds the default ones.
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:  # ready when a trivial job runs (the job agent starts last)
+        probe = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
+                               env=env, capture_output=True, text=True)
         if probe.returncode == 0:
             break
         assert head.poll() is None, head.stdout.read()
         time.sleep(2)
     else:
-        pytest.fail("the Ray head did not come up in 120 s")
+        pytest.fail(f"the Ray head did not take a job in 180 s: {probe.stdout[-2000:]} {probe.stderr[-2000:]}")
     yield address, env
     os.killpg(head.pid, signal.SIGTERM)
     try:
