@@ -69,14 +69,14 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     from pipeline.checkpoint import is_random_weight
     from pipeline.manifest import ManifestError
-    from pipeline.run import run
+    from pipeline.run import RunError, run
 
     if is_random_weight(cfg.model):
         print(f"NOTE: {cfg.model} has RANDOM WEIGHTS: its text is noise. "
               "For real captions use --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf (or a local or s3:// copy).")
     try:
         summary = run(cfg)
-    except ManifestError as e:
+    except (ManifestError, RunError) as e:
         print(f"run could not start: {e}", file=sys.stderr)
         return 2
     print(summary.line())

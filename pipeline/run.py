@@ -16,6 +16,10 @@ from pipeline.stages import Generate, Preprocess, decode_media, format_output
 log = logging.getLogger("pipeline")
 
 
+class RunError(Exception):
+    """The run cannot start or complete; the message says why and what to do."""
+
+
 @dataclass
 class RunSummary:
     run_id: str
@@ -80,7 +84,10 @@ def run(cfg: RunConfig) -> RunSummary:
     connect_ray()
     scan = scan_manifest(cfg)
     log.info("manifest: %d items from %d file(s)", scan.num_items, len(scan.files))
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda" and not gpus:
+        raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     sink.write(build_dataset(cfg, scan.records, use_gpu), cfg)
     wall = time.time() - started
     written = sink.commit(cfg, {"run_id": cfg.run_id, "items": scan.num_items, "wall_s": wall,

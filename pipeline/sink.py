@@ -60,6 +60,7 @@ def commit(cfg: RunConfig, summary: dict) -> WriteResult:
     _, staged_dir = filesystem(staging_uri(cfg), cfg.storage)
     staged = sorted(p for p in fs.find(staged_dir) if p.endswith(".parquet"))
     result = tally([_uri(p, cfg.output) for p in staged], cfg)
+    fs.makedirs(out, exist_ok=True)  # an empty manifest writes no file, but the run still completed
     previous = [p for p in fs.ls(out, detail=False) if p.endswith(".parquet")]
     for p in previous:
         fs.rm(p)

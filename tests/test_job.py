@@ -101,3 +101,15 @@ def test_a_run_that_cannot_start_exits_non_zero_with_the_reason(ray_local, tiny_
     with pytest.raises(SystemExit) as e:
         run_job("--manifest", "m", "--output", "o", "--model", tiny_model, "--num-frames", 0)
     assert e.value.code == 2
+
+
+def test_an_empty_manifest_completes_with_no_rows(ray_local, tiny_model, tmp_path):
+    (tmp_path / "m.jsonl").write_text("")
+    assert run_job("--manifest", tmp_path / "m.jsonl", "--output", tmp_path / "out", "--model", tiny_model) == 0
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["rows"] == 0
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, samples, tiny_model, tmp_path, capsys):
+    code = run_job("--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model,
+                   "--device", "cuda")
+    assert code != 0 and "has no GPUs" in capsys.readouterr().err
