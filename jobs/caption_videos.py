@@ -1,4 +1,4 @@
-"""Caption videos and images, or answer questions about them, for every row of a manifest.
+r"""Caption videos and images, or answer questions about them, for every row of a manifest.
 
     ray job submit --working-dir . -- python jobs/caption_videos.py \
         --manifest s3://bucket/manifests/ --output s3://bucket/captions/ \
