@@ -89,9 +89,16 @@ def run(cfg: RunConfig) -> RunSummary:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     sink.write(build_dataset(cfg, scan.records, use_gpu), cfg)
+    written = sink.staged(cfg)
+    # Every manifest row must have produced output (by its file:line) before the previous output
+    # is replaced: an incomplete run fails loudly and leaves the last good output in place.
+    missing = set(scan.records.column("source").to_pylist()) - written.sources
+    if missing:
+        raise RunError(f"{len(missing)} manifest rows have no output row (for example {sorted(missing)[:3]}); "
+                       f"the run is incomplete and the previous output was kept. Rerun the same command.")
     wall = time.time() - started
-    written = sink.commit(cfg, {"run_id": cfg.run_id, "items": scan.num_items, "wall_s": wall,
-                                "config": cfg.model_dump(mode="json")})
+    sink.commit(cfg, written, {"run_id": cfg.run_id, "items": scan.num_items, "wall_s": wall,
+                               "config": cfg.model_dump(mode="json")})
     return RunSummary(run_id=cfg.run_id, items=scan.num_items, rows=written.rows, ok=written.by_status["ok"],
                       errors=written.by_status["error"], error_types=dict(written.by_error_type),
                       wall_s=wall, output=cfg.output)

@@ -5,6 +5,7 @@ import sys
 
 import duckdb
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
@@ -113,3 +114,21 @@ def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, samples, tiny_mode
     code = run_job("--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model,
                    "--device", "cuda")
     assert code != 0 and "has no GPUs" in capsys.readouterr().err
+
+
+def test_a_run_that_lost_rows_fails_and_keeps_the_previous_output(ray_local, samples, tiny_model, tmp_path,
+                                                                   monkeypatch, capsys):
+    import pipeline.run
+
+    args = ["--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model,
+            "--max-new-tokens", 2, "--num-frames", 2]
+    assert run_job(*args) == 0
+    before = pd.read_parquet(tmp_path)
+    build = pipeline.run.build_dataset
+    drop_photo = lambda table: table.filter(pc.field("id") != "photo")  # noqa: E731  (a stage losing a row)
+    monkeypatch.setattr(pipeline.run, "build_dataset",
+                        lambda *a, **kw: build(*a, **kw).map_batches(drop_photo, batch_format="pyarrow"))
+    assert run_job(*args) != 0
+    assert "1 manifest rows have no output row" in capsys.readouterr().err
+    after = pd.read_parquet(tmp_path)
+    assert len(after) == 7 and set(after.run_id) == set(before.run_id)
