@@ -54,8 +54,12 @@ def sniff_media_type(head: bytes) -> str | None:
     return None
 
 
+DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the header, before decoding
+
+
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
-                     start_s: float | None = None, end_s: float | None = None) -> Decoded:
+                     start_s: float | None = None, end_s: float | None = None,
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Open the URI (ranged reads, no full copy), detect the media type from content, decode."""
     try:
         f = open_binary(uri, storage)
@@ -74,8 +78,8 @@ def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None
                              f"the manifest says {declared_type} but {uri} holds {detected} data; fix media_type or the uri")
         kind = detected or declared_type
         if kind == "image" or (kind is None and _is_image(f)):
-            return decode_image(f, uri)
-        return decode_video(f, uri, num_frames, start_s, end_s)
+            return decode_image(f, uri, max_pixels)
+        return decode_video(f, uri, num_frames, start_s, end_s, max_pixels)
 
 
 def _is_image(f) -> bool:
@@ -90,11 +94,18 @@ def _is_image(f) -> bool:
         f.seek(0)
 
 
-def decode_image(f, uri: str) -> Decoded:
+def _check_pixels(uri: str, width: int, height: int, max_pixels: int):
+    if width * height > max_pixels:
+        raise MediaError("too_large", f"{uri} is {width}x{height} = {width * height:,} pixels, over the budget of "
+                                      f"{max_pixels:,}; raise max_pixels if this is intended")
+
+
+def decode_image(f, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(f) as img:
+        with Image.open(f) as img:  # reads the header only
+            _check_pixels(uri, *img.size, max_pixels)
             fmt = (img.format or "image").lower()
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -114,18 +125,24 @@ def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
     return np.linspace(start, last, n)
 
 
-def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None) -> Decoded:
+def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     import av
 
     try:
         container = av.open(f, mode="r")
     except (av.FFmpegError, ValueError) as e:
+        if _mp4_box_overruns(f):
+            raise MediaError("truncated", f"{uri} is an MP4/MOV file cut short (its last box runs past the end "
+                                          "of the file); re-upload it complete") from e
         raise MediaError("undecodable", f"{uri} is neither an image nor a video FFmpeg can open ({e})") from e
     with container:
         if not container.streams.video:
             raise MediaError("no_video_stream", f"{uri} has no video stream (audio only?)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        _check_pixels(uri, stream.codec_context.width, stream.codec_context.height, max_pixels)
+        _check_not_truncated(f, uri, stream)
         tb = stream.time_base
         origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
         if stream.duration:
@@ -149,10 +166,13 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
             frames, times, decoded = _sample(container, stream, targets + origin)
         except av.FFmpegError as e:
             raise MediaError("undecodable", f"decoding {uri} failed ({e})") from e
-        if not frames:
-            raise MediaError("undecodable", f"{uri} has no decodable frames in [{start}, {end}] s")
-        ctx = stream.codec_context
-        return Decoded("video", np.stack(frames), ctx.width, ctx.height, ctx.name,
+        if len(frames) < num_frames or times[-1] < targets[-1] + origin - 2.0 / fps:
+            reached = f"{times[-1] - origin:.3f}" if times else "0"
+            raise MediaError("truncated", f"{uri} ends at {reached} s although it declares {duration} s: "
+                                          "the file is truncated; re-upload it complete")
+        video = np.stack(frames)
+        height, width = video.shape[1:3]
+        return Decoded("video", video, width, height, stream.codec_context.name,
                        timestamps_s=[t - origin for t in times], duration_s=duration, fps=fps,
                        decoded_frames=decoded)
 
@@ -205,5 +225,46 @@ def _sample(container, stream, targets: np.ndarray):
             pass
         best = cur if prev is None or abs(cur[0] - target) <= abs(prev[0] - target) else prev
         times.append(best[0])
-        frames.append(best[1].to_ndarray(format="rgb24"))
+        frames.append(_upright_rgb(best[1]))
     return frames, times, decoded
+
+
+def _upright_rgb(frame) -> np.ndarray:
+    """RGB pixels as displayed: the display matrix's rotation (counter-clockwise degrees) applied."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round((frame.rotation or 0) / 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+
+
+def _mp4_box_overruns(f) -> bool:
+    """True for an ISO-BMFF file (ftyp first) whose top-level boxes run past its end."""
+    f.seek(0)
+    size, pos = f.seek(0, 2), 0
+    while pos + 8 <= size:
+        f.seek(pos)
+        header = f.read(16)
+        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        if pos == 0 and kind != b"ftyp":
+            return False
+        if length == 1 and len(header) == 16:
+            length = int.from_bytes(header[8:16], "big")
+        elif length == 0:  # box extends to the end of the file
+            return False
+        if length < 8:
+            return False
+        pos += length
+    return pos > size
+
+
+def _check_not_truncated(f, uri: str, stream):
+    """MP4/MOV indexes give each sample's byte range: one past the end of the file means data is missing."""
+    entries = [e for e in stream.index_entries if e.pos >= 0]
+    if not entries:
+        return
+    needed = max(e.pos + e.size for e in entries)
+    position = f.tell()  # PyAV reads through this file object: leave it where it was
+    size = f.seek(0, 2)
+    f.seek(position)
+    if needed > size:
+        raise MediaError("truncated", f"{uri} is truncated: its index needs {needed:,} bytes but the file has "
+                                      f"{size:,}; re-upload it complete")

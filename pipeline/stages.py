@@ -61,24 +61,35 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
 
 
+_decoders = {}  # one decoder child process per worker process and settings
+
+
+def _decoder(cfg: RunConfig):
+    from pipeline.decoder_process import DecoderProcess
+
+    key = (cfg.decoder_module, cfg.decode_timeout_s)
+    if key not in _decoders:
+        _decoders[key] = DecoderProcess(cfg.decode_timeout_s, cfg.decoder_module)
+    return _decoders[key]
+
+
 def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
-    """Fetch + decode each item (CPU task)."""
-    from pipeline.media import MediaError, fetch_and_decode
+    """Fetch + decode each item, in a child process that may crash or hang without harm (CPU)."""
+    from pipeline.media import MediaError
 
     items = []
     for rec in records.to_pylist():
         item = {k: rec[k] for k in ("id", "uri", "source", "status", "error_type", "error", "media_type")}
         if rec["status"] == "ok":
             try:
-                d = fetch_and_decode(rec["uri"], cfg.storage, rec["media_type"], cfg.num_frames,
-                                     rec["start_s"], rec["end_s"])
+                d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
+                                         num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
+                                         max_pixels=cfg.max_pixels)
                 item.update(media_type=d.media_type, num_frames=len(d.frames), frame_timestamps_s=d.timestamps_s or None,
                             duration_s=d.duration_s, fps=d.fps, codec=d.codec, width=d.width, height=d.height,
                             frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
-            except Exception as e:  # an unexpected decoder failure is still this item's, not the run's
-                _error(item, "undecodable", f"decoding {rec['uri']} failed: {type(e).__name__}: {e}")
         invalid = rec["error_type"] in ("invalid_manifest_row", "duplicate_id")
         item["prompts"] = [None] if invalid else prompts_for(rec, item["media_type"], cfg)
         items.append(item)

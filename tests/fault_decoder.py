@@ -1,0 +1,21 @@
+"""An isolated decoder that injects real faults: a segfault and a hang, chosen by the file name.
+Used as RunConfig.decoder_module = "tests.fault_decoder"."""
+
+import ctypes
+import time
+
+from pipeline.decoder_process import serve
+from pipeline.media import fetch_and_decode
+
+
+def faulty_decode(**request):
+    name = request["uri"].rsplit("/", 1)[-1]
+    if name.startswith("segfault"):
+        ctypes.string_at(0)  # reads address 0: SIGSEGV, a real crash of the process
+    if name.startswith("hang"):
+        time.sleep(3600)
+    return fetch_and_decode(**request)
+
+
+if __name__ == "__main__":
+    serve(faulty_decode)

@@ -1,0 +1,157 @@
+"""Bad media never fails the run: each file becomes one classified error row (or a correct ok row)."""
+
+import io
+import json
+from fractions import Fraction
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.config import RunConfig, StorageConfig
+from pipeline.decoder_process import DecoderProcess
+from pipeline.media import MediaError, fetch_and_decode, uniform_targets
+from pipeline.testing.samples import encode_video, synthetic_frame
+
+STORAGE = StorageConfig()
+
+
+def write_mp4(path, frames=48, fps=24, faststart=False, rotation=None, pix_fmt="yuv420p", codec="libx264",
+              size=(160, 120), pts=None):
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=options) as c:
+        s = c.add_stream(codec, rate=fps, options={"preset": "ultrafast"} if codec.startswith("libx26") else {})
+        s.width, s.height, s.pix_fmt = size[0], size[1], pix_fmt
+        if rotation is not None:
+            s.set_display_rotation(rotation)
+        if pts is not None:  # millisecond timestamps of our choosing: a variable frame rate
+            s.codec_context.time_base = Fraction(1, 1000)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(i, *size), format="rgb24").reformat(format=pix_fmt)
+            if pts is not None:
+                frame.pts, frame.time_base = int(pts[i]), Fraction(1, 1000)
+            c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+    return path
+
+
+def audio_only(path):
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("aac", rate=16000)
+        for i in range(8):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            c.mux(s.encode(frame))
+        c.mux(s.encode(None))
+    return path
+
+
+def decode_error(path, **kw):
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(path), STORAGE, None, 8, **kw)
+    return e.value.error_type
+
+
+def test_truncated_files_are_reported_as_truncated(tmp_path):
+    for faststart in (False, True):  # index at the end (cut off with it) or at the front
+        data = write_mp4(tmp_path / f"v{faststart}.mp4", faststart=faststart).read_bytes()
+        for fraction in (0.1, 0.5, 0.9, 0.99):
+            cut = tmp_path / f"cut{faststart}{fraction}.mp4"
+            cut.write_bytes(data[: int(len(data) * fraction)])
+            assert decode_error(cut) == "truncated", (faststart, fraction)
+    webm = encode_video(tmp_path / "v.webm", "libvpx-vp9", seconds=3, gop=24).read_bytes()
+    (tmp_path / "cut.webm").write_bytes(webm[: len(webm) // 2])
+    assert decode_error(tmp_path / "cut.webm") == "truncated"
+    head_cut = tmp_path / "head.mp4"
+    head_cut.write_bytes(data[1000:])
+    assert decode_error(head_cut) in ("undecodable", "truncated")
+
+
+def test_audio_only_and_resolution_budget(tmp_path):
+    assert decode_error(audio_only(tmp_path / "a.m4a")) == "no_video_stream"
+    video = write_mp4(tmp_path / "big.mp4", frames=2, size=(640, 480))
+    assert decode_error(video, max_pixels=640 * 480 - 1) == "too_large"
+    bomb = tmp_path / "bomb.png"  # 67 M pixels, a few kB on disk: rejected from the header
+    Image.new("L", (8192, 8192)).save(bomb)
+    assert bomb.stat().st_size < 200_000
+    assert decode_error(bomb) == "too_large"
+
+
+def test_rotated_ten_bit_and_variable_frame_rate_videos_decode(tmp_path):
+    rotated = fetch_and_decode(str(write_mp4(tmp_path / "r.mp4", rotation=90)), STORAGE, None, 2)
+    assert rotated.frames.shape[1:] == (160, 120, 3) and (rotated.width, rotated.height) == (120, 160)
+    # The white square of frame 0 sits top-left; turned 90 degrees counter-clockwise it is bottom-left.
+    assert rotated.frames[0, -5:, :5].mean() > 250
+    for codec in ("libx264", "libx265"):
+        ten_bit = fetch_and_decode(str(write_mp4(tmp_path / f"{codec}.mp4", codec=codec, pix_fmt="yuv420p10le")),
+                                   STORAGE, None, 3)
+        assert ten_bit.frames.dtype == np.uint8 and ten_bit.frames.shape == (3, 120, 160, 3)
+    times_ms = np.cumsum([0] + [20 if i < 30 else 120 for i in range(59)])  # 50 fps, then about 8 fps
+    vfr = fetch_and_decode(str(write_mp4(tmp_path / "vfr.mp4", frames=60, pts=list(times_ms))), STORAGE, None, 6)
+    frame_times = times_ms / 1000
+    for t, target in zip(vfr.timestamps_s, uniform_targets(0, vfr.duration_s, vfr.fps, 6)):
+        nearest = frame_times[np.argmin(np.abs(frame_times - target))]
+        assert t == pytest.approx(nearest, abs=1e-3)
+
+
+def test_a_segfault_and_a_hang_cost_one_row_each(samples, tmp_path):
+    decoder = DecoderProcess(timeout_s=3, module="tests.fault_decoder")
+    (tmp_path / "segfault.mp4").write_bytes((samples / "street.mp4").read_bytes())
+    (tmp_path / "hang.mp4").write_bytes((samples / "street.mp4").read_bytes())
+    request = dict(storage=STORAGE, declared_type=None, num_frames=2)
+    with pytest.raises(MediaError) as crashed:
+        decoder.decode(uri=str(tmp_path / "segfault.mp4"), **request)
+    assert crashed.value.error_type == "decoder_crashed" and "SIGSEGV" in str(crashed.value)
+    assert decoder.decode(uri=str(samples / "street.mp4"), **request).frames.shape[0] == 2  # restarted
+    with pytest.raises(MediaError) as hung:
+        decoder.decode(uri=str(tmp_path / "hang.mp4"), **request)
+    assert hung.value.error_type == "timeout"
+    assert decoder.decode(uri=str(samples / "photo.jpg"), **request).media_type == "image"
+    decoder.close()
+
+
+def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model, tmp_path):
+    from pipeline.run import run
+
+    good = (samples / "street.mp4").read_bytes()
+    files = {
+        "ok-video": samples / "street.mp4",
+        "ok-image": samples / "photo.jpg",
+        "zero": tmp_path / "zero.mp4",
+        "random": tmp_path / "random.mp4",
+        "html": tmp_path / "error-page.mp4",
+        "truncated": tmp_path / "truncated.mp4",
+        "audio": audio_only(tmp_path / "audio.m4a"),
+        "segfault": tmp_path / "segfault.mp4",
+        "hang": tmp_path / "hang.mp4",
+        "wrong-ext": tmp_path / "picture.mp4",
+        "cmyk": tmp_path / "cmyk.jpg",
+        "missing": tmp_path / "missing.mp4",
+    }
+    files["zero"].write_bytes(b"")
+    files["random"].write_bytes(bytes(np.random.RandomState(1).randint(0, 256, 5000, dtype=np.uint8)))
+    files["html"].write_bytes(b"<!DOCTYPE html><html><body>404 Not Found</body></html>")
+    files["truncated"].write_bytes(good[: len(good) // 2])
+    files["segfault"].write_bytes(good)
+    files["hang"].write_bytes(good)
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(buf, "PNG")
+    files["wrong-ext"].write_bytes(buf.getvalue())
+    Image.new("CMYK", (30, 20), (0, 50, 100, 0)).save(files["cmyk"])
+    rows = [{"id": k, "uri": str(v)} for k, v in files.items()] + [{"id": "ok-video", "uri": str(files["ok-image"])}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model=str(tiny_model),
+                    num_frames=2, decode_timeout_s=5, decoder_module="tests.fault_decoder")
+    cfg.generation.max_new_tokens = 2
+    summary = run(cfg)
+    df = pd.read_parquet(tmp_path / "out")
+    assert summary.rows == len(df) == len(rows)
+    got = dict(zip(df.id + "/" + df.status, df.error_type.fillna("")))
+    assert got == {
+        "ok-video/ok": "", "ok-image/ok": "", "wrong-ext/ok": "", "cmyk/ok": "",
+        "zero/error": "undecodable", "random/error": "undecodable", "html/error": "undecodable",
+        "truncated/error": "truncated", "audio/error": "no_video_stream", "segfault/error": "decoder_crashed",
+        "hang/error": "timeout", "missing/error": "not_found", "ok-video/error": "duplicate_id",
+    }
