@@ -30,6 +30,7 @@ class RunSummary:
     error_types: dict
     wall_s: float
     output: str
+    skipped: int = 0
 
     @property
     def items_per_s(self) -> float:
@@ -37,8 +38,9 @@ class RunSummary:
 
     def line(self) -> str:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.error_types.items()))
+        skipped = f", {self.skipped} already committed" if self.skipped else ""
         return (f"run {self.run_id}: {self.items} items -> {self.rows} rows ({self.ok} ok, {self.errors} error"
-                f"{f': {kinds}' if kinds else ''}) in {self.wall_s:.1f} s, {self.items_per_s:.2f} items/s; "
+                f"{f': {kinds}' if kinds else ''}){skipped} in {self.wall_s:.1f} s, {self.items_per_s:.2f} items/s; "
                 f"output: {self.output}")
 
 
@@ -84,21 +86,50 @@ def run(cfg: RunConfig) -> RunSummary:
     connect_ray()
     scan = scan_manifest(cfg)
     log.info("manifest: %d items from %d file(s)", scan.num_items, len(scan.files))
+    sink.recover(cfg)
+    todo = pending(scan.records, *sink.committed(cfg))
+    log.info("%d items already committed in %s; %d to do", scan.num_items - todo.num_rows, cfg.output, todo.num_rows)
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and not gpus:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    sink.write(build_dataset(cfg, scan.records, use_gpu), cfg)
+    if todo.num_rows:
+        sink.write(build_dataset(cfg, todo, use_gpu), cfg)
     written = sink.staged(cfg)
-    # Every manifest row must have produced output (by its file:line) before the previous output
-    # is replaced: an incomplete run fails loudly and leaves the last good output in place.
-    missing = set(scan.records.column("source").to_pylist()) - written.sources
+    # Every pending manifest row must have produced output (by its file:line) before the commit:
+    # an incomplete run fails loudly, commits nothing, and a rerun redoes only what is missing.
+    missing = set(todo.column("source").to_pylist()) - written.sources
     if missing:
         raise RunError(f"{len(missing)} manifest rows have no output row (for example {sorted(missing)[:3]}); "
-                       f"the run is incomplete and the previous output was kept. Rerun the same command.")
+                       f"the run is incomplete and nothing was committed. Rerun the same command.")
     wall = time.time() - started
-    sink.commit(cfg, written, {"run_id": cfg.run_id, "items": scan.num_items, "wall_s": wall,
-                               "config": cfg.model_dump(mode="json")})
-    return RunSummary(run_id=cfg.run_id, items=scan.num_items, rows=written.rows, ok=written.by_status["ok"],
-                      errors=written.by_status["error"], error_types=dict(written.by_error_type),
-                      wall_s=wall, output=cfg.output)
+    summary = RunSummary(run_id=cfg.run_id, items=todo.num_rows, rows=written.rows, ok=written.by_status["ok"],
+                         errors=written.by_status["error"], error_types=dict(written.by_error_type),
+                         wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows)
+    sink.commit(cfg, written, ledger(cfg, summary, scan))
+    return summary
+
+
+def pending(records, done_ids: set, done_sources: set):
+    """The manifest records whose items have no committed rows yet."""
+    import pyarrow as pa
+
+    keep = [(i not in done_ids) if i is not None else (s not in done_sources)
+            for i, s in zip(records.column("id").to_pylist(), records.column("source").to_pylist())]
+    return records.filter(pa.array(keep, pa.bool_()))
+
+
+def ledger(cfg: RunConfig, summary: RunSummary, scan) -> dict:
+    """What the run did, with what, beside its output: `_runs/RUN_ID.json`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("pipeline", "ray", "torch", "transformers", "av", "pillow", "pyarrow"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {"run_id": cfg.run_id, "manifest_files": scan.files, "manifest_items": scan.num_items,
+            "items": summary.items, "skipped_already_committed": summary.skipped,
+            "wall_s": round(summary.wall_s, 3), "items_per_s": round(summary.items_per_s, 3),
+            "config": cfg.model_dump(mode="json"), "versions": versions}

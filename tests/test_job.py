@@ -116,19 +116,31 @@ def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, samples, tiny_mode
     assert code != 0 and "has no GPUs" in capsys.readouterr().err
 
 
-def test_a_run_that_lost_rows_fails_and_keeps_the_previous_output(ray_local, samples, tiny_model, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_a_run_that_lost_rows_commits_nothing_and_the_rerun_does_only_the_rest(
+        ray_local, samples, tiny_model, tmp_path, monkeypatch, capsys):
     import pipeline.run
 
-    args = ["--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model,
-            "--max-new-tokens", 2, "--num-frames", 2]
+    lines = (samples / "manifest.jsonl").read_text().splitlines(keepends=True)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(lines[:3]))
+    out = tmp_path / "out"
+    args = ["--manifest", manifest, "--output", out, "--model", tiny_model, "--max-new-tokens", 2, "--num-frames", 2]
     assert run_job(*args) == 0
-    before = pd.read_parquet(tmp_path)
+    first = pd.read_parquet(out)
+    assert len(first) == 3
+
+    manifest.write_text("".join(lines))  # four more items
     build = pipeline.run.build_dataset
     drop_photo = lambda table: table.filter(pc.field("id") != "photo")  # noqa: E731  (a stage losing a row)
     monkeypatch.setattr(pipeline.run, "build_dataset",
                         lambda *a, **kw: build(*a, **kw).map_batches(drop_photo, batch_format="pyarrow"))
     assert run_job(*args) != 0
     assert "1 manifest rows have no output row" in capsys.readouterr().err
-    after = pd.read_parquet(tmp_path)
-    assert len(after) == 7 and set(after.run_id) == set(before.run_id)
+    pd.testing.assert_frame_equal(pd.read_parquet(out), first)  # nothing committed, nothing lost
+
+    monkeypatch.setattr(pipeline.run, "build_dataset", build)
+    assert run_job(*args) == 0
+    final = pd.read_parquet(out)
+    assert sorted(final.id) == sorted(json.loads(line)["id"] for line in lines)
+    assert final.run_id.nunique() == 2 and (final.run_id != first.run_id[0]).sum() == 4
+    assert not (out / "_staging").exists() or not any((out / "_staging").iterdir())
