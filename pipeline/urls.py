@@ -19,8 +19,9 @@ FORBIDDEN_SCHEMES = frozenset({"file", "local", "concat", "subfile", "pipe", "fd
                                "filecache", "simplecache", "blockcache", "zip", "tar"})
 
 
-# fsspec chains protocols with "::" (simplecache::s3://...); an IPv6 literal ([::1]) is not a chain.
-_CHAINED = re.compile(r"^[A-Za-z][\w+.-]*::|::[A-Za-z][\w+.-]*:")
+# fsspec chains URLs with "::" anywhere (simplecache::s3://..., s3://a::local-path); a bracketed
+# IPv6 host ([::1]) is the only "::" allowed.
+_IPV6_HOST = re.compile(r"^[A-Za-z][\w+.-]*://\[[0-9A-Fa-f:.%]*\]")
 
 
 class URLRejected(ValueError):
@@ -44,7 +45,7 @@ def is_public_address(address: str) -> bool:
 def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterable[str],
               resolve: Callable = socket.getaddrinfo) -> str:
     """Return the URI's scheme if it may be fetched, else raise URLRejected with the reason."""
-    if _CHAINED.search(uri) and not uri.startswith("data:"):
+    if not uri.startswith("data:") and "::" in _IPV6_HOST.sub("", uri):
         raise URLRejected("chained URLs (a::b) are not allowed")
     scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
     if not scheme:
