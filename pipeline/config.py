@@ -45,26 +45,31 @@ class StorageConfig(BaseModel):
         return {}
 
 
-class RunConfig(BaseModel):
-    """Everything one run needs. Stages receive this object (it pickles) and read what they use."""
+class ModelSettings(BaseModel):
+    """How the model runs: shared by the batch job (RunConfig) and the online server (ServeConfig)."""
 
-    manifest: str = Field(description="Manifest file or prefix (JSONL, CSV or Parquet; any fsspec URI).")
-    output: str = Field(description="Output prefix for the Parquet dataset (any fsspec URI).")
     model: str = Field(description="Model: a hub id, a local folder, or an s3:// prefix.")
-    task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
-    prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.")
     num_frames: int = Field(8, ge=1, le=256, description="Frames sampled uniformly over each video's clip window.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image or video frame (width x height) decoded; larger media become `too_large` rows, judged from the header.")
     decode_timeout_s: float = Field(120.0, gt=0, description="Longest time one item may take to fetch and decode before it becomes a `timeout` row.")
     decoder_module: str = Field("pipeline.decoder_process", description="Module run (python -m) as the isolated decoder process; tests swap in one that injects faults.")
     batch_size: int = Field(4, ge=1, description="Model inputs per generate call.")
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")
-    preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     attn_implementation: str = Field("sdpa", description="Attention kernel passed to transformers.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class RunConfig(ModelSettings):
+    """Everything one run needs. Stages receive this object (it pickles) and read what they use."""
+
+    manifest: str = Field(description="Manifest file or prefix (JSONL, CSV or Parquet; any fsspec URI).")
+    output: str = Field(description="Output prefix for the Parquet dataset (any fsspec URI).")
+    task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
+    prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.")
+    preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row.",

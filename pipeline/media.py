@@ -68,18 +68,25 @@ def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None
     except PermissionError as e:
         raise MediaError("access_denied", f"access to {uri} was denied; check the credentials and bucket policy") from e
     with f:
-        head = f.read(512)
-        if not head:
-            raise MediaError("undecodable", f"{uri} is empty (0 bytes)")
-        f.seek(0)
-        detected = sniff_media_type(head)
-        if declared_type and detected and declared_type != detected:
-            raise MediaError("media_type_mismatch",
-                             f"the manifest says {declared_type} but {uri} holds {detected} data; fix media_type or the uri")
-        kind = detected or declared_type
-        if kind == "image" or (kind is None and _is_image(f)):
-            return decode_image(f, uri, max_pixels)
-        return decode_video(f, uri, num_frames, start_s, end_s, max_pixels)
+        return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels)
+
+
+def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,
+                end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Detect the media type of an open, seekable file from its bytes and decode it
+    (the online server passes in-memory bytes here, so both paths decode alike)."""
+    head = f.read(512)
+    if not head:
+        raise MediaError("undecodable", f"{uri} is empty (0 bytes)")
+    f.seek(0)
+    detected = sniff_media_type(head)
+    if declared_type and detected and declared_type != detected:
+        raise MediaError("media_type_mismatch",
+                         f"{uri} was declared {declared_type} but holds {detected} data; fix the media type or the uri")
+    kind = detected or declared_type
+    if kind == "image" or (kind is None and _is_image(f)):
+        return decode_image(f, uri, max_pixels)
+    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels)
 
 
 def _is_image(f) -> bool:

@@ -1,0 +1,70 @@
+"""URL rules for media that a client names (online server): no path into the server's own network.
+
+A client-supplied URI is only fetched when its scheme is allowed and, for anything but an inline
+`data:` URI, it starts with an operator-configured prefix. http(s) hosts are resolved and every
+address they resolve to must be public: loopback, private, link-local (cloud metadata at
+169.254.169.254 / fd00:ec2::254), shared, reserved and multicast addresses are refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+# Never fetched, whatever the configuration: local files and FFmpeg/fsspec protocols that read them.
+FORBIDDEN_SCHEMES = frozenset({"file", "local", "concat", "subfile", "pipe", "fd", "memory", "cache",
+                               "filecache", "simplecache", "blockcache", "zip", "tar"})
+
+
+# fsspec chains URLs with "::" anywhere (simplecache::s3://..., s3://a::local-path); a bracketed
+# IPv6 host ([::1]) is the only "::" allowed.
+_IPV6_HOST = re.compile(r"^[A-Za-z][\w+.-]*://\[[0-9A-Fa-f:.%]*\]")
+
+
+class URLRejected(ValueError):
+    """The URI may not be fetched; the message says which rule refused it."""
+
+
+def _addresses(host: str, resolve: Callable) -> set[str]:
+    try:
+        return {info[4][0] for info in resolve(host, None, proto=socket.IPPROTO_TCP)}
+    except (socket.gaierror, UnicodeError) as e:
+        raise URLRejected(f"host {host!r} does not resolve ({e})") from e
+
+
+def is_public_address(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_global and not ip.is_multicast
+
+
+def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterable[str],
+              resolve: Callable = socket.getaddrinfo) -> str:
+    """Return the URI's scheme if it may be fetched, else raise URLRejected with the reason."""
+    if not uri.startswith("data:") and "::" in _IPV6_HOST.sub("", uri):
+        raise URLRejected("chained URLs (a::b) are not allowed")
+    scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
+    if not scheme:
+        raise URLRejected("a URL with a scheme is required (data:, or an allowed object-store or https prefix)")
+    allowed = {s.lower() for s in allowed_schemes}
+    if scheme in FORBIDDEN_SCHEMES or scheme not in allowed:
+        raise URLRejected(f"scheme {scheme}: is not allowed (allowed: {', '.join(sorted(allowed)) or 'none'})")
+    if scheme == "data":
+        return scheme
+    # "s3://bucket" must not admit "s3://bucket-other/": a prefix naming a host or bucket ends at "/".
+    prefixes = [p if p.endswith("/") or p.endswith("://") else p + "/" for p in allowed_prefixes]
+    if not any(uri.startswith(p) for p in prefixes):
+        raise URLRejected("the URL is not under an allowed prefix (set allowed_prefixes on the server)")
+    if scheme in ("http", "https"):
+        parts = urlsplit(uri)
+        if parts.username or parts.password:
+            raise URLRejected("URLs with credentials are not allowed")
+        host = parts.hostname or ""
+        blocked = sorted(a for a in _addresses(host, resolve) if not is_public_address(a))
+        if not host or blocked:
+            raise URLRejected(f"host {host!r} resolves to a non-public address ({', '.join(blocked) or 'none'})")
+    return scheme
