@@ -41,7 +41,7 @@ def generate_histogram():
 
 
 def tokens_histogram():
-    return _metric("histogram", "pipeline_tokens", "Tokens per row, by kind (prompt or output).",
+    return _metric("histogram", "pipeline_row_tokens", "Tokens per row, by kind (prompt or output).",
                    ("kind",), tuple(TOKEN_BOUNDARIES))
 
 
