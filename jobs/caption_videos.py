@@ -48,13 +48,14 @@ def parse_args(argv=None) -> RunConfig:
                    help=f["attn_implementation"].description)
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
+    p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
     a = p.parse_args(argv)
     try:
         return RunConfig(
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
             preprocess_workers=a.preprocess_workers, device=a.device, dtype=a.dtype,
-            attn_implementation=a.attn_implementation,
+            attn_implementation=a.attn_implementation, dry_run=a.dry_run,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),
@@ -67,6 +68,15 @@ def parse_args(argv=None) -> RunConfig:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
+    if cfg.dry_run:
+        from pipeline.preflight import PreflightError, preflight
+
+        try:
+            print(preflight(cfg).line())
+        except PreflightError as e:
+            print(f"dry run failed: {e}", file=sys.stderr)
+            return 2
+        return 0
     from pipeline.checkpoint import is_random_weight
     from pipeline.manifest import ManifestError
     from pipeline.run import RunError, run

@@ -58,6 +58,7 @@ class ModelSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     attn_implementation: str = Field("sdpa", description="Attention kernel passed to transformers.")
+    dry_run: bool = Field(False, description="Only check config, manifest, model location and output write access; load no model, run nothing.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from pipeline import schemas
+from pipeline import metrics, schemas
 from pipeline.config import RunConfig
 from pipeline.manifest import prompts_for
 
@@ -77,7 +77,7 @@ def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
     """Fetch + decode each item, in a child process that may crash or hang without harm (CPU)."""
     from pipeline.media import MediaError
 
-    items = []
+    items, started = [], metrics.clock()
     for rec in records.to_pylist():
         item = {k: rec[k] for k in ("id", "uri", "source", "status", "error_type", "error", "media_type")}
         if rec["status"] == "ok":
@@ -93,6 +93,7 @@ def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
         invalid = rec["error_type"] in ("invalid_manifest_row", "duplicate_id")
         item["prompts"] = [None] if invalid else prompts_for(rec, item["media_type"], cfg)
         items.append(item)
+    metrics.decoded(items, started)
     return _table(items, ITEM_SCHEMA)
 
 
@@ -140,6 +141,7 @@ class Generate:
         if todo:
             inputs = [unpack(r["model_inputs"]) for r in todo]
             seeds = [row_seed(self.cfg.generation.seed, r["id"], r["prompt"]) for r in todo]
+            started = metrics.generating(todo)
             try:
                 results = self.engine.generate(inputs, self.cfg.generation, seeds)
             except Exception:
@@ -149,6 +151,7 @@ class Generate:
                     _error(row, "model_error", f"generation failed: {type(result).__name__}: {result}")
                 else:
                     row.update(text=result.text, output_tokens=result.output_tokens)
+            metrics.generated(todo, started)
         return _table(rows, RESULT_SCHEMA)
 
     def _one(self, inputs, seed):
@@ -161,6 +164,7 @@ class Generate:
 def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:
     """Rows in the output schema of schemas/output.schema.json."""
     n = results.num_rows
+    metrics.rows_written(results.column("status").to_pylist(), results.column("error_type").to_pylist())
     run = {
         "task": pa.array([cfg.task] * n, pa.string()),
         "model": pa.array([cfg.model] * n, pa.string()),

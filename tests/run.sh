@@ -4,5 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash jobs/setup_env.sh test
+# The run report's test renders it in headless Chromium (Debian's package); installed when we may.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "setup: installing Debian's chromium (for the run report's screenshot test)"
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null || echo "setup: chromium not installed; its test will skip"
+fi
 export HF_HUB_OFFLINE=1
 exec .venv/bin/python -m pytest "$@"

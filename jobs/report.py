@@ -1,0 +1,40 @@
+"""Turn a run's output table into a static HTML page: sampled frames beside captions/answers,
+error rows grouped by type, the run's figures.
+
+    python jobs/report.py --input s3://bucket/captions/ --output report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `pipeline` without installing
+
+from pipeline.config import StorageConfig  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="The run's --output (a Parquet dataset; local, s3://, any fsspec URI).")
+    p.add_argument("--output", required=True, help="The HTML file to write (local path).")
+    p.add_argument("--max-items", type=int, default=500, help="Most items (and error rows per type) on the page.")
+    p.add_argument("--no-frames", action="store_true", help="Leave out the frame strips (no media reads).")
+    p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
+    a = p.parse_args(argv)
+    from pipeline.report import read_output, render
+
+    storage = StorageConfig(endpoint_url=a.s3_endpoint_url)
+    try:
+        rows, success = read_output(a.input, storage)
+    except (FileNotFoundError, OSError) as e:
+        print(f"cannot read the output table {a.input}: {e}", file=sys.stderr)
+        return 2
+    Path(a.output).write_text(render(rows, success, storage, frames=not a.no_frames, max_items=a.max_items))
+    print(f"wrote {a.output}: {len(rows)} rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`--dry-run`: check a run's config, manifest and output before any cluster time is spent.
+
+No model is loaded and no pipeline runs: a scheduled job that would fail on a typo in a URI or a
+missing permission fails here, in seconds, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import RunConfig
+from pipeline.storage import filesystem, join, protocol_of
+
+
+class PreflightError(Exception):
+    """A check failed; the message says which and why."""
+
+
+@dataclass
+class PreflightReport:
+    items: int = 0
+    invalid_rows: int = 0
+    manifest_files: list[str] = field(default_factory=list)
+    model: str = ""
+
+    def line(self) -> str:
+        return (f"dry run OK: manifest {len(self.manifest_files)} file(s), {self.items} items "
+                f"({self.invalid_rows} invalid rows would become error rows); output writable; model: {self.model}")
+
+
+def check_output_writable(cfg: RunConfig) -> None:
+    """Write and delete a probe file under the output prefix (the run writes `_staging/` there)."""
+    probe = join(cfg.output, f"_dry_run-{cfg.run_id}")
+    try:
+        fs, out = filesystem(cfg.output, cfg.storage)
+        if protocol_of(cfg.output) == "file":
+            fs.makedirs(out, exist_ok=True)
+        with fs.open(filesystem(probe, cfg.storage)[1], "wb") as f:
+            f.write(b"probe")
+        fs.rm(filesystem(probe, cfg.storage)[1])
+    except Exception as e:
+        raise PreflightError(f"cannot write to output {cfg.output}: {type(e).__name__}: {e}") from e
+
+
+def check_model(cfg: RunConfig) -> str:
+    """A local folder or object-store prefix must hold config.json; a hub id is resolved at run time."""
+    fs, path = filesystem(cfg.model, cfg.storage)
+    is_local_path = protocol_of(cfg.model) == "file" and (cfg.model.startswith(("/", ".", "file://")) or fs.exists(path))
+    if protocol_of(cfg.model) != "file" or is_local_path:
+        try:
+            found = fs.exists(join(path, "config.json"))
+        except Exception as e:
+            raise PreflightError(f"cannot read model {cfg.model}: {type(e).__name__}: {e}") from e
+        if not found:
+            raise PreflightError(f"model {cfg.model} holds no config.json: is it a transformers checkpoint?")
+        return f"{cfg.model} (config.json found)"
+    return f"{cfg.model} (hub id: not checked, resolved when the model loads)"
+
+
+def preflight(cfg: RunConfig) -> PreflightReport:
+    from pipeline.manifest import ManifestError, scan_manifest
+
+    try:
+        scan = scan_manifest(cfg)
+    except ManifestError as e:
+        raise PreflightError(str(e)) from e
+    invalid = sum(1 for t in scan.records.column("error_type").to_pylist() if t)
+    check_output_writable(cfg)
+    return PreflightReport(items=scan.num_items, invalid_rows=invalid, manifest_files=list(scan.files),
+                           model=check_model(cfg))

@@ -1,0 +1,157 @@
+"""A static HTML page that shows what a run produced: for each item a strip of the frames the model
+saw (re-decoded at `frame_timestamps_s` from `uri`) beside its captions or answers, error rows
+grouped by error_type, and the run's figures (`_SUCCESS` and counts).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+
+import pyarrow.dataset as pads
+
+from pipeline.config import StorageConfig
+from pipeline.schemas import output_arrow_schema
+from pipeline.storage import arrow_filesystem, filesystem, join, open_binary
+
+THUMB_HEIGHT = 96
+MAX_FRAMES_SHOWN = 8
+
+
+def read_output(output: str, storage: StorageConfig) -> tuple[list[dict], dict | None]:
+    """The output rows (files starting with `_` are skipped, as every reader does) and `_SUCCESS`."""
+    afs, path = arrow_filesystem(output, storage)
+    rows = pads.dataset(path, schema=output_arrow_schema(), format="parquet", filesystem=afs).to_table().to_pylist()
+    fs, out = filesystem(output, storage)
+    success = None
+    if fs.exists(join(out, "_SUCCESS")):
+        with fs.open(join(out, "_SUCCESS"), "r") as f:
+            success = json.load(f)
+    return rows, success
+
+
+def _thumbnail(image) -> str:
+    """PIL image -> data URI of a small JPEG."""
+    image = image.convert("RGB")
+    image.thumbnail((THUMB_HEIGHT * 4, THUMB_HEIGHT))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _shown(timestamps: list[float]) -> list[float]:
+    if len(timestamps) <= MAX_FRAMES_SHOWN:
+        return timestamps
+    step = (len(timestamps) - 1) / (MAX_FRAMES_SHOWN - 1)
+    return [timestamps[round(i * step)] for i in range(MAX_FRAMES_SHOWN)]
+
+
+def frame_thumbnails(row: dict, storage: StorageConfig) -> list[tuple[float | None, str]]:
+    """(timestamp, data URI) of the frames the model saw; the image itself for images."""
+    from PIL import Image, ImageOps
+
+    with open_binary(row["uri"], storage) as f:
+        if row["media_type"] == "image":
+            return [(None, _thumbnail(ImageOps.exif_transpose(Image.open(f))))]
+        import av
+
+        wanted = _shown(row["frame_timestamps_s"] or [])
+        out = []
+        with av.open(f) as container:
+            stream = container.streams.video[0]
+            for t in wanted:
+                # seek to the keyframe before t, then decode to the frame at t (as the pipeline did)
+                container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if frame.time is not None and frame.time >= t - 1e-3:
+                        out.append((t, _thumbnail(frame.to_image())))
+                        break
+        return out
+
+
+CSS = """
+body{font-family:sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}
+table.figures td{padding:2px 12px 2px 0} .item{display:flex;gap:16px;margin:12px 0;padding:8px;border:1px solid #ddd}
+.strip{display:flex;gap:4px;flex-wrap:wrap;max-width:60%} .strip figure{margin:0;text-align:center;font-size:11px}
+.strip img{height:96px;display:block} .answers{flex:1} .answers dt{font-weight:bold;margin-top:6px}
+.meta{color:#666;font-size:12px} table.errors{border-collapse:collapse;font-size:13px}
+table.errors td,table.errors th{border:1px solid #ddd;padding:3px 6px;text-align:left}
+.warn{color:#a40}
+"""
+
+
+def _figures(rows: list[dict], success: dict | None) -> list[tuple[str, str]]:
+    ok = sum(r["status"] == "ok" for r in rows)
+    items = len({(r["id"], r["source"]) for r in rows})
+    figures = [("rows", str(len(rows))), ("items", str(items)), ("ok rows", str(ok)),
+               ("error rows", str(len(rows) - ok))]
+    run_ids = sorted({r["run_id"] for r in rows})
+    models = sorted({r["model"] for r in rows})
+    figures += [("run", ", ".join(run_ids)), ("model", ", ".join(models))]
+    tokens = [r["output_tokens"] for r in rows if r["output_tokens"]]
+    if tokens:
+        figures.append(("output tokens", f"{sum(tokens)} ({sum(tokens) / len(tokens):.1f} per row)"))
+    if success:
+        wall = success.get("wall_s")
+        if wall:
+            figures.append(("wall time", f"{wall:.1f} s ({success.get('items', 0) / wall:.2f} items/s)"))
+        cfg = success.get("config") or {}
+        for key in ("task", "num_frames", "batch_size", "replicas"):
+            if key in cfg:
+                figures.append((key, str(cfg[key])))
+    else:
+        figures.append(("_SUCCESS", "missing: the run did not complete, or this is not its output folder"))
+    return figures
+
+
+def render(rows: list[dict], success: dict | None, storage: StorageConfig | None = None,
+           frames: bool = True, max_items: int = 500) -> str:
+    storage = storage or StorageConfig()
+    e = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Run report</title><style>{CSS}</style>"
+             "</head><body><h1>Run report</h1><table class='figures'>"]
+    parts += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in _figures(rows, success)]
+    parts.append("</table>")
+
+    by_item = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok":
+            by_item[(r["id"], r["uri"])].append(r)
+    parts.append(f"<h2>Items ({len(by_item)})</h2>")
+    for n, ((item_id, uri), answers) in enumerate(sorted(by_item.items(), key=lambda kv: str(kv[0][0]))):
+        if n == max_items:
+            parts.append(f"<p class='warn'>{len(by_item) - max_items} more items not shown (--max-items).</p>")
+            break
+        first = answers[0]
+        strip = []
+        if frames:
+            try:
+                for t, uri_data in frame_thumbnails(first, storage):
+                    label = "" if t is None else f"{t:.2f} s"
+                    strip.append(f"<figure><img src='{uri_data}' alt='frame {e(label)}'><figcaption>{e(label)}"
+                                 "</figcaption></figure>")
+            except Exception as ex:  # the media may have moved since the run: say so, keep the page
+                strip.append(f"<p class='warn'>frames unavailable: {e(type(ex).__name__)}: {e(str(ex))}</p>")
+        meta = (f"{first['media_type']} {first['codec'] or ''} {first['width']}x{first['height']}"
+                + (f", {first['duration_s']:.1f} s" if first["duration_s"] else ""))
+        qa = "".join(f"<dt>{e(a['prompt'] or '')}</dt><dd>{e(a['text'] or '')}</dd>" for a in answers)
+        parts.append(f"<div class='item' id='item-{e(str(item_id))}'><div class='strip'>{''.join(strip)}</div>"
+                     f"<div class='answers'><b>{e(str(item_id))}</b> <span class='meta'>{e(uri)} · {e(meta)}</span>"
+                     f"<dl>{qa}</dl></div></div>")
+
+    errors = defaultdict(list)
+    for r in rows:
+        if r["status"] == "error":
+            errors[r["error_type"] or "unknown"].append(r)
+    parts.append(f"<h2>Errors ({sum(map(len, errors.values()))})</h2>")
+    for error_type, group in sorted(errors.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        parts.append(f"<h3 id='errors-{e(error_type)}'>{e(error_type)} ({len(group)})</h3>"
+                     "<table class='errors'><tr><th>id</th><th>uri</th><th>source</th><th>error</th></tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(str(r[k] or ''))}</td>" for k in ("id", "uri", "source", "error")) + "</tr>" for r in group[:max_items]]
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "".join(parts)

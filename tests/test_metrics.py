@@ -1,0 +1,101 @@
+"""The stages record their metrics: a plain-Python run of the real stages, with Ray's metric objects
+wrapped to remember what they were given."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline import metrics
+from pipeline.config import GenerationConfig, RunConfig
+from pipeline.manifest import scan_manifest
+from pipeline.stages import Generate, Preprocess, decode_media, format_output
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Recording:
+    """A real ray.util.metrics object (name, tags and boundaries checked by Ray) that also keeps its records."""
+
+    def __init__(self, metric):
+        self.metric, self.records = metric, []
+
+    def __getattr__(self, method):
+        def record(value=1.0, tags=None):
+            getattr(self.metric, method)(value, tags=tags)
+            self.records.append((method, value, dict(tags or {})))
+        return record
+
+
+@pytest.fixture(scope="module")
+def recorded(samples, tiny_model):
+    made = {}
+    real = metrics._metric.__wrapped__
+
+    def recording(kind, name, *args, **kwargs):
+        if (kind, name) not in made:
+            made[(kind, name)] = Recording(real(kind, name, *args, **kwargs))
+        return made[(kind, name)]
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(metrics, "_metric", recording)
+    cfg = RunConfig(manifest=str(samples / "manifest.jsonl"), output="/unused", model=str(tiny_model),
+                    num_frames=3, generation=GenerationConfig(max_new_tokens=4))
+    records = scan_manifest(cfg).records
+    items = pa.concat_tables([decode_media(records.slice(i, 1), cfg) for i in range(records.num_rows)])
+    requests = Preprocess(cfg)(items)
+    generate = Generate(cfg, device="cpu")
+    out = pa.concat_tables([format_output(generate(requests.slice(i, 3)), cfg) for i in range(0, requests.num_rows, 3)])
+    mp.undo()
+    return {name: m.records for (_, name), m in made.items()}, out
+
+
+def test_rows_by_status_and_error_type(recorded):
+    rec, out = recorded
+    counted = Counter()
+    for method, value, tags in rec["pipeline_rows"]:
+        assert method == "inc"
+        counted[(tags["status"], tags["error_type"])] += value
+    expected = Counter((r["status"], r["error_type"] or "") for r in out.to_pylist())
+    assert counted == expected and expected[("error", "not_found")] == 1 and expected[("ok", "")] == 6
+
+
+def test_decode_seconds_per_item(recorded, samples):
+    rec, _ = recorded
+    obs = rec["pipeline_decode_seconds"]
+    items = len((samples / "manifest.jsonl").read_text().splitlines())
+    assert len(obs) == items and all(m == "observe" and v > 0 for m, v, _ in obs)
+    by = Counter((t["media_type"], t["status"]) for _, _, t in obs)
+    assert by[("video", "ok")] == 3 and by[("image", "ok")] == 3 and sum(v for k, v in by.items() if k[1] == "error") == 1
+
+
+def test_generate_seconds_tokens_and_inflight(recorded):
+    rec, out = recorded
+    ok = [r for r in out.to_pylist() if r["status"] == "ok"]
+    calls = rec["pipeline_generate_seconds"]
+    statuses = out.column("status").to_pylist()
+    batches_with_work = sum("ok" in statuses[i:i + 3] for i in range(0, len(statuses), 3))
+    assert len(calls) == batches_with_work == 2 and all(v > 0 for _, v, _ in calls)  # the error-only batch skips generate
+    totals = defaultdict(float)
+    for method, value, tags in rec["pipeline_tokens"]:
+        assert method == "inc"
+        totals[tags["kind"]] += value
+    assert totals == {"prompt": sum(r["prompt_tokens"] for r in ok), "output": sum(r["output_tokens"] for r in ok)}
+    per_row = [v for m, v, t in rec["pipeline_row_tokens"] if m == "observe" and t["kind"] == "output"]
+    assert sorted(per_row) == sorted(r["output_tokens"] for r in ok)
+    gauge = [v for _, v, _ in rec["pipeline_generate_inflight_rows"]]
+    assert max(gauge) == 3 and gauge[-1] == 0 and gauge[::2] != gauge[1::2]
+
+
+def test_grafana_dashboard_queries_the_recorded_metrics():
+    dashboard = json.loads((REPO / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for name in ("ray_pipeline_rows_total", "ray_pipeline_decode_seconds_bucket", "ray_pipeline_generate_seconds_bucket",
+                 "ray_pipeline_tokens_total", "ray_pipeline_generate_inflight_rows"):
+        assert name in exprs
+    made = {m for m in dir(metrics) if m.endswith(("_counter", "_histogram", "_gauge"))}
+    assert len(made) == 6

@@ -1,0 +1,142 @@
+"""jobs/report.py: the HTML page shows each item's frames beside its answers, errors by type, the
+run's figures; rendered in headless Chromium, the screenshot shows the content."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.schemas import output_arrow_schema
+from pipeline.testing.samples import synthetic_frame
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "jobs"))
+import report  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def row(**kw) -> dict:
+    base = {name: None for name in output_arrow_schema().names}
+    base.update(task="caption", status="ok", model="tiny", run_id="run-1",
+                created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
+    base.update(kw)
+    return base
+
+
+@pytest.fixture(scope="module")
+def output(samples, tmp_path_factory) -> Path:
+    """An output table in the job's layout, by hand (no model): Parquet files + `_SUCCESS`."""
+    out = tmp_path_factory.mktemp("report-output")
+    video = dict(media_type="video", codec="h264", width=160, height=120, fps=24.0)
+    rows = [
+        row(id="street", uri=str(samples / "street.mp4"), source="m.jsonl:1", prompt="Describe this video in detail.",
+            text="CAPTION-street: a white square moves over a gradient", num_frames=4,
+            frame_timestamps_s=[0.0, 1.0, 2.0, 3.0], duration_s=4.0, output_tokens=9, **video),
+        row(id="beach", uri=str(samples / "beach.webm"), source="m.jsonl:3", task="qa", prompt="What moves?",
+            text="ANSWER-beach-1 <b>not bold</b>", num_frames=3, frame_timestamps_s=[0.0, 1.0, 2.0], duration_s=3.0,
+            output_tokens=4, **dict(video, codec="vp9")),
+        row(id="beach", uri=str(samples / "beach.webm"), source="m.jsonl:3", task="qa", prompt="What colors?",
+            text="ANSWER-beach-2", num_frames=3, frame_timestamps_s=[0.0, 1.0, 2.0], duration_s=3.0,
+            output_tokens=3, **dict(video, codec="vp9")),
+        row(id="photo", uri=str(samples / "photo.jpg"), source="m.jsonl:4", media_type="image", codec="JPEG",
+            width=120, height=80, num_frames=1, prompt="Describe this photo.", text="CAPTION-photo", output_tokens=2),
+        row(id="missing", uri=str(samples / "does-not-exist.mp4"), source="m.jsonl:7", status="error",
+            error_type="not_found", error="no such file: does-not-exist.mp4"),
+        row(id="gone", uri=str(samples / "gone.mp4"), source="m.jsonl:8", status="error",
+            error_type="not_found", error="no such file: gone.mp4"),
+        row(id=None, uri=None, source="m.jsonl:9", status="error", error_type="invalid_manifest_row",
+            error="m.jsonl:9: 'id' is a required property"),
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=output_arrow_schema()), out / "run-1-part0.parquet")
+    (out / "_SUCCESS").write_text(json.dumps({"run_id": "run-1", "items": 6, "wall_s": 12.0, "rows": 7,
+                                              "config": {"task": "caption", "num_frames": 4, "replicas": 2}}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def page(output, tmp_path_factory) -> tuple[Path, str]:
+    path = tmp_path_factory.mktemp("report") / "report.html"
+    assert report.main(["--input", str(output), "--output", str(path)]) == 0
+    return path, path.read_text()
+
+
+def test_page_has_answers_errors_by_type_and_figures(page):
+    _, text = page
+    for caption in ("CAPTION-street", "ANSWER-beach-1", "ANSWER-beach-2", "CAPTION-photo", "What colors?"):
+        assert caption in text
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in text and "<b>not bold</b>" not in text  # model text is escaped
+    assert re.search(r"<h3 id='errors-not_found'>not_found \(2\)</h3>", text)
+    assert re.search(r"<h3 id='errors-invalid_manifest_row'>invalid_manifest_row \(1\)</h3>", text)
+    assert text.index("errors-not_found") < text.index("errors-invalid_manifest_row")  # biggest group first
+    assert "no such file: gone.mp4" in text and "m.jsonl:9" in text
+    assert "<td>rows</td><td>7</td>" in text and "<td>error rows</td><td>3</td>" in text
+    assert "12.0 s (0.50 items/s)" in text and "<td>replicas</td><td>2</td>" in text
+
+
+def thumbnails(text: str, item: str) -> list[Image.Image]:
+    block = re.search(rf"<div class='item' id='item-{item}'>(.*?)</div></div>", text).group(1)
+    return [Image.open(io.BytesIO(base64.b64decode(b))) for b in re.findall(r"base64,([^']+)'", block)]
+
+
+def test_strips_hold_the_frames_the_model_saw(page):
+    _, text = page
+    street, beach, photo = thumbnails(text, "street"), thumbnails(text, "beach"), thumbnails(text, "photo")
+    assert (len(street), len(beach), len(photo)) == (4, 3, 1)  # one strip per item, not per answer
+    assert photo[0].size == (120, 80)  # shown upright (EXIF); small images are not enlarged
+    assert all(im.height == 96 for im in street + beach)  # 120 px frames downscaled to the strip height
+    # the frame at t = 1 s of the 24 fps sample is synthetic frame 24: compare pixels
+    want = Image.fromarray(synthetic_frame(24, 160, 120)).resize(street[1].size)
+    diff = np.abs(np.asarray(street[1].convert("RGB"), float) - np.asarray(want, float)).mean()
+    other = np.abs(np.asarray(street[3].convert("RGB"), float) - np.asarray(want, float)).mean()
+    assert diff < 12 < other
+
+
+def test_missing_input_fails_with_the_reason(tmp_path, capsys):
+    assert report.main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "r.html")]) == 2
+    assert "cannot read the output table" in capsys.readouterr().err
+
+
+def screenshot(html: Path, png: Path, tmp: Path) -> np.ndarray:
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                    f"--user-data-dir={tmp / 'profile'}", f"--screenshot={png}", "--window-size=1200,1000",
+                    html.as_uri()], check=True, timeout=120, capture_output=True)
+    return np.asarray(Image.open(png).convert("RGB")).astype(int)
+
+
+def colorful(pixels: np.ndarray) -> float:
+    """Share of saturated pixels: the frames are colored gradients, the page's text is gray."""
+    return float(((pixels.max(axis=2) - pixels.min(axis=2)) > 60).mean())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium; "
+                    "tests/run.sh installs it when run as root)")
+def test_headless_chromium_screenshot_shows_the_frames_and_text(page, output, tmp_path):
+    html, _ = page
+    shot = screenshot(html, tmp_path / "report.png", tmp_path)
+    assert shot.shape[:2] == (1000, 1200)
+    assert shot.std() > 20  # not blank
+    dark = (shot.max(axis=2) < 100).mean()
+    assert dark > 0.005  # text is drawn
+    # the same page without frame strips: the color comes from the thumbnails
+    bare = tmp_path / "bare.html"
+    assert report.main(["--input", str(output), "--output", str(bare), "--no-frames"]) == 0
+    bare_shot = screenshot(bare, tmp_path / "bare.png", tmp_path)
+    assert colorful(shot) > 0.03 and colorful(bare_shot) < 0.002
+    # the thumbnails' colors are varied (many distinct colors, not one flat block)
+    saturated = shot[(shot.max(axis=2) - shot.min(axis=2)) > 60]
+    assert len({tuple(p // 16) for p in saturated[:: max(1, len(saturated) // 20000)]}) > 50
