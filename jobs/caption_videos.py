@@ -46,6 +46,8 @@ def parse_args(argv=None) -> RunConfig:
                    help=f["dtype"].description)
     p.add_argument("--attn-implementation", default=f["attn_implementation"].default,
                    help=f["attn_implementation"].description)
+    p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
+                   help=f["allowed_uri_prefixes"].description + " Repeat for several; replaces the default.")
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
     p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> RunConfig:
         return RunConfig(
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
-            preprocess_workers=a.preprocess_workers, device=a.device, dtype=a.dtype,
+            preprocess_workers=a.preprocess_workers, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, dry_run=a.dry_run,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),

@@ -70,11 +70,21 @@ class RunConfig(ModelSettings):
     output: str = Field(description="Output prefix for the Parquet dataset (any fsspec URI).")
     task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
     prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.")
+    allowed_uri_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Where manifest URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
+                    "others become `uri_not_allowed` rows before any I/O. Default: the manifest's own bucket, "
+                    "or for a local manifest its folder.")
     preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row.",
     )
+
+    def media_prefixes(self) -> list[str]:
+        from pipeline.urls import default_media_prefixes
+
+        return self.allowed_uri_prefixes or default_media_prefixes(self.manifest)
 
     def default_prompt(self, media_type: str | None) -> str:
         return self.prompt or DEFAULT_PROMPTS.get(media_type or "video", DEFAULT_PROMPTS["video"])

@@ -159,6 +159,13 @@ def validate_row(row: dict) -> str | None:
     return None
 
 
+def _resolve_relative(media_uri: str, manifest_file: str) -> str:
+    """A relative path in a manifest names a file beside the manifest (in the same folder or prefix)."""
+    if ":" in media_uri or media_uri.startswith("/"):
+        return media_uri
+    return manifest_file.rsplit("/", 1)[0] + "/" + media_uri
+
+
 def _record(row: dict, source: str, error: str | None = None, error_type: str | None = None) -> dict:
     rec = {name: None for name in RECORD_SCHEMA.names}
     if error is None:
@@ -179,7 +186,10 @@ def scan_manifest(cfg: RunConfig) -> ManifestScan:
     Duplicate-id policy: the first occurrence of an id is processed; every later row with that id
     becomes an error record of type `duplicate_id` (with no prompt), so nothing disappears silently.
     """
+    from pipeline.urls import URLRejected, check_media_uri
+
     files = list_manifest_files(cfg.manifest, cfg)
+    prefixes = cfg.media_prefixes()
     records, seen = [], set()
     for uri in files:
         try:
@@ -193,7 +203,17 @@ def scan_manifest(cfg: RunConfig) -> ManifestScan:
                     problem = "--task qa needs questions: add a 'questions' list (or a 'prompt') to the row, or pass --prompt"
                 if problem:
                     records.append(_record(row, source, problem))
-                elif row["id"] in seen:
+                    continue
+                row["uri"] = _resolve_relative(row["uri"], uri)
+                try:
+                    check_media_uri(row["uri"], prefixes)
+                except URLRejected as e:
+                    problem = (f"uri {row['uri']!r} is not allowed: {e}; if this source is trusted, "
+                               "pass --allow-uri-prefix with its prefix")
+                    records.append(_record(row, source, problem, "uri_not_allowed"))
+                    seen.add(row["id"])  # its id is taken: a later row with it is a duplicate
+                    continue
+                if row["id"] in seen:
                     records.append(_record(row, source, f"id {row['id']!r} appeared earlier in the manifest; "
                                            "only its first row is processed", "duplicate_id"))
                 else:

@@ -137,7 +137,9 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
     import av
 
     try:
-        container = av.open(f, mode="r")
+        # No protocols for nested opens: a playlist or concat list in the input (HLS, ffconcat, ...)
+        # must not make FFmpeg read local files or URLs on the worker.
+        container = av.open(f, mode="r", options={"protocol_whitelist": "none"})
     except (av.FFmpegError, ValueError) as e:
         if _mp4_box_overruns(f):
             raise MediaError("truncated", f"{uri} is an MP4/MOV file cut short (its last box runs past the end "
@@ -147,6 +149,9 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
         if not container.streams.video:
             raise MediaError("no_video_stream", f"{uri} has no video stream (audio only?)")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # FFmpeg knows the container but has no decoder for the codec
+            raise MediaError("unsupported_codec", f"{uri}: FFmpeg has no decoder for its video codec; "
+                                                  "re-encode it to H.264, HEVC, VP9 or AV1")
         stream.thread_type = "AUTO"
         _check_pixels(uri, stream.codec_context.width, stream.codec_context.height, max_pixels)
         _check_not_truncated(f, uri, stream)

@@ -58,7 +58,7 @@ def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterab
     # "s3://bucket" must not admit "s3://bucket-other/": a prefix naming a host or bucket ends at "/".
     prefixes = [p if p.endswith("/") or p.endswith("://") else p + "/" for p in allowed_prefixes]
     if not any(uri.startswith(p) for p in prefixes):
-        raise URLRejected("the URL is not under an allowed prefix (set allowed_prefixes on the server)")
+        raise URLRejected(f"the URL is not under an allowed prefix ({', '.join(prefixes) or 'none'})")
     if scheme in ("http", "https"):
         parts = urlsplit(uri)
         if parts.username or parts.password:
@@ -68,3 +68,39 @@ def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterab
         if not host or blocked:
             raise URLRejected(f"host {host!r} resolves to a non-public address ({', '.join(blocked) or 'none'})")
     return scheme
+
+
+def default_media_prefixes(manifest: str) -> list[str]:
+    """The manifest's own store: its bucket (s3://bucket/), or for a local manifest its folder."""
+    import os
+
+    if "://" in manifest and not manifest.startswith("file://"):
+        scheme, rest = manifest.split("://", 1)
+        return [f"{scheme}://{rest.split('/', 1)[0]}/"]
+    path = os.path.realpath(manifest.removeprefix("file://"))
+    return [(path if os.path.isdir(path) else os.path.dirname(path)).rstrip("/") + "/"]
+
+
+def check_media_uri(uri: str, allowed_prefixes: Iterable[str], resolve: Callable = socket.getaddrinfo) -> None:
+    """Raise URLRejected unless a manifest's media URI is under an allowed prefix (batch jobs).
+
+    Local paths (plain or file://) must be absolute and, with symlinks and `..` resolved, lie under
+    an allowed local folder; other URIs go through check_uri (scheme, prefix, public http hosts).
+    """
+    import os
+
+    prefixes = list(allowed_prefixes)
+    local_roots = [os.path.realpath(p.removeprefix("file://")).rstrip("/") + "/"
+                   for p in prefixes if p.startswith(("/", "file://"))]
+    scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
+    if scheme in ("", "file"):
+        if "::" in uri:
+            raise URLRejected("chained URLs (a::b) are not allowed")
+        path = uri.removeprefix("file://")
+        if not os.path.isabs(path):
+            raise URLRejected("local paths must be absolute")
+        if not any(os.path.realpath(path).startswith(root) for root in local_roots):
+            raise URLRejected(f"the local path is outside the allowed folders ({', '.join(local_roots) or 'none'})")
+        return
+    remote = [p for p in prefixes if "://" in p and not p.startswith("file://")]
+    check_uri(uri, {p.split("://", 1)[0] for p in remote}, remote, resolve)

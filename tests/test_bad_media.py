@@ -96,6 +96,44 @@ def test_rotated_ten_bit_and_variable_frame_rate_videos_decode(tmp_path):
         assert t == pytest.approx(nearest, abs=1e-3)
 
 
+def test_unsupported_codec_is_its_own_error(tmp_path):
+    data = write_mp4(tmp_path / "v.mp4").read_bytes()
+    (tmp_path / "x.mp4").write_bytes(data.replace(b"avc1", b"zzzz"))  # a codec FFmpeg has no decoder for
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(tmp_path / "x.mp4"), STORAGE, None, 4)
+    assert e.value.error_type == "unsupported_codec" and "re-encode" in str(e.value)
+
+
+def test_hdr_ten_bit_bt2020_decodes_with_its_own_colour_matrix(tmp_path):
+    from av.video.reformatter import Colorspace
+
+    color = np.array([200, 40, 90], np.uint8)
+    params = "log-level=none:colorprim=bt2020:transfer=smpte2084:colormatrix=bt2020nc:hdr10=1:max-cll=1000,400"
+    with av.open(str(tmp_path / "hdr.mp4"), "w") as c:
+        s = c.add_stream("libx265", rate=24, options={"x265-params": params})
+        s.width, s.height, s.pix_fmt = 64, 64, "yuv420p10le"
+        rgb = av.VideoFrame.from_ndarray(np.broadcast_to(color, (64, 64, 3)).copy(), format="rgb24")
+        for _ in range(12):
+            c.mux(s.encode(rgb.reformat(format="yuv420p10le", dst_colorspace=Colorspace.BT2020)))
+        c.mux(s.encode(None))
+    d = fetch_and_decode(str(tmp_path / "hdr.mp4"), STORAGE, None, 3)
+    assert d.frames.dtype == np.uint8 and d.frames.shape == (3, 64, 64, 3)
+    # decoded with the BT.2020 matrix the stream declares (BT.601 would shift the colour)
+    assert np.abs(d.frames[:, 32, 32].astype(int) - color).max() <= 6
+
+
+def test_ffmpeg_may_not_open_files_named_inside_the_input(tmp_path, monkeypatch):
+    """An ffconcat list is valid input to FFmpeg: without the protocol whitelist it reads any file it names."""
+    write_mp4(tmp_path / "secret.mp4")
+    (tmp_path / "list.mp4").write_bytes(b"ffconcat version 1.0\nfile secret.mp4\n")
+    monkeypatch.chdir(tmp_path)  # relative names resolve against the worker's folder
+    with av.open(open(tmp_path / "list.mp4", "rb")) as c:  # control: plain PyAV follows the list
+        assert c.format.name == "concat" and sum(1 for _ in c.decode(video=0)) == 48
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(tmp_path / "list.mp4"), STORAGE, "video", 4)
+    assert e.value.error_type == "undecodable"
+
+
 def test_a_segfault_and_a_hang_cost_one_row_each(samples, tmp_path):
     decoder = DecoderProcess(timeout_s=3, module="tests.fault_decoder")
     (tmp_path / "segfault.mp4").write_bytes((samples / "street.mp4").read_bytes())
@@ -143,7 +181,8 @@ def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model,
     rows = [{"id": k, "uri": str(v)} for k, v in files.items()] + [{"id": "ok-video", "uri": str(files["ok-image"])}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model=str(tiny_model),
-                    num_frames=2, decode_timeout_s=5, decoder_module="tests.fault_decoder")
+                    num_frames=2, decode_timeout_s=5, decoder_module="tests.fault_decoder",
+                    allowed_uri_prefixes=[str(tmp_path), str(samples)])
     cfg.generation.max_new_tokens = 2
     summary = run(cfg)
     df = pd.read_parquet(tmp_path / "out")

@@ -1,6 +1,7 @@
 """Atomic, idempotent, incremental output: on local disk and on S3 (moto server)."""
 
 import json
+import tempfile
 
 import pandas as pd
 import pyarrow.dataset as pads
@@ -14,6 +15,8 @@ from pipeline.storage import filesystem, join
 
 
 def config(manifest, output, model, **kw):
+    if "://" not in str(manifest):  # local manifests name the shared sample files in another temp folder
+        kw.setdefault("allowed_uri_prefixes", [tempfile.gettempdir()])
     cfg = RunConfig(manifest=str(manifest), output=str(output), model=str(model), num_frames=2, **kw)
     cfg.generation.max_new_tokens = 2
     return cfg

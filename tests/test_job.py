@@ -86,7 +86,8 @@ def test_bad_manifest_rows_become_error_rows(ray_local, samples, tiny_model, tmp
     ]) + "\n")
     (tmp_path / "zero.mp4").write_bytes(b"")
     out = tmp_path / "out"
-    assert run_job("--manifest", manifest, "--output", out, "--model", tiny_model, "--max-new-tokens", 3) == 0
+    assert run_job("--manifest", manifest, "--output", out, "--model", tiny_model, "--max-new-tokens", 3,
+                   "--allow-uri-prefix", samples, "--allow-uri-prefix", tmp_path) == 0
     df = pd.read_parquet(out)
     assert len(df) == 5
     assert df[df.status == "ok"].id.tolist() == ["good"]

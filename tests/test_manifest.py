@@ -10,6 +10,7 @@ from pipeline.manifest import ManifestError, scan_manifest
 
 
 def cfg_for(manifest, **kw) -> RunConfig:
+    kw.setdefault("allowed_uri_prefixes", ["s3://b/", "/"])  # these tests are about parsing, not the URI policy
     return RunConfig(manifest=str(manifest), output="/tmp/unused", model="unused", **kw)
 
 
@@ -90,3 +91,48 @@ def test_unreadable_manifest_stops_the_run_with_a_reason(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ManifestError, match="no manifest files"):
         scan_manifest(cfg_for(tmp_path / "empty"))
+
+
+def test_uri_policy_default_is_the_manifests_own_folder_or_bucket(tmp_path):
+    from pipeline.urls import default_media_prefixes
+
+    media = tmp_path / "media"
+    media.mkdir()
+    (tmp_path / "outside.mp4").write_bytes(b"x")
+    (media / "link.mp4").symlink_to(tmp_path / "outside.mp4")  # a symlink out of the folder
+    rows = {
+        "inside": str(media / "a.mp4"),
+        "relative": "sub/b.mp4",  # beside the manifest
+        "file-scheme": f"file://{media}/c.mp4",
+        "dotdot": f"{media}/../outside.mp4",
+        "symlink": str(media / "link.mp4"),
+        "etc": "file:///etc/passwd",
+        "concat": f"concat:{media}/a.mp4|/etc/passwd",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "bucket": "s3://other-bucket/a.mp4",
+        "chained": f"simplecache::{media}/a.mp4",
+    }
+    manifest = media / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": k, "uri": u}) + "\n" for k, u in rows.items()))
+    scan = scan_manifest(RunConfig(manifest=str(manifest), output="/tmp/unused", model="unused"))
+    got = by_id(scan)
+    allowed = {"inside", "relative", "file-scheme"}
+    assert {k for k, r in got.items() if r["status"] == "ok"} == allowed
+    assert got["relative"]["uri"] == f"{media}/sub/b.mp4"
+    for key in set(rows) - allowed:
+        assert got[key]["error_type"] == "uri_not_allowed", key
+        assert "--allow-uri-prefix" in got[key]["error"]
+    assert default_media_prefixes("s3://bucket/manifests/dt=2026-11-21/") == ["s3://bucket/"]
+
+
+def test_allow_uri_prefix_replaces_the_default(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "s3", "uri": "s3://media/clips/a.mp4"}) + "\n"
+                        + json.dumps({"id": "s3-other", "uri": "s3://media/private/a.mp4"}) + "\n"
+                        + json.dumps({"id": "local", "uri": str(tmp_path / "a.mp4")}) + "\n"
+                        + json.dumps({"id": "local", "uri": "s3://media/clips/dup.mp4"}) + "\n")
+    got = scan_manifest(RunConfig(manifest=str(manifest), output="/tmp/unused", model="unused",
+                                  allowed_uri_prefixes=["s3://media/clips/"])).records.to_pylist()
+    assert [(r["id"], r["status"], r["error_type"]) for r in got] == [
+        ("s3", "ok", None), ("s3-other", "error", "uri_not_allowed"), ("local", "error", "uri_not_allowed"),
+        ("local", "error", "duplicate_id")]

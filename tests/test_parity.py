@@ -2,6 +2,7 @@
 token for token, for images, videos, several questions about one item, and a mixed batch."""
 
 import json
+import tempfile
 
 import av
 import numpy as np
@@ -73,7 +74,7 @@ def pipeline_rows(cfg, batch_size):
 
 def config(manifest, model, **gen):
     return RunConfig(manifest=str(manifest), output="/unused", model=str(model), task="qa",
-                     prompt="What is in it?", num_frames=6,
+                     prompt="What is in it?", num_frames=6, allowed_uri_prefixes=[tempfile.gettempdir()],
                      generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, **gen))
 
 

@@ -73,7 +73,7 @@ def batch_texts(tiny_model, samples, tmp_path_factory):
     manifest.write_text("".join(json.dumps({"id": name, "uri": str(samples / name), "prompt": prompt}) + "\n"
                                 for name, _, prompt in CASES))
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_model), num_frames=NUM_FRAMES,
-                    generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
+                    allowed_uri_prefixes=[str(samples)], generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
     rows = Generate(cfg, device="cpu")(Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))).to_pylist()
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     return {r["id"]: r for r in rows}
