@@ -50,6 +50,7 @@ def parse_args(argv=None) -> RunConfig:
                    help=f["allowed_uri_prefixes"].description + " Repeat for several; replaces the default.")
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
+    p.add_argument("--retry-errors", action="store_true", help=f["retry_errors"].description)
     p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
     a = p.parse_args(argv)
     try:
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> RunConfig:
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
             preprocess_workers=a.preprocess_workers, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
-            attn_implementation=a.attn_implementation, dry_run=a.dry_run,
+            attn_implementation=a.attn_implementation, dry_run=a.dry_run, retry_errors=a.retry_errors,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),

@@ -75,11 +75,21 @@ class RunConfig(ModelSettings):
         description="Where manifest URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
                     "others become `uri_not_allowed` rows before any I/O. Default: the manifest's own bucket, "
                     "or for a local manifest its folder.")
+    retry_errors: bool = Field(False, description="Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old error rows.")
     preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row.",
     )
+
+    def config_key(self) -> str:
+        """Identifies the settings that shape the text: a rerun with the same key skips committed rows."""
+        import hashlib
+        import json
+
+        shaping = {"model": self.model, "num_frames": self.num_frames, "max_pixels": self.max_pixels,
+                   "generation": self.generation.model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
     def media_prefixes(self) -> list[str]:
         from pipeline.urls import default_media_prefixes

@@ -35,6 +35,7 @@ RECORD_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error", pa.string()),
+        ("done_prompts", pa.list_(pa.string())),  # prompts of this item already committed (set by the run)
     ]
 )
 
@@ -224,8 +225,11 @@ def scan_manifest(cfg: RunConfig) -> ManifestScan:
     return ManifestScan(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), files)
 
 
-def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[str]:
-    """The prompts of one item: its questions (qa), else its own prompt, else the run's default."""
+def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[str | None]:
+    """The prompts of one item: its questions (qa), else its own prompt, else the run's default.
+    A row that is not an item (invalid, or a repeated id) has one output row, without a prompt."""
+    if record["error_type"] in ("invalid_manifest_row", "duplicate_id"):
+        return [None]
     if cfg.task == "qa" and record.get("questions"):
         return list(record["questions"])
     return [record.get("prompt") or cfg.default_prompt(media_type or record.get("media_type"))]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pipeline import sink
 from pipeline.config import RunConfig
-from pipeline.manifest import scan_manifest
+from pipeline.manifest import prompts_for, scan_manifest
 from pipeline.stages import Generate, Preprocess, decode_media, format_output
 
 log = logging.getLogger("pipeline")
@@ -87,7 +87,8 @@ def run(cfg: RunConfig) -> RunSummary:
     scan = scan_manifest(cfg)
     log.info("manifest: %d items from %d file(s)", scan.num_items, len(scan.files))
     sink.recover(cfg)
-    todo = pending(scan.records, *sink.committed(cfg))
+    done = sink.committed(cfg)
+    todo = pending(scan.records, done, cfg)
     log.info("%d items already committed in %s; %d to do", scan.num_items - todo.num_rows, cfg.output, todo.num_rows)
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and not gpus:
@@ -106,17 +107,42 @@ def run(cfg: RunConfig) -> RunSummary:
     summary = RunSummary(run_id=cfg.run_id, items=todo.num_rows, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
                          wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows)
-    sink.commit(cfg, written, ledger(cfg, summary, scan))
+    replaced = superseded(done, written.ids) if cfg.retry_errors else {}
+    sink.commit(cfg, written, ledger(cfg, summary, scan), replaced)
     return summary
 
 
-def pending(records, done_ids: set, done_sources: set):
-    """The manifest records whose items have no committed rows yet."""
+def pending(records, done: sink.Committed, cfg: RunConfig):
+    """The manifest records with prompts not yet committed under this run's settings, each with
+    the prompts it already has (`done_prompts`, not generated again). With --retry-errors only ok
+    rows count as done."""
     import pyarrow as pa
 
-    keep = [(i not in done_ids) if i is not None else (s not in done_sources)
-            for i, s in zip(records.column("id").to_pylist(), records.column("source").to_pylist())]
-    return records.filter(pa.array(keep, pa.bool_()))
+    keep, done_prompts = [], []
+    for rec in records.select(["id", "source", "media_type", "prompt", "questions", "error_type"]).to_pylist():
+        if rec["id"] is None:
+            keep.append(rec["source"] not in done.sources)
+            done_prompts.append(None)
+            continue
+        rows = done.rows.get(rec["id"], {})
+        finished = {p for p, (status, _, _) in rows.items() if status == "ok" or not cfg.retry_errors}
+        media = next((m for _, m, _ in rows.values() if m), rec["media_type"])
+        expected = prompts_for(rec, media, cfg)
+        keep.append(not finished.issuperset(expected))
+        done_prompts.append(sorted(p for p in finished if p is not None) or None)
+    table = records.set_column(records.schema.get_field_index("done_prompts"), "done_prompts",
+                               pa.array(done_prompts, pa.list_(pa.string())))
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+def superseded(done: sink.Committed, staged_ids: set) -> dict[str, list[str]]:
+    """Committed error rows that this run's new rows replace (--retry-errors): {file: [ids]}."""
+    out: dict[str, set] = {}
+    for i in staged_ids & done.rows.keys():
+        for status, _, path in done.rows[i].values():
+            if status == "error":
+                out.setdefault(path, set()).add(i)
+    return {path: sorted(ids) for path, ids in out.items()}
 
 
 def ledger(cfg: RunConfig, summary: RunSummary, scan) -> dict:

@@ -21,6 +21,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import RunConfig
@@ -38,6 +39,7 @@ class WriteResult:
     by_status: Counter = field(default_factory=Counter)
     by_error_type: Counter = field(default_factory=Counter)
     sources: set = field(default_factory=set)  # manifest rows (file:line) that have output rows
+    ids: set = field(default_factory=set)
 
 
 def staging_uri(cfg: RunConfig, run_id: str | None = None) -> str:
@@ -60,20 +62,32 @@ def _read(paths: list[str], cfg: RunConfig, columns: list[str]):
     return pads.dataset(paths, schema=output_arrow_schema(), format="parquet", filesystem=afs).to_table(columns=columns)
 
 
-def committed(cfg: RunConfig) -> tuple[set, set]:
-    """(ids, sources of id-less rows) that the committed output already holds."""
+@dataclass
+class Committed:
+    """What the committed output holds for this run's settings (its config_key)."""
+
+    rows: dict = field(default_factory=dict)  # id -> {prompt: (status, media_type, file)}
+    sources: set = field(default_factory=set)  # manifest rows (file:line) of id-less error rows
+
+
+def committed(cfg: RunConfig) -> Committed:
+    """The committed rows made with this run's settings; rows of other settings do not count."""
     fs, out = filesystem(cfg.output, cfg.storage)
     fs.invalidate_cache()
+    done = Committed()
     if not fs.exists(out):
-        return set(), set()
-    files = [p for p in fs.ls(out, detail=False) if p.endswith(".parquet")]
-    if not files:
-        return set(), set()
-    table = _read(files, cfg, ["id", "source"])
-    ids = set(table.column("id").to_pylist())
-    sources = {s for i, s in zip(table.column("id").to_pylist(), table.column("source").to_pylist()) if i is None}
-    ids.discard(None)
-    return ids, sources
+        return done
+    key = cfg.config_key()
+    for path in sorted(p for p in fs.ls(out, detail=False) if p.endswith(".parquet")):
+        t = _read([path], cfg, ["id", "prompt", "status", "media_type", "source", "config_key"]).to_pydict()
+        for i, prompt, status, media, source, k in zip(*t.values()):
+            if k != key:
+                continue
+            if i is None:
+                done.sources.add(source)
+            else:
+                done.rows.setdefault(i, {})[prompt] = (status, media, path)
+    return done
 
 
 def staged(cfg: RunConfig) -> WriteResult:
@@ -83,16 +97,18 @@ def staged(cfg: RunConfig) -> WriteResult:
     files = sorted(p for p in fs.find(staged_dir) if p.endswith(".parquet")) if fs.exists(staged_dir) else []
     result = WriteResult(files=[_uri(p, cfg.output) for p in files])
     if files:
-        table = _read(files, cfg, ["status", "error_type", "source"])
+        table = _read(files, cfg, ["id", "status", "error_type", "source"])
         result.rows = table.num_rows
         result.by_status.update(table.column("status").to_pylist())
         result.by_error_type.update(e for e in table.column("error_type").to_pylist() if e)
         result.sources.update(table.column("source").to_pylist())
+        result.ids.update(i for i in table.column("id").to_pylist() if i is not None)
     return result
 
 
-def commit(cfg: RunConfig, result: WriteResult, ledger: dict) -> None:
-    """Mark the staged run complete (the commit point), then move its files into place."""
+def commit(cfg: RunConfig, result: WriteResult, ledger: dict, supersedes: dict | None = None) -> None:
+    """Mark the staged run complete (the commit point), then move its files into place.
+    `supersedes` ({committed file: [ids]}) names error rows that this run's rows replace."""
     fs, _ = filesystem(cfg.output, cfg.storage)
     names = [filesystem(f, cfg.storage)[1].rsplit("/", 1)[-1] for f in result.files]
     ledger = dict(ledger, rows=result.rows, by_status=dict(result.by_status),
@@ -100,7 +116,8 @@ def commit(cfg: RunConfig, result: WriteResult, ledger: dict) -> None:
     staged_dir = filesystem(staging_uri(cfg), cfg.storage)[1]
     fs.makedirs(staged_dir, exist_ok=True)  # a run with nothing to write still leaves its ledger
     with fs.open(join(staged_dir, COMPLETE), "w") as f:
-        json.dump({"staged": names, "ledger": ledger}, f, indent=2, default=str)
+        json.dump({"staged": names, "ledger": ledger, "supersedes": supersedes or {},
+                   "config_key": cfg.config_key()}, f, indent=2, default=str)
     _finish(cfg, cfg.run_id)
 
 
@@ -117,6 +134,8 @@ def _finish(cfg: RunConfig, run_id: str) -> None:
             fs.copy(src, dest)
         if fs.exists(src):
             fs.rm(src)
+    for path, ids in complete.get("supersedes", {}).items():
+        _drop_error_rows(cfg, fs, path, set(ids), complete["config_key"])
     body = json.dumps(complete["ledger"], indent=2, default=str)
     fs.makedirs(join(out, "_runs"), exist_ok=True)
     with fs.open(join(out, "_runs", f"{run_id}.json"), "w") as f:
@@ -124,6 +143,33 @@ def _finish(cfg: RunConfig, run_id: str) -> None:
     with fs.open(join(out, "_SUCCESS"), "w") as f:
         f.write(body)
     fs.rm(staged_dir, recursive=True)
+
+
+def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str) -> None:
+    """Rewrite a committed file without the error rows of `ids` (made under `key`) that a retry
+    replaced. Idempotent; the new file replaces the old in one step (one PUT on S3, a rename locally),
+    so readers see the old file or the new one, never a part."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not fs.exists(path):
+        return
+    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
+    table = pq.read_table(path, filesystem=afs, schema=output_arrow_schema())
+    drop = pc.and_(pc.and_(pc.is_in(table["id"], pa.array(sorted(ids), pa.string())),
+                           pc.equal(table["status"], "error")), pc.equal(table["config_key"], key))
+    drop = pc.fill_null(drop, False)
+    if not pc.any(drop).as_py():
+        return
+    kept = table.filter(pc.invert(drop))
+    if protocol_of(cfg.output) == "file":
+        folder, name = path.rsplit("/", 1)
+        tmp = f"{folder}/_{name}.rewrite"  # "_": readers skip it if a crash leaves it behind
+        pq.write_table(kept, tmp)
+        fs.mv(tmp, path)
+    else:
+        pq.write_table(kept, path, filesystem=afs)
+    log.info("replaced %d retried error rows in %s", table.num_rows - kept.num_rows, path)
 
 
 def recover(cfg: RunConfig) -> list[str]:

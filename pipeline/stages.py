@@ -90,8 +90,8 @@ def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
                             frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
-        invalid = rec["error_type"] in ("invalid_manifest_row", "duplicate_id")
-        item["prompts"] = [None] if invalid else prompts_for(rec, item["media_type"], cfg)
+        done = set(rec.get("done_prompts") or ())  # committed by an earlier run
+        item["prompts"] = [p for p in prompts_for(rec, item["media_type"], cfg) if p not in done]
         items.append(item)
     metrics.decoded(items, started)
     return _table(items, ITEM_SCHEMA)
@@ -168,6 +168,7 @@ def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:
     run = {
         "task": pa.array([cfg.task] * n, pa.string()),
         "model": pa.array([cfg.model] * n, pa.string()),
+        "config_key": pa.array([cfg.config_key()] * n, pa.string()),
         "run_id": pa.array([cfg.run_id] * n, pa.string()),
         "created_at": pa.array([datetime.now(timezone.utc)] * n, pa.timestamp("us", tz="UTC")),
     }

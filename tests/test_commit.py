@@ -28,6 +28,42 @@ def write_day(root, day, lines):
     (folder / "part.jsonl").write_text("".join(lines))
 
 
+def test_reruns_are_keyed_by_settings_and_retry_errors_replaces_error_rows(ray_local, samples, tiny_model, tmp_path):
+    import shutil
+
+    shutil.copy(samples / "photo.jpg", tmp_path / "photo.jpg")
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
+    manifest.write_text(json.dumps({"id": "photo", "uri": "photo.jpg", "questions": ["Colors?", "Shapes?"]}) + "\n"
+                        + json.dumps({"id": "late", "uri": "late.png"}) + "\n")  # not uploaded yet
+    cfg = dict(task="qa", prompt="What is it?")
+    first = run(config(manifest, out, tiny_model, **cfg))
+    assert (first.ok, first.error_types) == (2, {"not_found": 1})
+    again = run(config(manifest, out, tiny_model, **cfg))
+    assert again.items == 0 and again.skipped == 2  # same settings: nothing to do
+    longer = config(manifest, out, tiny_model, **cfg)
+    longer.generation.max_new_tokens = 3  # other settings: other rows, beside the first ones
+    assert run(longer).rows == 3
+
+    shutil.copy(samples / "logo.png", tmp_path / "late.png")
+    manifest.write_text(manifest.read_text() + json.dumps({"id": "more", "uri": "photo.jpg"}) + "\n")
+    lines = manifest.read_text().splitlines()
+    lines[0] = json.dumps({"id": "photo", "uri": "photo.jpg", "questions": ["Colors?", "Shapes?", "Size?"]})
+    manifest.write_text("\n".join(lines) + "\n")
+    no_retry = run(config(manifest, out, tiny_model, **cfg))
+    assert no_retry.rows == 2  # the new question and the new item; the error row stays
+    retry = run(config(manifest, out, tiny_model, retry_errors=True, **cfg))
+    assert (retry.items, retry.rows, retry.ok) == (1, 1, 1)  # only the failed item, now readable
+
+    df = pd.read_parquet(out)
+    assert not df.duplicated(["id", "prompt", "config_key"]).any()
+    key = config(manifest, out, tiny_model, **cfg).config_key()
+    mine = df[df.config_key == key]
+    assert sorted(zip(mine.id, mine.prompt)) == [("late", "What is it?"), ("more", "What is it?"), ("photo", "Colors?"),
+                                                 ("photo", "Shapes?"), ("photo", "Size?")]
+    assert (mine.status == "ok").all()  # the not_found row was replaced by the retry's ok row
+    assert len(df) == 5 + 3
+
+
 def test_nightly_runs_on_a_growing_prefix_do_only_new_rows(ray_local, samples, tiny_model, tmp_path):
     manifests, out = tmp_path / "manifests", tmp_path / "out"
     lines = (samples / "manifest.jsonl").read_text().splitlines(keepends=True)
@@ -81,7 +117,7 @@ def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, sample
         out = tmp_path / "out"
     cfg = config(samples / "manifest.jsonl", out, tiny_model, batch_size=2)
     cfg.storage.endpoint_url = s3_endpoint
-    records = pending(scan_manifest(cfg).records, set(), set())
+    records = pending(scan_manifest(cfg).records, sink.Committed(), cfg)
     sink.write(build_dataset(cfg, records, use_gpu=False).repartition(3), cfg)
     staged = interrupted_commit(cfg, files_moved=2)
     assert len(staged.files) == 3 and staged.rows == 7
