@@ -39,10 +39,18 @@ class StorageConfig(BaseModel):
             self.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return self
 
+    max_attempts: int = Field(5, ge=1, description="Attempts per S3 request: throttling (503 SlowDown), 5xx and "
+                                                 "connection errors are retried with exponential backoff.")
+
     def fsspec_options(self, protocol: str) -> dict:
-        if protocol in ("s3", "s3a") and self.endpoint_url:
-            return {"client_kwargs": {"endpoint_url": self.endpoint_url}}
-        return {}
+        if protocol not in ("s3", "s3a"):
+            return {}
+        # botocore's standard mode retries throttling, 5xx and connection errors with backoff
+        # (storage.filesystem turns s3fs's own retry loop off: it would multiply the attempts).
+        options = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": self.max_attempts}}}
+        if self.endpoint_url:
+            options["client_kwargs"] = {"endpoint_url": self.endpoint_url}
+        return options
 
 
 class ModelSettings(BaseModel):

@@ -84,21 +84,22 @@ def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
 
 def _iter_raw_rows(uri: str, cfg: RunConfig) -> Iterator[tuple[str, dict | Exception]]:
     """(source, row) for every row of one file; a row that cannot be parsed comes as an exception."""
-    import fsspec
+    from fsspec.core import OpenFile
+    from fsspec.utils import infer_compression
 
     fmt = manifest_format(uri)
-    opts = cfg.storage.fsspec_options(protocol_of(uri))
+    fs, path = filesystem(uri, cfg.storage)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        with fsspec.open(uri, "rb", **opts) as f:
+        with fs.open(path, "rb") as f:
             n = 0
             for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
                 for row in batch.to_pylist():
                     n += 1
                     yield f"{uri}:row {n}", row
         return
-    with fsspec.open(uri, "rt", encoding="utf-8", compression="infer", newline="", **opts) as f:
+    with OpenFile(fs, path, "rt", compression=infer_compression(path), encoding="utf-8", newline="") as f:
         if fmt == "csv":
             for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
                 yield f"{uri}:line {n}", _coerce_csv_row(row)

@@ -62,13 +62,54 @@ def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Open the URI (ranged reads, no full copy), detect the media type from content, decode."""
     try:
-        f = open_binary(uri, storage)
+        f = _WatchedFile(open_binary(uri, storage))
     except FileNotFoundError as e:
         raise MediaError("not_found", f"{uri} does not exist; fix the uri or upload the file") from e
     except PermissionError as e:
         raise MediaError("access_denied", f"access to {uri} was denied; check the credentials and bucket policy") from e
+    except OSError as e:
+        raise _fetch_failed(uri, e) from e
     with f:
-        return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels)
+        try:
+            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels)
+        except (MediaError, OSError) as e:
+            if f.error is None:
+                raise
+            # the store failed mid-read (retries exhausted): not the file's fault
+            raise _fetch_failed(uri, f.error) from e
+
+
+def _fetch_failed(uri: str, error: Exception) -> MediaError:
+    if isinstance(error, PermissionError):
+        return MediaError("access_denied", f"reading {uri} was denied; check the credentials and bucket policy")
+    if isinstance(error, FileNotFoundError):
+        return MediaError("not_found", f"{uri} disappeared while it was read; upload it again and rerun")
+    return MediaError("fetch_failed", f"reading {uri} kept failing after retries ({type(error).__name__}: {error}); "
+                                      "the store may be throttling or down: rerun later with --retry-errors")
+
+
+class _WatchedFile:
+    """A file object that remembers a transport error raised by a read: decoders (Pillow, FFmpeg)
+    report such an error as bad data, which would blame the file for a failing store."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def read(self, *args):
+        try:
+            return self._f.read(*args)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
 
 
 def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from pipeline.config import StorageConfig
@@ -14,12 +13,18 @@ def protocol_of(uri: str) -> str:
 
 def filesystem(uri: str, storage: StorageConfig):
     """(fsspec filesystem, path inside it) for a URI."""
-    return url_to_fs(uri, **storage.fsspec_options(protocol_of(uri)))
+    fs, path = url_to_fs(uri, **storage.fsspec_options(protocol_of(uri)))
+    if hasattr(fs, "retries"):
+        # s3fs retries each call 5 times around botocore, which retries too (max_attempts):
+        # 25 requests per read against a store that stays down. botocore's backoff is enough.
+        fs.retries = 1
+    return fs, path
 
 
 def open_binary(uri: str, storage: StorageConfig):
     """A seekable binary file object. Remote files are read in ranges, never copied whole first."""
-    return fsspec.open(uri, "rb", **storage.fsspec_options(protocol_of(uri))).open()
+    fs, path = filesystem(uri, storage)
+    return fs.open(path, "rb")
 
 
 def arrow_filesystem(uri: str, storage: StorageConfig):
