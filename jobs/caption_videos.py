@@ -46,6 +46,9 @@ def parse_args(argv=None) -> RunConfig:
                    help=f["dtype"].description)
     p.add_argument("--attn-implementation", default=f["attn_implementation"].default,
                    help=f["attn_implementation"].description)
+    p.add_argument("--decode-timeout-s", type=float, default=f["decode_timeout_s"].default,
+                   help=f["decode_timeout_s"].description)
+    p.add_argument("--decoder-module", default=f["decoder_module"].default, help=f["decoder_module"].description)
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help=f["allowed_uri_prefixes"].description + " Repeat for several; replaces the default.")
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
@@ -59,6 +62,7 @@ def parse_args(argv=None) -> RunConfig:
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
             preprocess_workers=a.preprocess_workers, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, dry_run=a.dry_run, retry_errors=a.retry_errors,
+            decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),

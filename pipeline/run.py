@@ -31,6 +31,7 @@ class RunSummary:
     wall_s: float
     output: str
     skipped: int = 0
+    discarded: int = 0  # rows staged by earlier runs that died before their commit (computed again)
 
     @property
     def items_per_s(self) -> float:
@@ -86,7 +87,7 @@ def run(cfg: RunConfig) -> RunSummary:
     connect_ray()
     scan = scan_manifest(cfg)
     log.info("manifest: %d items from %d file(s)", scan.num_items, len(scan.files))
-    sink.recover(cfg)
+    discarded = sink.recover(cfg)
     done = sink.committed(cfg)
     todo = pending(scan.records, done, cfg)
     log.info("%d items already committed in %s; %d to do", scan.num_items - todo.num_rows, cfg.output, todo.num_rows)
@@ -106,7 +107,7 @@ def run(cfg: RunConfig) -> RunSummary:
     wall = time.time() - started
     summary = RunSummary(run_id=cfg.run_id, items=todo.num_rows, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
-                         wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows)
+                         wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows, discarded=discarded)
     replaced = superseded(done, written.ids) if cfg.retry_errors else {}
     sink.commit(cfg, written, ledger(cfg, summary, scan), replaced)
     return summary
@@ -157,5 +158,6 @@ def ledger(cfg: RunConfig, summary: RunSummary, scan) -> dict:
             pass
     return {"run_id": cfg.run_id, "manifest_files": scan.files, "manifest_items": scan.num_items,
             "items": summary.items, "skipped_already_committed": summary.skipped,
+            "discarded_rows_of_failed_runs": summary.discarded,
             "wall_s": round(summary.wall_s, 3), "items_per_s": round(summary.items_per_s, 3),
             "config": cfg.model_dump(mode="json"), "versions": versions}

@@ -172,23 +172,31 @@ def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str) -> None:
     log.info("replaced %d retried error rows in %s", table.num_rows - kept.num_rows, path)
 
 
-def recover(cfg: RunConfig) -> list[str]:
+def recover(cfg: RunConfig) -> int:
     """Finish commits that a crash interrupted; drop staging folders of runs that never completed.
-    Returns the run ids whose commits were finished."""
+    Returns how many rows those dropped folders held: work done by runs that died, done again now."""
+    import pyarrow.parquet as pq
+
     fs, _ = filesystem(cfg.output, cfg.storage)
     root = filesystem(join(cfg.output, "_staging"), cfg.storage)[1]
     fs.invalidate_cache()
-    finished = []
+    discarded = 0
     if not fs.exists(root):
-        return finished
+        return discarded
     for path in fs.ls(root, detail=False):
         run_id = path.rstrip("/").rsplit("/", 1)[-1]
         if fs.exists(join(path, COMPLETE)):
             log.info("finishing the interrupted commit of run %s", run_id)
             _finish(cfg, run_id)
-            finished.append(run_id)
-        else:
-            log.info("removing the staging files of run %s, which did not complete", run_id)
-            fs.rm(path, recursive=True)
+            continue
+        for part in fs.find(path):
+            if part.endswith(".parquet"):
+                try:
+                    with fs.open(part, "rb") as f:
+                        discarded += pq.ParquetFile(f).metadata.num_rows
+                except Exception:  # noqa: BLE001 - a file cut short by the crash: its rows are lost work too
+                    pass
+        log.info("removing the staging files of run %s, which did not complete", run_id)
+        fs.rm(path, recursive=True)
     fs.invalidate_cache()
-    return finished
+    return discarded

@@ -135,7 +135,7 @@ def test_ffmpeg_may_not_open_files_named_inside_the_input(tmp_path, monkeypatch)
 
 
 def test_a_segfault_and_a_hang_cost_one_row_each(samples, tmp_path):
-    decoder = DecoderProcess(timeout_s=3, module="tests.fault_decoder")
+    decoder = DecoderProcess(timeout_s=3, module="pipeline.testing.fault_decoder")
     (tmp_path / "segfault.mp4").write_bytes((samples / "street.mp4").read_bytes())
     (tmp_path / "hang.mp4").write_bytes((samples / "street.mp4").read_bytes())
     request = dict(storage=STORAGE, declared_type=None, num_frames=2)
@@ -181,7 +181,7 @@ def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model,
     rows = [{"id": k, "uri": str(v)} for k, v in files.items()] + [{"id": "ok-video", "uri": str(files["ok-image"])}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model=str(tiny_model),
-                    num_frames=2, decode_timeout_s=5, decoder_module="tests.fault_decoder",
+                    num_frames=2, decode_timeout_s=5, decoder_module="pipeline.testing.fault_decoder",
                     allowed_uri_prefixes=[str(tmp_path), str(samples)])
     cfg.generation.max_new_tokens = 2
     summary = run(cfg)

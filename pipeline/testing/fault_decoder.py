@@ -1,5 +1,5 @@
 """An isolated decoder that injects real faults: a segfault and a hang, chosen by the file name.
-Used as RunConfig.decoder_module = "tests.fault_decoder"."""
+Used as RunConfig.decoder_module = "pipeline.testing.fault_decoder"."""
 
 import ctypes
 import time

@@ -1,0 +1,368 @@
+r"""Run the reliability fault scenarios against a real local Ray head and print a table.
+
+    python jobs/fault_scenarios.py                   # every scenario (about 5 minutes on 2 cores)
+    python jobs/fault_scenarios.py --only driver_sigkill actor_sigkill --json faults.json
+
+Each scenario runs the real job (`python jobs/caption_videos.py`, random-weight tiny checkpoint,
+generated sample media) as a driver process, injects its fault, reruns the same command until the
+run completes, and checks the committed output against the manifest:
+
+    rows expected   (id, prompt) pairs the manifest asks for
+    rows lost       expected pairs missing from the output
+    duplicates      output rows beyond one per (id, prompt)
+    recomputed      rows staged by runs that died, discarded and computed again, / rows expected
+    parent crashes  driver runs or Ray actors that died without being killed by the scenario
+
+Exit code 0 when no scenario lost or duplicated a row and nothing crashed unexpectedly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+MEDIA = ["street.mp4", "beach.webm", "photo.jpg", "logo.png", "palette.gif", "long_gop.mp4"]
+ACTORS = ("Preprocess", "Generate")
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # the job's actor classes (Ray titles them ray::MapWorker(...))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Result:
+    scenario: str
+    rows_expected: int
+    rows_lost: int
+    duplicates: int
+    recomputed_fraction: float
+    parent_crashes: int
+    driver_runs: int
+    wall_s: float
+
+    @property
+    def passed(self) -> bool:
+        return self.rows_lost == 0 and self.duplicates == 0 and self.parent_crashes == 0
+
+
+class RayHead:
+    """`ray start --head --block` in its own session, with its own ports (other Ray instances may run)."""
+
+    def __init__(self, num_cpus: int = 4):
+        self.num_cpus = num_cpus
+        self.proc = None
+        self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
+                        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", HF_HUB_OFFLINE="1",
+                        RAY_DATA_DISABLE_PROGRESS_BARS="1", **S3_CREDENTIALS)  # workers take the head's env
+
+    def start(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: socket paths must fit 107 bytes
+        gcs = free_port()
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={self.num_cpus}",
+             "--include-dashboard=false", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+            env=self.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"
+        deadline = time.time() + 180
+        while time.time() < deadline:  # ready when a driver can connect
+            probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); ray.shutdown()"],
+                                   env=self.env, capture_output=True)
+            if probe.returncode == 0:
+                return
+            time.sleep(1)
+        raise RuntimeError("the Ray head did not start in 180 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the whole head at once, as a lost node would
+            self.proc.wait()
+            self.proc = None
+            subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class Workspace:
+    """Sample media, the tiny checkpoint and a manifest of `items` rows, in a temporary folder."""
+
+    def __init__(self, root: Path, items: int):
+        self.root = root
+        samples, self.model = root / "samples", root / "tiny-model"
+        subprocess.run([sys.executable, "-m", "pipeline.testing.samples", str(samples)], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "pipeline.testing.tiny_model", str(self.model)], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.media = samples
+        self.manifest = samples / "scenario.jsonl"
+        rows = [{"id": f"item-{i:03d}", "uri": MEDIA[i % len(MEDIA)]} for i in range(items)]
+        self.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.expected = {r["id"] for r in rows}  # one caption row per item
+
+    def command(self, output: str, *extra: str) -> list[str]:
+        return [sys.executable, str(REPO / "jobs" / "caption_videos.py"), "--manifest", str(self.manifest),
+                "--output", output, "--model", str(self.model), "--num-frames", "2", "--max-new-tokens", "4",
+                "--batch-size", "2", *extra]
+
+
+def actor_pids(head: "RayHead") -> dict[int, str]:
+    """The job's live actor processes on this head (pid -> class), found by the titles Ray gives them.
+    Only processes in the head's session count: other Ray instances may run on the machine."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        title = " ".join(p.info["cmdline"] or [])
+        if title.startswith("ray::MapWorker(") and any(a in title for a in ACTORS):
+            try:
+                if os.getsid(p.info["pid"]) == head.proc.pid:
+                    found[p.info["pid"]] = next(a for a in ACTORS if a in title)
+            except (ProcessLookupError, AttributeError):
+                pass
+    return found
+
+
+class Run:
+    """One scenario's state: its workspace, output, log, and every driver run so far."""
+
+    def __init__(self, name: str, ws: Workspace, head: RayHead, work: Path):
+        self.name, self.ws, self.head = name, ws, head
+        self.output = str(work / name / "out")
+        self.log = work / name / "driver.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.exits: list[int | None] = []  # None: killed by the scenario
+        self.restarted_actors = 0  # actor processes beyond the pool sizes: actors that died and came back
+        self.killed_actors = 0
+
+    def drive(self, cmd: list[str] | None = None, env: dict | None = None, kill_when=None, on_tick=None,
+              timeout_s: float = 600) -> int | None:
+        """Run the job once; SIGKILL it when `kill_when()` turns true. Exit code, or None if killed."""
+        with open(self.log, "ab") as log:
+            proc = subprocess.Popen(cmd or self.ws.command(self.output), env=env or self.head.env, cwd=REPO,
+                                    start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        seen: dict[int, str] = {}
+        started, deadline, code = time.time(), time.time() + timeout_s, "running"
+        while proc.poll() is None:
+            seen.update(actor_pids(self.head))
+            if on_tick:
+                on_tick(self, time.time() - started)
+            if (kill_when and kill_when(seen)) or time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = None
+                break
+            time.sleep(0.2)
+        code = proc.returncode if code == "running" else None
+        pools = {"Preprocess": 2, "Generate": 1}  # the job's defaults: --preprocess-workers 2, --replicas 1
+        self.restarted_actors += sum(max(0, list(seen.values()).count(k) - n) for k, n in pools.items())
+        self.exits.append(code)
+        return code
+
+    def until_completed(self) -> None:
+        """Rerun the same command until a run exits 0 (at most 4 more runs)."""
+        for _ in range(4):
+            if self.exits and self.exits[-1] == 0:
+                return
+            self.drive()
+
+    def result(self, started: float) -> Result:
+        import pyarrow.dataset as pads
+
+        table = pads.dataset(self.output, format="parquet").to_table(columns=["id", "prompt"]).to_pylist()
+        keys = [(r["id"], r["prompt"]) for r in table]
+        lost = len(self.ws.expected - {i for i, _ in keys})
+        discarded = sum(json.loads(p.read_text()).get("discarded_rows_of_failed_runs", 0)
+                        for p in Path(self.output, "_runs").glob("*.json"))
+        # a driver that exited non-zero by itself, or an actor that died without our kill
+        crashes = sum(1 for c in self.exits if c not in (0, None)) + max(0, self.restarted_actors - self.killed_actors)
+        n = len(self.ws.expected)
+        return Result(self.name, n, lost, len(keys) - len(set(keys)), round(discarded / n, 3), crashes,
+                      len(self.exits), round(time.time() - started, 1))
+
+
+def after_start(delay_s: float):
+    """A kill condition: true `delay_s` after the job's actors first appear."""
+    first = {}
+
+    def kill_when(seen) -> bool:
+        if seen:
+            first.setdefault("t", time.time())
+        return "t" in first and time.time() - first["t"] > delay_s
+
+    return kill_when
+
+
+# --- the faults: each drives the job, injecting its fault; the scenario then reruns to completion ---
+
+
+def driver_sigkill(kills: int, seed: int, latest_s: float):
+    """SIGKILL the driver at `kills` random points after its pipeline started, rerunning each time."""
+    rng = random.Random(seed)
+
+    def inject(run: Run):
+        for _ in range(kills):
+            if run.drive(kill_when=after_start(rng.uniform(1.0, latest_s))) == 0:
+                return  # it finished before the kill point
+
+    return inject
+
+
+def driver_sigkill_in_commit(run: Run):
+    """SIGKILL the driver the moment its commit marker appears (before the files are moved)."""
+    staging = Path(run.output, "_staging")
+    run.drive(kill_when=lambda seen: any(staging.glob("*/_COMPLETE.json")))
+
+
+def actor_sigkill(run: Run):
+    """SIGKILL one Generate and one Preprocess actor mid-run: the same run must still complete."""
+    killed: set[str] = set()
+
+    def on_tick(run: Run, elapsed: float):
+        for pid, kind in actor_pids(run.head).items():
+            if kind not in killed and elapsed > 4:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(kind)
+                run.killed_actors += 1
+
+    run.drive(on_tick=on_tick)
+    if len(killed) < 2:
+        print(f"  actor_sigkill: the run ended before both actors were killed (killed: {sorted(killed)})")
+
+
+def head_restart(run: Run):
+    """Stop the whole Ray head mid-run (the driver loses its cluster), start a new one, rerun."""
+    stopped, after_head_start = [], after_start(4.0)
+
+    def kill_when(seen) -> bool:
+        if not stopped and after_head_start(seen):
+            run.head.stop()
+            stopped.append(time.time())
+        # a driver whose cluster is gone should exit; give it 60 s before killing it
+        return bool(stopped) and time.time() - stopped[0] > 60
+
+    code = run.drive(kill_when=kill_when)
+    if stopped:
+        run.exits[-1] = None  # its failure was the injected fault
+        run.head.start()
+    elif code != 0:
+        raise RuntimeError("head_restart: the run failed before the head was stopped")
+
+
+def bad_media(run: Run):
+    """A file that segfaults the decoder and one that hangs it (the isolated decoder must contain both)."""
+    ws = run.ws
+    for name in ("segfault.mp4", "hang.mp4"):
+        shutil.copy(ws.media / "street.mp4", ws.media / name)
+    with open(ws.manifest, "a") as f:
+        f.write(json.dumps({"id": "segfault", "uri": "segfault.mp4"}) + "\n")
+        f.write(json.dumps({"id": "hang", "uri": "hang.mp4"}) + "\n")
+    ws.expected |= {"segfault", "hang"}
+    run.drive(ws.command(run.output, "--decoder-module", "pipeline.testing.fault_decoder",
+                         "--decode-timeout-s", "5"))
+    rows = pads_rows(run.output)
+    assert rows.get("segfault") == "decoder_crashed" and rows.get("hang") == "timeout", rows
+
+
+def pads_rows(output: str) -> dict:
+    import pyarrow.dataset as pads
+
+    return {r["id"]: r["error_type"] for r in pads.dataset(output, format="parquet").to_table().to_pylist()}
+
+
+def s3_faults(run: Run):
+    """Manifest, media and output on S3 (moto server) behind a proxy that throttles, resets and delays."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.testing.s3_fault_proxy import FaultProxy
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    os.environ.update(S3_CREDENTIALS)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    s3.create_bucket(Bucket="scenario")
+    for name in MEDIA:
+        s3.upload_file(str(run.ws.media / name), "scenario", name)  # beside the manifest, as it names them
+    s3.put_object(Bucket="scenario", Key="m.jsonl", Body=run.ws.manifest.read_bytes())
+    with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
+        for name in MEDIA:
+            proxy.add(f"/scenario/{name}", "503", times=2, method="GET")
+        proxy.add("/scenario/", "reset", times=3, method="GET")
+        proxy.add("/scenario/out/", "503", times=3, method="PUT")
+        proxy.add("/scenario/", "delay", times=20, delay_s=0.3)
+        cmd = run.ws.command("s3://scenario/out", "--s3-endpoint-url", proxy.url)
+        cmd[cmd.index("--manifest") + 1] = "s3://scenario/m.jsonl"
+        run.drive(cmd)
+    for obj in s3.list_objects_v2(Bucket="scenario", Prefix="out/").get("Contents", []):
+        target = Path(run.output, obj["Key"].removeprefix("out/"))  # checked like the local outputs
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file("scenario", obj["Key"], str(target))
+    server.stop()
+
+
+SCENARIOS = ["driver_sigkill", "driver_sigkill_in_commit", "actor_sigkill", "head_restart", "bad_media", "s3_faults"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--items", type=int, default=24, help="Manifest rows per scenario.")
+    p.add_argument("--kills", type=int, default=3, help="Driver kills in the driver_sigkill scenario.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the random kill points.")
+    p.add_argument("--latest-kill-s", type=float, default=25.0,
+                   help="Driver kills fall between 1 s and this long after the job's actors start.")
+    p.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS, help="Scenarios to run.")
+    p.add_argument("--json", help="Also write the table as JSON to this file.")
+    a = p.parse_args(argv)
+    faults = {"driver_sigkill": driver_sigkill(a.kills, a.seed, a.latest_kill_s), "driver_sigkill_in_commit": driver_sigkill_in_commit,
+              "actor_sigkill": actor_sigkill, "head_restart": head_restart, "bad_media": bad_media,
+              "s3_faults": s3_faults}
+    work = Path(tempfile.mkdtemp(prefix="fault-scenarios-"))
+    head = RayHead()
+    results = []
+    try:
+        head.start()
+        for name in a.only:
+            print(f"scenario {name} ...", flush=True)
+            started = time.time()
+            run = Run(name, Workspace(work / f"{name}-data", a.items), head, work)
+            faults[name](run)
+            if name != "s3_faults":  # its reruns would need the proxy: it must complete in one run
+                run.until_completed()
+            results.append(run.result(started))
+    finally:
+        head.stop()
+    header = f"{'scenario':<26}{'rows expected':>14}{'rows lost':>10}{'duplicates':>11}{'recomputed':>11}" \
+             f"{'parent crashes':>15}{'driver runs':>12}{'wall s':>8}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in results:
+        print(f"{r.scenario:<26}{r.rows_expected:>14}{r.rows_lost:>10}{r.duplicates:>11}{r.recomputed_fraction:>11.3f}"
+              f"{r.parent_crashes:>15}{r.driver_runs:>12}{r.wall_s:>8.1f}")
+    print(f"\nlogs: {work}")
+    if a.json:
+        Path(a.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
