@@ -35,6 +35,12 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"].default, help=g["max_new_tokens"].description)
     p.add_argument("--batch-size", type=int, default=f["batch_size"].default, help=f["batch_size"].description)
     p.add_argument("--replicas", type=int, default=f["replicas"].default, help=f["replicas"].description)
+    p.add_argument("--tp", type=int, default=f["tp"].default, help=f["tp"].description + " GPUs used: tp x replicas.")
+    p.add_argument("--replica-timeout-s", type=float, default=f["replica_timeout_s"].default,
+                   help=f["replica_timeout_s"].description)
+    p.add_argument("--replica-restarts", type=int, default=f["replica_restarts"].default,
+                   help=f["replica_restarts"].description)
+    p.add_argument("--gpu-memory-gb", type=float, help=f["gpu_memory_gb"].description)
     p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
                    help=f["preprocess_workers"].description)
     p.add_argument("--temperature", type=float, default=g["temperature"].default, help=g["temperature"].description)
@@ -53,7 +59,8 @@ def parse_args(argv=None) -> RunConfig:
     try:
         return RunConfig(
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
-            num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
+            num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas, tp=a.tp,
+            replica_timeout_s=a.replica_timeout_s, replica_restarts=a.replica_restarts, gpu_memory_gb=a.gpu_memory_gb,
             preprocess_workers=a.preprocess_workers, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, dry_run=a.dry_run,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,

@@ -72,7 +72,9 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool):
     ds = ds.map_batches(decode_media, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=1)
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
                         compute=ActorPoolStrategy(min_size=1, max_size=cfg.preprocess_workers), num_cpus=1)
-    model_resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    # One actor per model replica, holding all its devices: Ray places it on one node, and with
+    # tp > 1 it starts one rank process per device there (pipeline/tensor_parallel.py).
+    model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
