@@ -96,6 +96,8 @@ def run(cfg: RunConfig) -> RunSummary:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if todo.num_rows:
+        for line in sizing_lines(cfg, use_gpu):
+            log.info("%s", line)
         sink.write(build_dataset(cfg, todo, use_gpu), cfg)
     written = sink.staged(cfg)
     # Every pending manifest row must have produced output (by its file:line) before the commit:
@@ -110,6 +112,42 @@ def run(cfg: RunConfig) -> RunSummary:
                          wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows)
     sink.commit(cfg, written, ledger(cfg, summary, scan))
     return summary
+
+
+def sizing_lines(cfg: RunConfig, use_gpu: bool) -> list[str]:
+    """The sizing plan for this cluster (pipeline/sizing.py); RunError for a tp the model cannot use."""
+    import ray
+
+    from pipeline.sizing import SizingError, check_run
+
+    gpus = per_node = memory_gb = None
+    if use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
+        memory_gb = cfg.gpu_memory_gb or gpu_memory_gb()
+    try:
+        return check_run(cfg, memory_gb, gpus, per_node, "cuda" if use_gpu else "cpu")
+    except SizingError as e:
+        raise RunError(str(e)) from e
+
+
+def gpu_memory_gb(timeout_s: float = 60) -> float | None:
+    """One GPU's memory, asked of a GPU node (None if no GPU is free within timeout_s)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    ref = total_memory.remote()
+    try:
+        return ray.get(ref, timeout=timeout_s) / 1e9
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        log.info("sizing: no GPU free within %g s to measure its memory; pass --gpu-memory-gb", timeout_s)
+        return None
 
 
 def pending(records, done_ids: set, done_sources: set):
