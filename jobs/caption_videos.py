@@ -5,6 +5,8 @@ r"""Caption videos and images, or answer questions about them, for every row of 
         --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf
 
 Also runs with plain `python` (it then joins the local Ray cluster or starts one).
+A sizing plan (tp, replicas, batch budget for the cluster's GPUs) is logged before the run; for
+example LLaVA-OneVision 72B on 8x 80 GB GPUs: --tp 4 --replicas 2 (`python -m pipeline.sizing`).
 Exit code 0 when the run completed, error rows included; non-zero when it could not complete.
 """
 

@@ -174,7 +174,7 @@ class Plan:
                 f"{self.weights_gb:.1f} GB weights per device, KV cache {self.kv_bytes_per_token / 1024:.0f} KiB "
                 f"per token per device")
         if self.gpu_memory_gb is None:
-            return text + " (GPU memory unknown: no token budget)"
+            return text
         if not self.fits:
             return text + (f"; does NOT fit on {self.gpu_memory_gb:g} GB GPUs at any tp that splits this model "
                            f"on one node (tp options: {s.tp_options()})")
@@ -232,6 +232,8 @@ def check_run(cfg, gpu_memory_gb: float | None = None, gpus: int | None = None, 
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     chosen = plan(shape, gpu_memory_gb, gpus, gpus_per_node, dtype, tp=cfg.tp)
     lines = [chosen.line(cfg.num_frames, cfg.generation.max_new_tokens)]
+    if device == "cuda" and not gpu_memory_gb:
+        lines.append("sizing: GPU memory not known (--gpu-memory-gb): no batch budget")
     if gpu_memory_gb:
         best = plan(shape, gpu_memory_gb, gpus, gpus_per_node, dtype)
         if not chosen.fits:
