@@ -5,6 +5,8 @@ r"""Caption videos and images, or answer questions about them, for every row of 
         --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf
 
 Also runs with plain `python` (it then joins the local Ray cluster or starts one).
+A sizing plan (tp, replicas, batch budget for the cluster's GPUs) is logged before the run; for
+example LLaVA-OneVision 72B on 8x 80 GB GPUs: --tp 4 --replicas 2 (`python -m pipeline.sizing`).
 Exit code 0 when the run completed, error rows included; non-zero when it could not complete.
 """
 
@@ -35,6 +37,12 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"].default, help=g["max_new_tokens"].description)
     p.add_argument("--batch-size", type=int, default=f["batch_size"].default, help=f["batch_size"].description)
     p.add_argument("--replicas", type=int, default=f["replicas"].default, help=f["replicas"].description)
+    p.add_argument("--tp", type=int, default=f["tp"].default, help=f["tp"].description + " GPUs used: tp x replicas.")
+    p.add_argument("--replica-timeout-s", type=float, default=f["replica_timeout_s"].default,
+                   help=f["replica_timeout_s"].description)
+    p.add_argument("--replica-restarts", type=int, default=f["replica_restarts"].default,
+                   help=f["replica_restarts"].description)
+    p.add_argument("--gpu-memory-gb", type=float, help=f["gpu_memory_gb"].description)
     p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
                    help=f["preprocess_workers"].description)
     p.add_argument("--temperature", type=float, default=g["temperature"].default, help=g["temperature"].description)
@@ -59,7 +67,8 @@ def parse_args(argv=None) -> RunConfig:
     try:
         return RunConfig(
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
-            num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
+            num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas, tp=a.tp,
+            replica_timeout_s=a.replica_timeout_s, replica_restarts=a.replica_restarts, gpu_memory_gb=a.gpu_memory_gb,
             preprocess_workers=a.preprocess_workers, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, dry_run=a.dry_run, retry_errors=a.retry_errors,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,

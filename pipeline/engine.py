@@ -30,7 +30,8 @@ def row_seed(seed: int, *keys: str | None) -> int:
 
 
 class Engine:
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa"):
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
+                 tp: int = 1):
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
 
@@ -40,9 +41,18 @@ class Engine:
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model_path, dtype=self.dtype, attn_implementation=attn_implementation
-        ).to(self.device).eval()
+        if tp > 1:  # this process is one rank of a tensor-parallel replica (pipeline/tensor_parallel.py)
+            from transformers.distributed import DistributedConfig
+
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation=attn_implementation,
+                distributed_config=DistributedConfig(tp_plan="auto", tp_size=tp),
+            ).eval()
+            self.device = self.model.device  # cuda:LOCAL_RANK, or cpu
+        else:
+            self.model = AutoModelForImageTextToText.from_pretrained(
+                model_path, dtype=self.dtype, attn_implementation=attn_implementation
+            ).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id

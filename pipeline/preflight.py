@@ -22,10 +22,12 @@ class PreflightReport:
     invalid_rows: int = 0
     manifest_files: list[str] = field(default_factory=list)
     model: str = ""
+    sizing: list[str] = field(default_factory=list)
 
     def line(self) -> str:
-        return (f"dry run OK: manifest {len(self.manifest_files)} file(s), {self.items} items "
-                f"({self.invalid_rows} invalid rows would become error rows); output writable; model: {self.model}")
+        return "\n".join([f"dry run OK: manifest {len(self.manifest_files)} file(s), {self.items} items "
+                          f"({self.invalid_rows} invalid rows would become error rows); output writable; "
+                          f"model: {self.model}", *self.sizing])
 
 
 def check_output_writable(cfg: RunConfig) -> None:
@@ -66,5 +68,17 @@ def preflight(cfg: RunConfig) -> PreflightReport:
         raise PreflightError(str(e)) from e
     invalid = sum(1 for t in scan.records.column("error_type").to_pylist() if t)
     check_output_writable(cfg)
+    model = check_model(cfg)
     return PreflightReport(items=scan.num_items, invalid_rows=invalid, manifest_files=list(scan.files),
-                           model=check_model(cfg))
+                           model=model, sizing=check_sizing(cfg))
+
+
+def check_sizing(cfg: RunConfig) -> list[str]:
+    """The sizing plan (GPU memory from --gpu-memory-gb; the cluster is not asked): a --tp that
+    cannot split the model fails the dry run."""
+    from pipeline.sizing import SizingError, check_run
+
+    try:
+        return check_run(cfg, cfg.gpu_memory_gb, device="cpu" if cfg.device == "cpu" else "cuda")
+    except SizingError as e:
+        raise PreflightError(str(e)) from e

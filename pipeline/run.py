@@ -73,7 +73,9 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool):
     ds = ds.map_batches(decode_media, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=1)
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
                         compute=ActorPoolStrategy(min_size=1, max_size=cfg.preprocess_workers), num_cpus=1)
-    model_resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+    # One actor per model replica, holding all its devices: Ray places it on one node, and with
+    # tp > 1 it starts one rank process per device there (pipeline/tensor_parallel.py).
+    model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
@@ -96,6 +98,8 @@ def run(cfg: RunConfig) -> RunSummary:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if todo.num_rows:
+        for line in sizing_lines(cfg, use_gpu):
+            log.info("%s", line)
         sink.write(build_dataset(cfg, todo, use_gpu), cfg)
     written = sink.staged(cfg)
     # Every pending manifest row must have produced output (by its file:line) before the commit:
@@ -111,6 +115,42 @@ def run(cfg: RunConfig) -> RunSummary:
     replaced = superseded(done, written.ids) if cfg.retry_errors else {}
     sink.commit(cfg, written, ledger(cfg, summary, scan), replaced)
     return summary
+
+
+def sizing_lines(cfg: RunConfig, use_gpu: bool) -> list[str]:
+    """The sizing plan for this cluster (pipeline/sizing.py); RunError for a tp the model cannot use."""
+    import ray
+
+    from pipeline.sizing import SizingError, check_run
+
+    gpus = per_node = memory_gb = None
+    if use_gpu:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
+        memory_gb = cfg.gpu_memory_gb or gpu_memory_gb()
+    try:
+        return check_run(cfg, memory_gb, gpus, per_node, "cuda" if use_gpu else "cpu")
+    except SizingError as e:
+        raise RunError(str(e)) from e
+
+
+def gpu_memory_gb(timeout_s: float = 60) -> float | None:
+    """One GPU's memory, asked of a GPU node (None if no GPU is free within timeout_s)."""
+    import ray
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+
+    ref = total_memory.remote()
+    try:
+        return ray.get(ref, timeout=timeout_s) / 1e9
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        log.info("sizing: no GPU free within %g s to measure its memory; pass --gpu-memory-gb", timeout_s)
+        return None
 
 
 def pending(records, done: sink.Committed, cfg: RunConfig):

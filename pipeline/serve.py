@@ -51,7 +51,7 @@ class ServeConfig(ModelSettings):
     batch_wait_timeout_s: float = Field(0.05, ge=0, description="Longest wait for a batch to fill before generating.")
     max_replicas: int | None = Field(None, ge=1, description="Autoscale model replicas between `replicas` and this (None: fixed `replicas`).")
     target_ongoing_requests: float | None = Field(None, gt=0, description="Autoscaling target per model replica (default: batch_size).")
-    num_gpus: float | None = Field(None, ge=0, description="GPUs per model replica (default: 1 with device=cuda, else 0).")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per model replica (default: tp with device=cuda, else 0).")
     model_num_cpus: float = Field(1, ge=0, description="CPUs reserved per model replica.")
     frontend_replicas: int = Field(1, ge=1, description="Ingress replicas (HTTP + fetch/decode/preprocess).")
     frontend_num_cpus: float = Field(1, ge=0, description="CPUs reserved per ingress replica.")
@@ -229,10 +229,9 @@ class Job:
 class LlavaModel:
     def __init__(self, cfg: ServeConfig):
         from pipeline.checkpoint import local_checkpoint
-        from pipeline.engine import Engine
+        from pipeline.tensor_parallel import make_engine
 
-        self.engine = Engine(local_checkpoint(cfg.model, cfg.storage), device=cfg.device, dtype=cfg.dtype,
-                             attn_implementation=cfg.attn_implementation)
+        self.engine = make_engine(cfg, local_checkpoint(cfg.model, cfg.storage), cfg.device)
         self.generate_batch.set_max_batch_size(cfg.batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
 
@@ -248,27 +247,21 @@ class LlavaModel:
         return await asyncio.to_thread(self._generate, jobs)
 
     def _generate(self, jobs: list[Job]) -> list[dict]:
+        from pipeline.isolate import RowError, generate_rows
+
         out: list[dict] = [{}] * len(jobs)
         groups: dict[str, list[int]] = {}  # one generate call per distinct generation setting
         for i, job in enumerate(jobs):
             groups.setdefault(job.generation.model_dump_json(), []).append(i)
         for idx in groups.values():
             gen = jobs[idx[0]].generation
-            try:
-                results = self.engine.generate([jobs[i].inputs for i in idx], gen, [jobs[i].seed for i in idx])
-            except Exception:  # isolate the failing request(s)
-                results = [self._one(jobs[i]) for i in idx]
+            # out of memory: split and retried; other failures: isolated to the failing request(s)
+            results = generate_rows(self.engine, [jobs[i].inputs for i in idx], gen, [jobs[i].seed for i in idx])
             for i, r in zip(idx, results):
-                out[i] = ({"error": f"generation failed: {type(r).__name__}: {r}"} if isinstance(r, Exception) else
+                out[i] = ({"error": r.message} if isinstance(r, RowError) else
                           {"text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.output_tokens,
                            "batch_size": len(jobs), "max_new_tokens": gen.max_new_tokens})
         return out
-
-    def _one(self, job: Job):
-        try:
-            return self.engine.generate([job.inputs], job.generation, [job.seed])[0]
-        except Exception as e:
-            return e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,9 +398,10 @@ def deployment_options(cfg: ServeConfig) -> tuple[dict, dict]:
     """(model options, ingress options) for Serve, from the config."""
     from ray.serve.config import BackpressureConfig
 
-    gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if cfg.device == "cuda" else 0)
+    gpus = cfg.num_gpus if cfg.num_gpus is not None else (cfg.tp if cfg.device == "cuda" else 0)
+    cpus = cfg.model_num_cpus if cfg.device == "cuda" else max(cfg.model_num_cpus, cfg.tp)  # a rank process each
     model = {
-        "ray_actor_options": {"num_cpus": cfg.model_num_cpus, "num_gpus": gpus},
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
         # room for one batch running and the next one filling
         "max_ongoing_requests": 2 * cfg.batch_size,
     }

@@ -123,18 +123,19 @@ class Preprocess:
 
 
 class Generate:
-    """The model (GPU actor when the cluster has GPUs, else CPU): one engine per actor."""
+    """The model (GPU actor when the cluster has GPUs, else CPU): one model replica per actor,
+    across `tp` GPUs (or CPU processes) of its node when tp > 1 (pipeline/tensor_parallel.py)."""
 
     def __init__(self, cfg: RunConfig, device: str):
         from pipeline.checkpoint import local_checkpoint
-        from pipeline.engine import Engine
+        from pipeline.tensor_parallel import make_engine
 
         self.cfg = cfg
-        self.engine = Engine(local_checkpoint(cfg.model, cfg.storage), device=device, dtype=cfg.dtype,
-                             attn_implementation=cfg.attn_implementation)
+        self.engine = make_engine(cfg, local_checkpoint(cfg.model, cfg.storage), device)
 
     def __call__(self, requests: pa.Table) -> pa.Table:
         from pipeline.engine import row_seed
+        from pipeline.isolate import RowError, generate_rows
 
         rows = requests.to_pylist()
         todo = [r for r in rows if r["status"] == "ok"]
@@ -142,23 +143,14 @@ class Generate:
             inputs = [unpack(r["model_inputs"]) for r in todo]
             seeds = [row_seed(self.cfg.generation.seed, r["id"], r["prompt"]) for r in todo]
             started = metrics.generating(todo)
-            try:
-                results = self.engine.generate(inputs, self.cfg.generation, seeds)
-            except Exception:
-                results = [self._one(x, s) for x, s in zip(inputs, seeds)]  # isolate the failing row(s)
-            for row, result in zip(todo, results):
-                if isinstance(result, Exception):
-                    _error(row, "model_error", f"generation failed: {type(result).__name__}: {result}")
+            # out of memory: split and retried; other failures: isolated to the failing row(s)
+            for row, result in zip(todo, generate_rows(self.engine, inputs, self.cfg.generation, seeds)):
+                if isinstance(result, RowError):
+                    _error(row, result.error_type, result.message)
                 else:
                     row.update(text=result.text, output_tokens=result.output_tokens)
             metrics.generated(todo, started)
         return _table(rows, RESULT_SCHEMA)
-
-    def _one(self, inputs, seed):
-        try:
-            return self.engine.generate([inputs], self.cfg.generation, [seed])[0]
-        except Exception as e:
-            return e
 
 
 def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:

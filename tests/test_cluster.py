@@ -221,8 +221,8 @@ def group_gpus(group: dict) -> int:
 
 @pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
 def test_gpus_per_worker_group_agree_with_one_replica(name, spec):
-    """7B: one replica = one GPU (tp 1; the job has no --tp yet). 72B: one replica spans 4 or 8
-    GPUs of one node (tp 4 or 8, from the tensor-parallel issue). CPU groups hold no GPU."""
+    """7B: one replica = one GPU (tp 1). 72B: one replica spans 4 or 8 GPUs of one node (--tp 4 or
+    8), so its pods hold 8. CPU groups hold no GPU."""
     for group in spec["workerGroupSpecs"]:
         gpus = group_gpus(group)
         if group["groupName"] == "gpu-7b":
@@ -235,15 +235,26 @@ def test_gpus_per_worker_group_agree_with_one_replica(name, spec):
     assert group_gpus({"template": spec["headGroupSpec"]["template"]}) == 0
 
 
+# GPU memory of the instance types the manifests select, for the sizing check
+INSTANCE_GPU_GB = {"p5.48xlarge": 80, "p4d.24xlarge": 40, "g6e.2xlarge": 48}
+
+
 def test_rayjob_replicas_fit_its_gpu_workers():
+    """A replica's tp GPUs are in one pod; the initial pods hold every replica at once; where the
+    pods name their instance type, the model fits its GPUs at the job's --tp (pipeline/sizing.py)."""
+    from pipeline.sizing import KNOWN_MODELS, known_config, plan, shape_of
+
     for name, doc in of_kind("RayJob") + [(n, {"spec": d["spec"]["jobTemplate"]}) for n, d in of_kind("RayCronJob")]:
         cfg = caption_videos.parse_args(job_argv(doc["spec"]["entrypoint"])[1])
-        groups = {g["groupName"]: g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
-        tp = 1  # the job has no --tp yet: one replica = one GPU
-        gpu_slots = sum(group_gpus(g) * g["maxReplicas"] for g in groups.values()) // tp
-        assert cfg.device == "cuda" and 1 <= cfg.replicas <= gpu_slots, name
-        # every replica starts at once: the 7B group's initial pods hold them all
-        assert groups["gpu-7b"]["replicas"] * group_gpus(groups["gpu-7b"]) >= cfg.replicas * tp
+        gpu_groups = [g for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"] if group_gpus(g)]
+        assert cfg.device == "cuda" and cfg.replicas >= 1 and gpu_groups, name
+        assert all(group_gpus(g) % cfg.tp == 0 for g in gpu_groups), name  # no GPUs stranded, tp within a pod
+        assert sum(g["replicas"] * (group_gpus(g) // cfg.tp) for g in gpu_groups) >= cfg.replicas, name
+        for g in gpu_groups:
+            instance = g["template"]["spec"].get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+            if instance:
+                shape = shape_of(known_config(KNOWN_MODELS[cfg.model]))
+                assert plan(shape, INSTANCE_GPU_GB[instance], tp=cfg.tp).fits, name
 
 
 def test_launcher_yaml_node_types():

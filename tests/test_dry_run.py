@@ -1,5 +1,6 @@
-"""`--dry-run` checks the manifest, the model's location and write access to the output, and
-loads no model and starts no Ray."""
+"""`--dry-run` checks the manifest, the model's location and write access to the output, prints
+the sizing plan, and loads no model weights and starts no Ray (transformers reads the model's
+shapes for the plan)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def test_dry_run_passes_and_loads_nothing(samples, tiny_model, tmp_path):
     p = dry_run("--manifest", samples / "manifest.jsonl", "--output", out, "--model", tiny_model)
     assert p.returncode == 0, p.stderr
     assert "dry run OK: manifest 1 file(s), 7 items" in p.stdout and "config.json found" in p.stdout
-    assert "loaded: []" in p.stdout  # no torch, no transformers, no Ray
+    assert "sizing: " in p.stdout and "tp 1 -> 0.0 GB weights per device" in p.stdout
+    assert "'ray'" not in p.stdout.split("loaded:")[1]  # no Ray
     assert out.is_dir() and list(out.iterdir()) == []  # the probe file is gone
 
 

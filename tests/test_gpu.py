@@ -33,3 +33,22 @@ def test_engine_on_cuda_batched_equals_one_by_one(tiny_model, requests, dtype):
     assert all(r.output_tokens >= 1 for r in batched)
     if dtype == "float32":
         assert [r.text for r in batched] == [r.text for r in single]
+
+
+def test_tp2_across_two_gpus_gives_the_same_tokens_as_one_gpu(tiny_model, requests):
+    """Tensor parallelism over NCCL (the CPU tests cover gloo): skipped without two GPUs."""
+    import torch
+
+    from pipeline.engine import Engine
+    from pipeline.tensor_parallel import TensorParallelEngine
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("tensor parallelism on GPUs needs two of them")
+    gen = GenerationConfig(max_new_tokens=16)
+    one = Engine(str(tiny_model), device="cuda", dtype="float32").generate(requests, gen)
+    engine = TensorParallelEngine(str(tiny_model), device="cuda", dtype="float32", tp=2, timeout_s=300)
+    try:
+        two = engine.generate(requests, gen)
+    finally:
+        engine.close()
+    assert [r.text for r in two] == [r.text for r in one]

@@ -1,0 +1,297 @@
+"""Tensor parallelism: one model replica across `tp` devices of one node, one process per rank.
+
+The actor that holds a replica's devices (the Generate actor reserves `tp` GPUs, or `tp` CPUs)
+starts `tp` rank processes (`python -m pipeline.tensor_parallel`). Each joins a torch.distributed
+group (NCCL on GPUs, gloo on CPU; rendezvous on 127.0.0.1) and loads the model with transformers'
+`tp_plan="auto"`: the language model's layers and head are split across the ranks, the vision tower
+is replicated. Every batch goes to every rank, the ranks generate in lockstep (their collectives
+keep them together) and rank 0's result is returned.
+
+A rank that dies, or a replica that overruns `replica_timeout_s`, takes the whole replica down:
+every rank is killed (the others would wait in a collective for ever), a new replica is started
+and the batch is retried, `replica_restarts` times; then ReplicaFailed is raised. Nothing waits
+without a deadline, and ranks exit when their parent does.
+Messages: 8-byte length + pickle on each rank's stdin/stdout (both ends are this code).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from pipeline.config import ModelSettings
+
+log = logging.getLogger("pipeline.tensor_parallel")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# After one rank reports an error, how long the others may take to report theirs; a rank still
+# silent then is stuck in a collective and the replica is out of step.
+DESYNC_GRACE_S = 30.0
+# Loading may take far longer than a batch (72B from disk); a rank that dies while loading is
+# still noticed at once, this only bounds a load that hangs.
+LOAD_TIMEOUT_S = 3600.0
+
+
+class ReplicaFailed(RuntimeError):
+    """The replica died or hung on every attempt at this batch."""
+
+
+class _ReplicaDown(Exception):
+    """A rank died, hung or could not start: the replica must be restarted."""
+
+
+def make_engine(settings: ModelSettings, model_path: str, device: str):
+    """The engine for one replica: in this process for tp=1, else across tp rank processes."""
+    if settings.tp == 1:
+        from pipeline.engine import Engine
+
+        return Engine(model_path, device=device, dtype=settings.dtype, attn_implementation=settings.attn_implementation)
+    return TensorParallelEngine(model_path, device=device, dtype=settings.dtype,
+                                attn_implementation=settings.attn_implementation, tp=settings.tp,
+                                timeout_s=settings.replica_timeout_s, restarts=settings.replica_restarts,
+                                rank_module=settings.rank_module)
+
+
+def _write(stream, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(len(data).to_bytes(8, "little") + data)
+    stream.flush()
+
+
+def _read(stream):
+    header = stream.read(8)
+    if len(header) < 8:
+        return None
+    return pickle.loads(stream.read(int.from_bytes(header, "little")))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Rank:
+    """One rank process, with the bytes read so far from its stdout."""
+
+    def __init__(self, rank: int, proc: subprocess.Popen):
+        self.rank, self.proc, self.buf = rank, proc, bytearray()
+
+    def message(self):
+        """The next whole reply, or None if it has not fully arrived."""
+        if len(self.buf) < 8 or len(self.buf) < 8 + (n := int.from_bytes(self.buf[:8], "little")):
+            return None
+        data = bytes(self.buf[8:8 + n])
+        del self.buf[:8 + n]
+        return pickle.loads(data)
+
+    def died(self) -> str:
+        code = self.proc.poll()
+        how = ("still running" if code is None else
+               f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        return f"rank {self.rank} died ({how})"
+
+
+class TensorParallelEngine:
+    """The Engine interface (generate) over `tp` rank processes."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
+                 tp: int = 2, timeout_s: float = 600.0, restarts: int = 2,
+                 rank_module: str = "pipeline.tensor_parallel"):
+        # the ranks' own collective timeout only backs up this process's deadlines
+        self.spec = dict(model_path=model_path, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                         timeout_s=max(timeout_s, LOAD_TIMEOUT_S))
+        self.tp, self.timeout_s, self.restarts, self.rank_module = tp, timeout_s, restarts, rank_module
+        self.ranks: list[_Rank] | None = None
+        self.starts = 0  # replicas started so far (1 + restarts)
+        self._lock = threading.Lock()  # one batch at a time: every rank must see the same sequence
+        with self._lock:
+            self._attempts(lambda: None, "loading the model")
+
+    def generate(self, inputs, gen, seeds=None):
+        with self._lock:
+            replies = self._attempts(lambda: self._exchange(("generate", inputs, gen, seeds)), "this batch")
+        errors = [r for r in replies if r[0] == "error"]
+        if errors:
+            kind, message = errors[0][1:]
+            if kind == "out_of_memory":
+                import torch
+
+                raise torch.OutOfMemoryError(message)
+            raise RuntimeError(message)
+        return replies[0][1]
+
+    def close(self) -> None:
+        self._stop()
+
+    def __del__(self):
+        self._stop()
+
+    # --- the replica's life ---------------------------------------------------------------------
+
+    def _attempts(self, call, what: str):
+        """call() on a running replica; a replica that goes down is restarted and call() retried."""
+        failures = []
+        for _ in range(self.restarts + 1):
+            try:
+                if self.ranks is None:
+                    self._start()
+                return call()
+            except _ReplicaDown as e:
+                self._stop()
+                failures.append(str(e))
+                log.warning("tensor-parallel replica (tp=%d) went down on %s: %s; %s", self.tp, what, e,
+                            "restarting it" if len(failures) <= self.restarts else "giving up")
+        raise ReplicaFailed(f"the tensor-parallel replica (tp={self.tp}) went down {len(failures)} times on {what} "
+                            f"(restarted each time): {'; '.join(failures)}")
+
+    def _start(self) -> None:
+        port = _free_port()
+        base = dict(os.environ, WORLD_SIZE=str(self.tp), LOCAL_WORLD_SIZE=str(self.tp), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        if self.spec["device"] == "cpu":
+            base["CUDA_VISIBLE_DEVICES"] = ""  # transformers picks the mesh's device type from what it sees
+            # the replica's CPUs (Ray sets OMP_NUM_THREADS to them) shared among its ranks
+            threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+            base["OMP_NUM_THREADS"] = str(max(1, threads // self.tp))
+        self.starts += 1
+        self.ranks = [
+            _Rank(i, subprocess.Popen([sys.executable, "-m", self.rank_module], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, env=dict(base, RANK=str(i), LOCAL_RANK=str(i))))
+            for i in range(self.tp)
+        ]
+        replies = self._exchange(("load", self.spec))
+        if errors := [r for r in replies if r[0] == "error"]:
+            raise _ReplicaDown(f"loading failed: {errors[0][2]}")
+        log.info("tensor-parallel replica up: %d ranks (start %d)", self.tp, self.starts)
+
+    def _stop(self) -> None:
+        ranks, self.ranks = getattr(self, "ranks", None), None
+        for r in ranks or []:
+            if r.proc.poll() is None:
+                r.proc.kill()
+        for r in ranks or []:
+            r.proc.wait()
+            for stream in (r.proc.stdin, r.proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+    def _exchange(self, message) -> list:
+        """Send message to every rank and return every rank's reply (in rank order)."""
+        timeout_s = max(self.timeout_s, LOAD_TIMEOUT_S) if message[0] == "load" else self.timeout_s
+        deadline = time.monotonic() + timeout_s
+        for r in self.ranks:
+            try:
+                _write(r.proc.stdin, message)
+            except (BrokenPipeError, OSError):
+                raise _ReplicaDown(r.died()) from None
+        replies: dict[int, tuple] = {}
+        while len(replies) < len(self.ranks):
+            waiting = {r.proc.stdout.fileno(): r for r in self.ranks if r.rank not in replies}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                silent = sorted(r.rank for r in waiting.values())
+                if any(reply[0] == "error" for reply in replies.values()):
+                    # a rank failed (e.g. out of memory) and left the others in a collective: the
+                    # replica is out of step; restart it for the next batch and report this error
+                    self._stop()
+                    return list(replies.values())
+                raise _ReplicaDown(f"ranks {silent} did not answer within {timeout_s:g} s")
+            for fd in select.select(list(waiting), [], [], remaining)[0]:
+                r = waiting[fd]
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:  # its stdout closed: the rank is dying
+                    try:
+                        r.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    raise _ReplicaDown(r.died())
+                r.buf += chunk
+                if (reply := r.message()) is not None:
+                    replies[r.rank] = reply
+                    if reply[0] == "error":
+                        deadline = min(deadline, time.monotonic() + DESYNC_GRACE_S)
+        return [replies[i] for i in range(len(self.ranks))]
+
+
+# --- the rank process ---------------------------------------------------------------------------
+
+def error_kind(e: BaseException) -> str:
+    import torch
+
+    oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)  # CPU allocator's message
+    return "out_of_memory" if oom else "error"
+
+
+def load_rank(spec: dict):
+    """Join the replica's process group and load this rank's part of the model."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.engine import Engine
+
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = spec["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=spec["timeout_s"]),
+                            device_id=torch.device("cuda", local_rank) if device == "cuda" else None)
+    return Engine(spec["model_path"], device=device, dtype=spec["dtype"],
+                  attn_implementation=spec["attn_implementation"], tp=world)
+
+
+def _exit_with_parent() -> None:
+    """A rank whose parent is gone (killed actor) exits, even while stuck in a collective."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def serve_rank(generate=lambda engine, *args: engine.generate(*args)) -> None:
+    """A rank's loop: load, then one generate per message, until stdin closes."""
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything a library prints must not corrupt the reply channel
+    _exit_with_parent()
+    rank = int(os.environ["RANK"])
+    engine = None
+    while (message := _read(requests)) is not None:
+        op, *args = message
+        try:
+            if op == "load":
+                engine, result = load_rank(*args), None
+            else:
+                result = generate(engine, *args)
+            _write(replies, ("ok", result if rank == 0 else None))
+        except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
+            if error_kind(e) == "out_of_memory":
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            _write(replies, ("error", error_kind(e), f"{type(e).__name__}: {e}"))
+
+
+if __name__ == "__main__":
+    serve_rank()

@@ -1,0 +1,98 @@
+"""Tensor parallelism on CPU (gloo): --tp 2 gives the same tokens as --tp 1; a rank that dies or
+hangs takes its replica down, the replica is restarted and the run completes; out of memory on
+one rank splits the batch."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+
+from pipeline.config import GenerationConfig, RunConfig
+from pipeline.engine import Engine
+from pipeline.isolate import RowError, generate_rows
+from pipeline.manifest import scan_manifest
+from pipeline.stages import Preprocess, decode_media, unpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+import caption_videos  # noqa: E402
+
+ARGS = ["--max-new-tokens", "6", "--num-frames", "4", "--batch-size", "3"]
+
+
+def answers(out: Path) -> dict:
+    rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+    return {(r["id"], r["prompt"]): (r["status"], r["error_type"], r["text"], r["output_tokens"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def tp1_answers(ray_local, samples, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp1")
+    assert caption_videos.main(["--manifest", str(samples / "manifest.jsonl"), "--output", str(out),
+                                "--model", str(tiny_model), *ARGS, "--tp", "1"]) == 0
+    return answers(out)
+
+
+@pytest.fixture
+def fault_model(tiny_model, tmp_path):
+    """A copy of the tiny checkpoint whose folder's parent holds tests.fault_rank's state."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+def test_tp2_job_gives_the_same_tokens_as_tp1(tp1_answers, samples, tiny_model, tmp_path):
+    assert caption_videos.main(["--manifest", str(samples / "manifest.jsonl"), "--output", str(tmp_path),
+                                "--model", str(tiny_model), *ARGS, "--tp", "2"]) == 0
+    tp2 = answers(tmp_path)
+    assert tp2 == tp1_answers
+    assert sum(status == "ok" for status, *_ in tp2.values()) == 6
+
+
+def test_a_rank_killed_mid_batch_restarts_the_replica_and_the_run_completes(tp1_answers, samples, fault_model):
+    from pipeline.run import run
+
+    (fault_model.parent / "fault-mode").write_text("kill-once")
+    cfg = caption_videos.parse_args(["--manifest", str(samples / "manifest.jsonl"), "--output",
+                                     str(fault_model.parent / "out"), "--model", str(fault_model), *ARGS, "--tp", "2"])
+    summary = run(cfg.model_copy(update={"rank_module": "tests.fault_rank"}))
+    assert len((fault_model.parent / "fault-log").read_text().splitlines()) == 1  # rank 1 did die
+    assert summary.rows == 7 and answers(fault_model.parent / "out") == tp1_answers
+
+
+@pytest.mark.slow  # three replica starts and a 20 s hang: about a minute, several under load
+def test_hang_oom_and_a_replica_that_keeps_dying(samples, fault_model, monkeypatch):
+    """Without Ray: the engine of one Generate actor, through each fault in turn."""
+    from pipeline import tensor_parallel
+    from pipeline.tensor_parallel import TensorParallelEngine
+
+    cfg = RunConfig(manifest=str(samples / "manifest.jsonl"), output="/unused", model=str(fault_model), num_frames=2)
+    table = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    inputs = [unpack(r["model_inputs"]) for r in table.to_pylist() if r["status"] == "ok"][:3]
+    gen, seeds = GenerationConfig(max_new_tokens=4), [0, 1, 2]
+    expected = [r.text for r in Engine(str(fault_model), device="cpu").generate(inputs, gen, seeds)]
+    mode = fault_model.parent / "fault-mode"
+
+    mode.write_text("hang-once")
+    engine = TensorParallelEngine(str(fault_model), device="cpu", tp=2, timeout_s=20, restarts=1,
+                                  rank_module="tests.fault_rank")
+    try:
+        assert [r.text for r in engine.generate(inputs, gen, seeds)] == expected  # after the timeout
+        assert engine.starts == 2
+
+        # rank 1 alone runs out of memory on 3 rows: rank 0 is stuck in a collective, so the
+        # replica is restarted; the batch is split into 1 + 2 rows, which fit
+        mode.write_text("oom-over-2")
+        monkeypatch.setattr(tensor_parallel, "DESYNC_GRACE_S", 1.0)
+        assert [r.text for r in generate_rows(engine, inputs, gen, seeds)] == expected
+        assert engine.starts == 3
+
+        mode.write_text("kill-always")
+        engine.restarts = 0
+        results = generate_rows(engine, inputs, gen, seeds)
+        assert all(isinstance(r, RowError) and r.error_type == "model_error" for r in results)
+        assert "rank 1 died (signal SIGKILL)" in results[0].message
+        assert engine.starts == 3 and engine.ranks is None  # down; the next batch starts it again
+    finally:
+        engine.close()
+    log = (fault_model.parent / "fault-log").read_text().splitlines()
+    assert [line.split()[0] for line in log] == ["hang-once", "oom-over-2", "kill-always"]
