@@ -4,6 +4,11 @@ r"""Caption videos and images, or answer questions about them, for every row of 
         --manifest s3://bucket/manifests/ --output s3://bucket/captions/ \
         --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf
 
+Models: LLaVA-OneVision (ov and si), LLaVA-Interleave-Qwen and LLaVA-1.5 checkpoints in transformers
+format (the family is read from the checkpoint's config); a hub id, a local folder or an s3:// prefix.
+Rows may list several images (`uris`) for OneVision and Interleave; LLaVA-1.5 takes one image per
+prompt, so its video and `uris` rows become `unsupported_media` error rows.
+
 Also runs with plain `python` (it then joins the local Ray cluster or starts one).
 Exit code 0 when the run completed, error rows included; non-zero when it could not complete.
 """
@@ -44,8 +49,11 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=f["device"].description)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help=f["dtype"].description)
-    p.add_argument("--attn-implementation", default=f["attn_implementation"].default,
-                   help=f["attn_implementation"].description)
+    p.add_argument("--attn-implementation", choices=["sdpa", "flash_attention_2", "eager"],
+                   default=f["attn_implementation"].default, help=f["attn_implementation"].description)
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help=f["quantization"].description)
+    p.add_argument("--revision", help=f["revision"].description)
+    p.add_argument("--trust-remote-code", action="store_true", help=f["trust_remote_code"].description)
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
     p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
@@ -55,7 +63,8 @@ def parse_args(argv=None) -> RunConfig:
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
             preprocess_workers=a.preprocess_workers, device=a.device, dtype=a.dtype,
-            attn_implementation=a.attn_implementation, dry_run=a.dry_run,
+            attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
+            trust_remote_code=a.trust_remote_code, dry_run=a.dry_run,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),

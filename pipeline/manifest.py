@@ -26,6 +26,7 @@ RECORD_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("uri", pa.string()),
+        ("uris", pa.list_(pa.string())),
         ("media_type", pa.string()),
         ("prompt", pa.string()),
         ("questions", pa.list_(pa.string())),
@@ -125,7 +126,7 @@ def _coerce_csv_row(row: dict) -> dict:
                 value = float(value)
             except ValueError:
                 pass  # left as a string so validation names the column
-        elif key == "questions":
+        elif key in ("questions", "uris"):
             try:
                 value = json.loads(value) if value.lstrip().startswith("[") else [value]
             except ValueError:
@@ -151,8 +152,13 @@ def validate_row(row: dict) -> str | None:
     errors = sorted(schemas.manifest_validator().iter_errors(row), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
+        if e.validator == "oneOf" and not e.path:  # the schema's "uri or uris": say it in words
+            return ("give 'uri' (one media file) or 'uris' (several images), not both" if "uri" in row and "uris" in row
+                    else "missing 'uri' (one media file) or 'uris' (several images)")
         where = f"column '{e.path[0]}': " if e.path else ""
         return f"{where}{e.message}"
+    if "uris" in row and row.get("media_type", "image") != "image":
+        return "a row with 'uris' holds images: drop media_type or set it to image"
     start, end = row.get("start_s"), row.get("end_s")
     if start is not None and end is not None and end <= start:
         return f"end_s ({end}) must be greater than start_s ({start})"
@@ -162,11 +168,12 @@ def validate_row(row: dict) -> str | None:
 def _record(row: dict, source: str, error: str | None = None, error_type: str | None = None) -> dict:
     rec = {name: None for name in RECORD_SCHEMA.names}
     if error is None:
-        rec.update({k: row.get(k) for k in ("id", "uri", "media_type", "prompt", "questions", "start_s", "end_s")})
+        rec.update({k: row.get(k) for k in ("id", "uri", "uris", "media_type", "prompt", "questions", "start_s", "end_s")})
         rec["status"] = "ok"
     else:
-        rid, uri = row.get("id"), row.get("uri")
-        rec.update(id=rid if isinstance(rid, str) else None, uri=uri if isinstance(uri, str) else None)
+        rid, uri, uris = row.get("id"), row.get("uri"), row.get("uris")
+        rec.update(id=rid if isinstance(rid, str) else None, uri=uri if isinstance(uri, str) else None,
+                   uris=uris if isinstance(uris, list) and all(isinstance(u, str) for u in uris) else None)
         rec.update(status="error", error_type=error_type or "invalid_manifest_row",
                    error=f"{source}: {error}. Fix this manifest row and rerun.")
     rec["source"] = source
@@ -208,4 +215,5 @@ def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[st
     """The prompts of one item: its questions (qa), else its own prompt, else the run's default."""
     if cfg.task == "qa" and record.get("questions"):
         return list(record["questions"])
-    return [record.get("prompt") or cfg.default_prompt(media_type or record.get("media_type"))]
+    kind = "images" if len(record.get("uris") or []) > 1 else media_type or record.get("media_type")
+    return [record.get("prompt") or cfg.default_prompt(kind)]
