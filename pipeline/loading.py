@@ -22,9 +22,9 @@ class LoadOptions:
     def kwargs(self, path: str) -> dict:
         """Keyword arguments for every from_pretrained of the checkpoint at `path`."""
         if self.revision and Path(path).is_dir():
-            raise ModelLoadError(f"--revision {self.revision} was given but the model is a local folder ({path}); "
-                                 "revisions select versions of hub ids: drop --revision, or point --model at the "
-                                 "folder of the wanted version")
+            raise ModelLoadError(f"--revision {self.revision} was given but the model is a folder ({path}: a local "
+                                 "model or the node's copy of an s3:// one); revisions select versions of hub ids: "
+                                 "drop --revision, or point --model at the copy of the wanted version")
         return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
 
 

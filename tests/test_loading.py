@@ -123,7 +123,7 @@ def test_revision_selects_model_tokenizer_and_processor(tiny_checkpoint, tmp_pat
 
 
 def test_revision_of_a_local_folder_is_refused(tiny_model):
-    with pytest.raises(ModelLoadError, match="local folder"):
+    with pytest.raises(ModelLoadError, match="revisions select versions of hub ids"):
         Preprocessor(str(tiny_model), revision="v1")
 
 
