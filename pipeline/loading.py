@@ -80,11 +80,12 @@ def load_model(path: str, options: LoadOptions, *, device, dtype, attn_implement
         if "safetensors" not in str(e):
             raise
         # Pickled .bin weights can run code when loaded: never loaded here.
+        where = f"{path} at revision {options.revision}" if options.revision else path
         raise ModelLoadError(
-            f"{path} has no safetensors weights (model.safetensors or its shards){' at revision ' + options.revision if options.revision else ''}; "
-            "only safetensors are loaded, because pickled .bin weights can run code. Use a revision or copy "
-            "that has safetensors, or convert the checkpoint once in a trusted place "
-            "(from_pretrained(...).save_pretrained(DIR) writes safetensors) and point --model at DIR") from e
+            f"{where} has no safetensors weights (model.safetensors or its shards); only safetensors are loaded, "
+            "because pickled .bin weights can run code. Use a revision or copy that has safetensors, or convert "
+            "the checkpoint once in a trusted place (from_pretrained(...).save_pretrained(DIR) writes "
+            "safetensors) and point --model at DIR") from e
     except ImportError as e:
         if attn_implementation == "flash_attention_2":
             raise ModelLoadError(f"--attn-implementation flash_attention_2 cannot run here ({e}); it needs a CUDA GPU "

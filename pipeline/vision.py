@@ -33,12 +33,13 @@ class VisionCache:
     """Encodes the media of a batch, each distinct media once, reusing the previous call's features."""
 
     def __init__(self, model, family: Family, device, dtype):
-        self.model, self.family, self.device, self.dtype = model, family, device, dtype
+        self.family, self.device, self.dtype = family, device, dtype
         self.base = model.model  # LlavaModel / LlavaOnevisionModel: get_image_features, get_video_features
         self.previous: dict[str, dict] = {}
 
     def encoder_outputs(self, inputs: list[dict[str, np.ndarray]]) -> dict:
         """`mm_encoder_outputs` for generate: image and video features in the batch's token order."""
+        import torch
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         keys = [media_key(x) for x in inputs]
@@ -58,7 +59,7 @@ class VisionCache:
         if images:
             out["image"] = BaseModelOutputWithPooling(pooler_output=images)
         if videos:
-            out["video"] = BaseModelOutputWithPooling(pooler_output=torch_cat(videos)[None])
+            out["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(videos)[None])  # the model flattens it
         return out
 
     def _encode(self, todo: dict[str, dict]) -> dict[str, dict]:
@@ -99,11 +100,10 @@ class VisionCache:
                 n, p = x["pixel_values"].shape[:2]
                 pixels[i:i + n, :p] = x["pixel_values"]
                 i += n
+            sizes = np.concatenate([x["image_sizes"] for x in rows]).astype(np.int64)
             out = self.base.get_image_features(
-                pixel_values=self._tensor(pixels),
-                image_sizes=torch.from_numpy(np.concatenate([x["image_sizes"] for x in rows]).astype(np.int64)).to(self.device),
-                batch_num_images=torch.tensor([x["pixel_values"].shape[0] for x in rows]),
-                return_dict=True)
+                pixel_values=self._tensor(pixels), image_sizes=torch.from_numpy(sizes).to(self.device),
+                batch_num_images=torch.tensor([x["pixel_values"].shape[0] for x in rows]), return_dict=True)
         else:  # llava: (images, C, H, W) per row
             out = self.base.get_image_features(
                 pixel_values=self._tensor(np.concatenate([x["pixel_values"] for x in rows])), return_dict=True)
@@ -114,8 +114,3 @@ class VisionCache:
 
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device, self.dtype)
 
-
-def torch_cat(tensors):
-    import torch
-
-    return torch.cat(tensors, dim=0)

@@ -75,7 +75,11 @@ def requests(pre, items) -> list[dict]:
 def vision_rows(engine) -> list[int]:
     """A running count of the images/frames/patches the vision tower takes."""
     seen = [0]
-    engine.model.model.vision_tower.register_forward_hook(lambda m, args, out: seen.__setitem__(0, seen[0] + args[0].shape[0]))
+
+    def count(module, args, output):
+        seen[0] += args[0].shape[0]
+
+    engine.model.model.vision_tower.register_forward_hook(count)
     return seen
 
 

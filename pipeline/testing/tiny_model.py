@@ -19,7 +19,8 @@ from pathlib import Path
 MARKER = "RANDOM_WEIGHTS.txt"
 FAMILIES = ("llava_onevision", "llava_interleave", "llava")
 
-# The chat templates of the llava-hf checkpoints (their chat_template.json), one per family.
+# The chat templates of the llava-hf checkpoints, one per family (OneVision and 1.5: their
+# chat_template.json; Interleave: the prompt format its card shows).
 ONEVISION_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
@@ -33,7 +34,8 @@ ONEVISION_TEMPLATE = (
     "{{'<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-# llava-interleave-qwen-*-hf: `<|im_start|>user <image><image>\nPROMPT<|im_end|><|im_start|>assistant`
+# llava-interleave-qwen-*-hf, one `<image>` per image or video frame:
+# `<|im_start|>user <image><image>\nPROMPT<|im_end|><|im_start|>assistant`
 INTERLEAVE_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
