@@ -4,6 +4,11 @@ r"""Caption videos and images, or answer questions about them, for every row of 
         --manifest s3://bucket/manifests/ --output s3://bucket/captions/ \
         --model llava-hf/llava-onevision-qwen2-0.5b-ov-hf
 
+Models: LLaVA-OneVision (ov and si), LLaVA-Interleave-Qwen and LLaVA-1.5 checkpoints in transformers
+format (the family is read from the checkpoint's config); a hub id, a local folder or an s3:// prefix.
+Rows may list several images (`uris`) for OneVision and Interleave; LLaVA-1.5 takes one image per
+prompt, so its video and `uris` rows become `unsupported_media` error rows.
+
 Also runs with plain `python` (it then joins the local Ray cluster or starts one).
 A sizing plan (tp, replicas, batch budget for the cluster's GPUs) is logged before the run; for
 example LLaVA-OneVision 72B on 8x 80 GB GPUs: --tp 4 --replicas 2 (`python -m pipeline.sizing`).
@@ -52,8 +57,11 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=f["device"].description)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help=f["dtype"].description)
-    p.add_argument("--attn-implementation", default=f["attn_implementation"].default,
-                   help=f["attn_implementation"].description)
+    p.add_argument("--attn-implementation", choices=["sdpa", "flash_attention_2", "eager"],
+                   default=f["attn_implementation"].default, help=f["attn_implementation"].description)
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help=f["quantization"].description)
+    p.add_argument("--revision", help=f["revision"].description)
+    p.add_argument("--trust-remote-code", action="store_true", help=f["trust_remote_code"].description)
     p.add_argument("--decode-timeout-s", type=float, default=f["decode_timeout_s"].default,
                    help=f["decode_timeout_s"].description)
     p.add_argument("--decoder-module", default=f["decoder_module"].default, help=f["decoder_module"].description)
@@ -70,7 +78,8 @@ def parse_args(argv=None) -> RunConfig:
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas, tp=a.tp,
             replica_timeout_s=a.replica_timeout_s, replica_restarts=a.replica_restarts, gpu_memory_gb=a.gpu_memory_gb,
             preprocess_workers=a.preprocess_workers, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
-            attn_implementation=a.attn_implementation, dry_run=a.dry_run, retry_errors=a.retry_errors,
+            attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
+            trust_remote_code=a.trust_remote_code, dry_run=a.dry_run, retry_errors=a.retry_errors,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field, model_validator
 DEFAULT_PROMPTS = {
     "video": "Describe this video in detail.",
     "image": "Describe this image in detail.",
+    "images": "Describe these images in detail.",  # a `uris` row with several images
 }
 
 
@@ -70,10 +71,27 @@ class ModelSettings(BaseModel):
     gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU for the sizing plan (pipeline/sizing.py); default: measured on a GPU of the cluster at run start.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
-    attn_implementation: str = Field("sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="Attention kernel: sdpa (PyTorch's), flash_attention_2 (CUDA + the flash-attn package) or eager.")
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="Load the model quantized with bitsandbytes (4-bit NF4 or 8-bit): less GPU memory; needs CUDA and the bitsandbytes package.")
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) of a hub-id model, used for its weights, tokenizer and processor alike; pin a commit for reproducible runs.")
+    trust_remote_code: bool = Field(
+        False, description="Allow Python code shipped inside the checkpoint (auto_map) to run. Off: only transformers' own model classes load.")
     dry_run: bool = Field(False, description="Only check config, manifest, model location and output write access; load no model, run nothing.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _quantization_needs_cuda(self):
+        if self.quantization and self.device == "cpu":
+            raise ValueError(f"quantization {self.quantization} needs a CUDA GPU (bitsandbytes); drop it or use device cuda/auto")
+        return self
+
+    def load_options(self) -> dict:
+        """How the Engine loads the model (beyond device, dtype and attention)."""
+        return {"quantization": self.quantization, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
 
 
 class RunConfig(ModelSettings):
@@ -100,7 +118,8 @@ class RunConfig(ModelSettings):
         import hashlib
         import json
 
-        shaping = {"model": self.model, "num_frames": self.num_frames, "max_pixels": self.max_pixels,
+        shaping = {"model": self.model, "revision": self.revision, "quantization": self.quantization,
+                   "num_frames": self.num_frames, "max_pixels": self.max_pixels,
                    "generation": self.generation.model_dump(mode="json")}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -1,9 +1,9 @@
 """The model engine: load a LLaVA checkpoint once, generate for batches of preprocessed inputs.
 
 Plain Python (no Ray): the Generate stage, tests and GPU checks call it directly. Batches are
-collated with left padding; images of different anyres patch counts are zero-padded to the
-batch's largest (the model strips the padding again from image_sizes), so a mixed batch gives the
-same tokens as one-by-one generation.
+collated with left padding; the vision tower runs once per distinct media of a batch
+(pipeline.vision) and the model gets its features, so a mixed batch of images (of any anyres
+patch count), image sets and videos (of any frame count) gives the same tokens as one-by-one generation.
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ def row_seed(seed: int, *keys: str | None) -> int:
 
 class Engine:
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
-                 tp: int = 1):
+                 tp: int = 1, *, quantization: str | None = None, revision: str | None = None,
+                 trust_remote_code: bool = False):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        from pipeline.families import detect_family
+        from pipeline.loading import LoadOptions, load_model, load_tokenizer
+        from pipeline.vision import VisionCache
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,19 +45,14 @@ class Engine:
             dtype = "bfloat16" if device == "cuda" else "float32"
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        if tp > 1:  # this process is one rank of a tensor-parallel replica (pipeline/tensor_parallel.py)
-            from transformers.distributed import DistributedConfig
-
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                model_path, dtype=self.dtype, attn_implementation=attn_implementation,
-                distributed_config=DistributedConfig(tp_plan="auto", tp_size=tp),
-            ).eval()
-            self.device = self.model.device  # cuda:LOCAL_RANK, or cpu
-        else:
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                model_path, dtype=self.dtype, attn_implementation=attn_implementation
-            ).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        options = LoadOptions(revision=revision, trust_remote_code=trust_remote_code)
+        # tp > 1: this process is one rank of a tensor-parallel replica (pipeline/tensor_parallel.py)
+        self.model = load_model(model_path, options, device=self.device, dtype=self.dtype,
+                                attn_implementation=attn_implementation, quantization=quantization, tp=tp)
+        self.device = self.model.device  # cuda:LOCAL_RANK under tensor parallelism
+        self.family = detect_family(self.model.config)
+        self.tokenizer = load_tokenizer(model_path, options)
+        self.vision = VisionCache(self.model, self.family, self.device, self.dtype)
         gen = self.model.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -62,21 +61,11 @@ class Engine:
     def generate(self, inputs: list[dict[str, np.ndarray]], gen: GenerationConfig,
                  seeds: list[int] | None = None) -> list[Generated]:
         """Generate for a batch; results are in input order."""
-        results: list[Generated | None] = [None] * len(inputs)
-        # Videos with different frame counts cannot share one tensor: one model call per count.
-        groups: dict[int, list[int]] = {}
-        for i, x in enumerate(inputs):
-            groups.setdefault(x["pixel_values_videos"].shape[0] if "pixel_values_videos" in x else 0, []).append(i)
-        for idx in groups.values():
-            group_seeds = [seeds[i] for i in idx] if seeds is not None else None
-            for i, r in zip(idx, self._generate([inputs[i] for i in idx], gen, group_seeds)):
-                results[i] = r
-        return results
-
-    def _generate(self, inputs, gen: GenerationConfig, seeds) -> list[Generated]:
         import torch
 
         batch = self.collate(inputs)
+        # Vision features once per distinct media (K questions about one item share them).
+        batch["mm_encoder_outputs"] = self.vision.encoder_outputs(inputs)
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
         if gen.temperature > 0:
             kwargs["logits_processor"] = [PerRowSampler(gen, seeds or [gen.seed] * len(inputs), self.device)]
@@ -91,7 +80,7 @@ class Engine:
         return results
 
     def collate(self, inputs: list[dict[str, np.ndarray]]) -> dict:
-        """Left-pad token ids; stack image patches (zero-padded to the most patches) and video frames."""
+        """Left-pad the token ids (the media go to the model as features, see pipeline.vision)."""
         import torch
 
         width = max(len(x["input_ids"]) for x in inputs)
@@ -100,20 +89,7 @@ class Engine:
         for row, x in enumerate(inputs):
             ids[row, width - len(x["input_ids"]):] = x["input_ids"]
             mask[row, width - len(x["input_ids"]):] = 1
-        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-        images = [x for x in inputs if "pixel_values" in x]
-        if images:
-            most = max(x["pixel_values"].shape[0] for x in images)
-            pixels = np.zeros((len(images), most, *images[0]["pixel_values"].shape[1:]), dtype=np.float32)
-            for row, x in enumerate(images):
-                pixels[row, : x["pixel_values"].shape[0]] = x["pixel_values"]
-            batch["pixel_values"] = torch.from_numpy(pixels)
-            batch["image_sizes"] = torch.from_numpy(np.stack([x["image_sizes"] for x in images]).astype(np.int64))
-            batch["batch_num_images"] = torch.ones(len(images), dtype=torch.int64)
-        videos = [x for x in inputs if "pixel_values_videos" in x]
-        if videos:
-            batch["pixel_values_videos"] = torch.from_numpy(np.stack([x["pixel_values_videos"] for x in videos]))
-        return {k: v.to(self.device, dtype=self.dtype if v.is_floating_point() else None) for k, v in batch.items()}
+        return {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
 
 
 class PerRowSampler:

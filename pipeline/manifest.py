@@ -26,6 +26,7 @@ RECORD_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("uri", pa.string()),
+        ("uris", pa.list_(pa.string())),
         ("media_type", pa.string()),
         ("prompt", pa.string()),
         ("questions", pa.list_(pa.string())),
@@ -127,7 +128,7 @@ def _coerce_csv_row(row: dict) -> dict:
                 value = float(value)
             except ValueError:
                 pass  # left as a string so validation names the column
-        elif key == "questions":
+        elif key in ("questions", "uris"):
             try:
                 value = json.loads(value) if value.lstrip().startswith("[") else [value]
             except ValueError:
@@ -153,8 +154,13 @@ def validate_row(row: dict) -> str | None:
     errors = sorted(schemas.manifest_validator().iter_errors(row), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
+        if e.validator == "oneOf" and not e.path:  # the schema's "uri or uris": say it in words
+            return ("give 'uri' (one media file) or 'uris' (several images), not both" if "uri" in row and "uris" in row
+                    else "missing 'uri' (one media file) or 'uris' (several images)")
         where = f"column '{e.path[0]}': " if e.path else ""
         return f"{where}{e.message}"
+    if "uris" in row and row.get("media_type", "image") != "image":
+        return "a row with 'uris' holds images: drop media_type or set it to image"
     start, end = row.get("start_s"), row.get("end_s")
     if start is not None and end is not None and end <= start:
         return f"end_s ({end}) must be greater than start_s ({start})"
@@ -171,11 +177,12 @@ def _resolve_relative(media_uri: str, manifest_file: str) -> str:
 def _record(row: dict, source: str, error: str | None = None, error_type: str | None = None) -> dict:
     rec = {name: None for name in RECORD_SCHEMA.names}
     if error is None:
-        rec.update({k: row.get(k) for k in ("id", "uri", "media_type", "prompt", "questions", "start_s", "end_s")})
+        rec.update({k: row.get(k) for k in ("id", "uri", "uris", "media_type", "prompt", "questions", "start_s", "end_s")})
         rec["status"] = "ok"
     else:
-        rid, uri = row.get("id"), row.get("uri")
-        rec.update(id=rid if isinstance(rid, str) else None, uri=uri if isinstance(uri, str) else None)
+        rid, uri, uris = row.get("id"), row.get("uri"), row.get("uris")
+        rec.update(id=rid if isinstance(rid, str) else None, uri=uri if isinstance(uri, str) else None,
+                   uris=uris if isinstance(uris, list) and all(isinstance(u, str) for u in uris) else None)
         rec.update(status="error", error_type=error_type or "invalid_manifest_row",
                    error=f"{source}: {error}. Fix this manifest row and rerun.")
     rec["source"] = source
@@ -206,11 +213,15 @@ def scan_manifest(cfg: RunConfig) -> ManifestScan:
                 if problem:
                     records.append(_record(row, source, problem))
                     continue
-                row["uri"] = _resolve_relative(row["uri"], uri)
+                if "uris" in row:
+                    row["uris"] = [_resolve_relative(u, uri) for u in row["uris"]]
+                else:
+                    row["uri"] = _resolve_relative(row["uri"], uri)
                 try:
-                    check_media_uri(row["uri"], prefixes)
+                    for media in row.get("uris") or [row["uri"]]:
+                        check_media_uri(media, prefixes)
                 except URLRejected as e:
-                    problem = (f"uri {row['uri']!r} is not allowed: {e}; if this source is trusted, "
+                    problem = (f"uri {media!r} is not allowed: {e}; if this source is trusted, "
                                "pass --allow-uri-prefix with its prefix")
                     records.append(_record(row, source, problem, "uri_not_allowed"))
                     seen.add(row["id"])  # its id is taken: a later row with it is a duplicate
@@ -233,4 +244,5 @@ def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[st
         return [None]
     if cfg.task == "qa" and record.get("questions"):
         return list(record["questions"])
-    return [record.get("prompt") or cfg.default_prompt(media_type or record.get("media_type"))]
+    kind = "images" if len(record.get("uris") or []) > 1 else media_type or record.get("media_type")
+    return [record.get("prompt") or cfg.default_prompt(kind)]

@@ -1,34 +1,55 @@
 """Preprocess: frames + prompt -> model inputs, with the checkpoint's own HF processor and chat template.
 
-Images become anyres patches (pixel_values + image_sizes), videos one 384x384 input per frame
-(pixel_values_videos); the model stage then only collates and runs the model.
+What a prompt holds follows the model family's card (pipeline.families): one image placeholder per
+image; LLaVA-OneVision tiles a lone image into anyres patches (pixel_values + image_sizes) and takes
+video as one 384x384 input per frame (pixel_values_videos); LLaVA-Interleave takes a video as its
+frames, one `<image>` each; LLaVA-1.5 takes one image. The model stage then only collates and runs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 
 class Preprocessor:
-    def __init__(self, model_path: str):
-        from transformers import AutoProcessor
+    def __init__(self, model_path: str, revision: str | None = None, trust_remote_code: bool = False):
+        from pipeline.families import detect_family
+        from pipeline.loading import LoadOptions, load_config, load_processor
 
-        self.processor = AutoProcessor.from_pretrained(model_path)
+        options = LoadOptions(revision=revision, trust_remote_code=trust_remote_code)
+        self.processor = load_processor(model_path, options)
+        self.family = detect_family(load_config(model_path, options))
 
-    def prompt_text(self, media_type: str, prompt: str) -> str:
+    def content(self, media_type: str, num_images: int) -> list[dict]:
+        """The media parts of the user turn, as the family's card writes them."""
+        if media_type == "video" and self.family.video == "native":
+            return [{"type": "video"}]
+        return [{"type": "image"}] * num_images  # images, or a video's frames as images
+
+    def prompt_text(self, media_type: str, prompt: str, num_images: int = 1) -> str:
         """The chat template applied to one user turn: the media, then the instruction."""
-        conversation = [{"role": "user", "content": [{"type": media_type}, {"type": "text", "text": prompt}]}]
+        conversation = [{"role": "user", "content": [*self.content(media_type, num_images),
+                                                     {"type": "text", "text": prompt}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
 
-    def build(self, media_type: str, frames: np.ndarray, prompt: str) -> dict[str, np.ndarray]:
-        """Model inputs for one (item, prompt), without the batch dimension."""
-        text = self.prompt_text(media_type, prompt)
-        if media_type == "image":
-            enc = self.processor(images=frames[0], text=text, return_tensors="np")
-            return {
-                "input_ids": enc["input_ids"][0],
-                "pixel_values": enc["pixel_values"][0],
-                "image_sizes": np.asarray(enc["image_sizes"][0]),
-            }
-        enc = self.processor(videos=[frames], text=text, return_tensors="np")
-        return {"input_ids": enc["input_ids"][0], "pixel_values_videos": enc["pixel_values_videos"][0]}
+    def build(self, media_type: str, frames: np.ndarray | Sequence[np.ndarray], prompt: str) -> dict[str, np.ndarray]:
+        """Model inputs for one (item, prompt), without the batch dimension.
+
+        frames: a video's (T, H, W, 3) frames, or the images of a row (one array, or a list of
+        (H, W, 3) arrays of any sizes). Raises UnsupportedMedia when the family cannot take them.
+        """
+        self.family.check(media_type, len(frames))
+        text = self.prompt_text(media_type, prompt, len(frames))
+        if media_type == "video" and self.family.video == "native":
+            enc = self.processor(videos=[np.asarray(frames)], text=text, return_tensors="np")
+            return {"input_ids": enc["input_ids"][0], "pixel_values_videos": enc["pixel_values_videos"][0]}
+        images = list(frames)
+        if self.family.name == "llava_onevision":
+            # Nested: the images of one prompt (several are not tiled, as the model was trained).
+            enc = self.processor(images=[images], text=[text], return_tensors="np")
+            return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"],
+                    "image_sizes": np.asarray(enc["image_sizes"])}
+        enc = self.processor(images=images, text=text, return_tensors="np")
+        return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"]}

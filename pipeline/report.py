@@ -53,6 +53,12 @@ def frame_thumbnails(row: dict, storage: StorageConfig) -> list[tuple[float | No
     """(timestamp, data URI) of the frames the model saw; the image itself for images."""
     from PIL import Image, ImageOps
 
+    if row.get("uris"):  # several images in one prompt: each of them
+        out = []
+        for uri in row["uris"][:MAX_FRAMES_SHOWN]:
+            with open_binary(uri, storage) as f:
+                out.append((None, _thumbnail(ImageOps.exif_transpose(Image.open(f)))))
+        return out
     with open_binary(row["uri"], storage) as f:
         if row["media_type"] == "image":
             return [(None, _thumbnail(ImageOps.exif_transpose(Image.open(f))))]
@@ -120,7 +126,7 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
     by_item = defaultdict(list)
     for r in rows:
         if r["status"] == "ok":
-            by_item[(r["id"], r["uri"])].append(r)
+            by_item[(r["id"], r["uri"] or " ".join(r.get("uris") or []))].append(r)
     parts.append(f"<h2>Items ({len(by_item)})</h2>")
     for n, ((item_id, uri), answers) in enumerate(sorted(by_item.items(), key=lambda kv: str(kv[0][0]))):
         if n == max_items:

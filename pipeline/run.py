@@ -97,6 +97,9 @@ def run(cfg: RunConfig) -> RunSummary:
     if cfg.device == "cuda" and not gpus:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if cfg.quantization and not use_gpu:
+        raise RunError(f"--quantization {cfg.quantization} needs GPUs (bitsandbytes) but the Ray cluster has none; "
+                       "add GPU nodes or drop --quantization")
     if todo.num_rows:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)

@@ -285,7 +285,8 @@ class ChatIngress:
 
         self.cfg, self.model = cfg, model
         self.token = load_token(cfg)  # kept out of every log line and error message
-        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage))
+        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage), revision=cfg.revision,
+                                         trust_remote_code=cfg.trust_remote_code)
         self.pool = ThreadPoolExecutor(cfg.prepare_threads, thread_name_prefix="prepare")
         self.created = int(time.time())
         log.info("serving %s (auth %s)", cfg.model_name(), "on" if self.token else "off")
@@ -386,8 +387,12 @@ class ChatIngress:
             raise APIError(400, str(e), e.error_type) from None
         except (FileNotFoundError, PermissionError, OSError) as e:
             raise APIError(400, f"{label} could not be read ({type(e).__name__})", "not_found") from None
+        from pipeline.families import UnsupportedMedia
+
         try:
             return self.preprocessor.build(decoded.media_type, decoded.frames, turn.prompt)
+        except UnsupportedMedia as e:
+            raise APIError(400, str(e), e.error_type) from None
         except Exception as e:
             raise APIError(400, f"the processor rejected this input: {type(e).__name__}: {e}", "preprocess_error") from None
 

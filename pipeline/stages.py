@@ -27,10 +27,11 @@ _MEDIA_FIELDS = [
     ("height", pa.int64()),
 ]
 _ROW_FIELDS = [
-    ("id", pa.string()), ("uri", pa.string()), ("source", pa.string()),
+    ("id", pa.string()), ("uri", pa.string()), ("uris", pa.list_(pa.string())), ("source", pa.string()),
     ("status", pa.string()), ("error_type", pa.string()), ("error", pa.string()),
 ]
-# decode -> preprocess: one row per item, decoded frames packed as .npy bytes.
+# decode -> preprocess: one row per item, decoded frames packed as .npz bytes ("frames" for one
+# media file: (T, H, W, 3); "image_0", "image_1", ... for the images of a `uris` row).
 ITEM_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [("prompts", pa.list_(pa.string())), ("frames", pa.large_binary())])
 # preprocess -> generate: one row per (item, prompt), model inputs packed as .npz bytes.
 REQUEST_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [
@@ -79,15 +80,16 @@ def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
 
     items, started = [], metrics.clock()
     for rec in records.to_pylist():
-        item = {k: rec[k] for k in ("id", "uri", "source", "status", "error_type", "error", "media_type")}
+        item = {k: rec[k] for k in ("id", "uri", "uris", "source", "status", "error_type", "error", "media_type")}
         if rec["status"] == "ok":
             try:
-                d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
-                                         num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
-                                         max_pixels=cfg.max_pixels)
-                item.update(media_type=d.media_type, num_frames=len(d.frames), frame_timestamps_s=d.timestamps_s or None,
-                            duration_s=d.duration_s, fps=d.fps, codec=d.codec, width=d.width, height=d.height,
-                            frames=pack({"frames": d.frames}))
+                if rec["uris"]:
+                    _decode_images(item, rec["uris"], cfg)
+                else:
+                    d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
+                                             num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
+                                             max_pixels=cfg.max_pixels)
+                    item.update(_media_fields(d), num_frames=len(d.frames), frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
         done = set(rec.get("done_prompts") or ())  # committed by an earlier run
@@ -97,6 +99,27 @@ def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
     return _table(items, ITEM_SCHEMA)
 
 
+def _media_fields(d) -> dict:
+    return dict(media_type=d.media_type, frame_timestamps_s=d.timestamps_s or None, duration_s=d.duration_s,
+                fps=d.fps, codec=d.codec, width=d.width, height=d.height)
+
+
+def _decode_images(item: dict, uris: list[str], cfg: RunConfig) -> None:
+    """The images of a `uris` row, each decoded alone; the row's media fields are the first image's."""
+    images = [_decoder(cfg).decode(uri=uri, storage=cfg.storage, declared_type="image", num_frames=1,
+                                   max_pixels=cfg.max_pixels) for uri in uris]
+    item.update(_media_fields(images[0]), num_frames=len(images),
+                frames=pack({f"image_{i}": d.frames[0] for i, d in enumerate(images)}))
+
+
+def unpack_frames(data: bytes) -> np.ndarray | list[np.ndarray]:
+    """What decode_media packed: a (T, H, W, 3) array, or the list of a `uris` row's images."""
+    arrays = unpack(data)
+    if "frames" in arrays:
+        return arrays["frames"]
+    return [arrays[f"image_{i}"] for i in range(len(arrays))]
+
+
 class Preprocess:
     """Chat template + HF processor (CPU actor: the processor is loaded once)."""
 
@@ -104,18 +127,23 @@ class Preprocess:
         from pipeline.checkpoint import local_checkpoint
         from pipeline.preprocess import Preprocessor
 
-        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage))
+        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage), revision=cfg.revision,
+                                         trust_remote_code=cfg.trust_remote_code)
 
     def __call__(self, items: pa.Table) -> pa.Table:
+        from pipeline.families import UnsupportedMedia
+
         requests = []
         for item in items.to_pylist():
-            frames = unpack(item.pop("frames"))["frames"] if item["status"] == "ok" else None
+            frames = unpack_frames(item.pop("frames")) if item["status"] == "ok" else None
             for prompt in item.pop("prompts"):
                 row = dict(item, prompt=prompt)
                 if frames is not None:
                     try:
                         inputs = self.preprocessor.build(item["media_type"], frames, prompt)
                         row.update(prompt_tokens=len(inputs["input_ids"]), model_inputs=pack(inputs))
+                    except UnsupportedMedia as e:
+                        _error(row, e.error_type, str(e))
                     except Exception as e:
                         _error(row, "preprocess_error", f"the processor rejected this input: {type(e).__name__}: {e}")
                 requests.append(row)

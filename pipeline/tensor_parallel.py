@@ -54,9 +54,11 @@ def make_engine(settings: ModelSettings, model_path: str, device: str):
     if settings.tp == 1:
         from pipeline.engine import Engine
 
-        return Engine(model_path, device=device, dtype=settings.dtype, attn_implementation=settings.attn_implementation)
+        return Engine(model_path, device=device, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
+                      **settings.load_options())
     return TensorParallelEngine(model_path, device=device, dtype=settings.dtype,
                                 attn_implementation=settings.attn_implementation, tp=settings.tp,
+                                load_options=settings.load_options(),
                                 timeout_s=settings.replica_timeout_s, restarts=settings.replica_restarts,
                                 rank_module=settings.rank_module)
 
@@ -106,10 +108,10 @@ class TensorParallelEngine:
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
                  tp: int = 2, timeout_s: float = 600.0, restarts: int = 2,
-                 rank_module: str = "pipeline.tensor_parallel"):
+                 rank_module: str = "pipeline.tensor_parallel", load_options: dict | None = None):
         # the ranks' own collective timeout only backs up this process's deadlines
         self.spec = dict(model_path=model_path, device=device, dtype=dtype, attn_implementation=attn_implementation,
-                         timeout_s=max(timeout_s, LOAD_TIMEOUT_S))
+                         timeout_s=max(timeout_s, LOAD_TIMEOUT_S), load_options=load_options or {})
         self.tp, self.timeout_s, self.restarts, self.rank_module = tp, timeout_s, restarts, rank_module
         self.ranks: list[_Rank] | None = None
         self.starts = 0  # replicas started so far (1 + restarts)
@@ -254,7 +256,7 @@ def load_rank(spec: dict):
                             timeout=timedelta(seconds=spec["timeout_s"]),
                             device_id=torch.device("cuda", local_rank) if device == "cuda" else None)
     return Engine(spec["model_path"], device=device, dtype=spec["dtype"],
-                  attn_implementation=spec["attn_implementation"], tp=world)
+                  attn_implementation=spec["attn_implementation"], tp=world, **spec.get("load_options", {}))
 
 
 def _exit_with_parent() -> None:

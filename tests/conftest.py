@@ -21,6 +21,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("PIPELINE_MODEL_CACHE", tempfile.mkdtemp(prefix="pipeline-model-cache-"))
+os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="hf-modules-"))  # remote-code tests
 
 
 def free_port() -> int:
@@ -34,6 +35,22 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llava-ov")
     subprocess.run([sys.executable, "-m", "pipeline.testing.tiny_model", str(path)], check=True, cwd=REPO)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model, tmp_path_factory):
+    """tiny_checkpoint(family) -> the tiny checkpoint of that family (llava_onevision is tiny_model)."""
+    made = {"llava_onevision": tiny_model}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{family}")
+            subprocess.run([sys.executable, "-m", "pipeline.testing.tiny_model", str(path), "--family", family],
+                           check=True, cwd=REPO, capture_output=True)
+            made[family] = path
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -136,3 +136,28 @@ def test_allow_uri_prefix_replaces_the_default(tmp_path):
     assert [(r["id"], r["status"], r["error_type"]) for r in got] == [
         ("s3", "ok", None), ("s3-other", "error", "uri_not_allowed"), ("local", "error", "uri_not_allowed"),
         ("local", "error", "duplicate_id")]
+
+
+def test_rows_with_several_images(tmp_path):
+    from pipeline.manifest import prompts_for
+
+    lines = [
+        {"id": "pair", "uris": ["s3://b/1.jpg", "s3://b/2.png"]},
+        {"id": "both", "uri": "s3://b/1.jpg", "uris": ["s3://b/2.png"]},
+        {"id": "neither", "prompt": "What?"},
+        {"id": "as-video", "uris": ["a.jpg", "b.jpg"], "media_type": "video"},
+        {"id": "empty", "uris": []},
+    ]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "m.csv").write_text('id,uris\ncsv-pair,"[""x.jpg"", ""y.jpg""]"\n')
+    cfg = cfg_for(tmp_path)
+    rows = by_id(scan_manifest(cfg))
+    assert rows["pair"]["status"] == "ok" and rows["pair"]["uris"] == ["s3://b/1.jpg", "s3://b/2.png"]
+    assert rows["pair"]["uri"] is None
+    assert prompts_for(rows["pair"], "image", cfg) == ["Describe these images in detail."]
+    assert rows["csv-pair"]["status"] == "ok" and rows["csv-pair"]["uris"] == ["x.jpg", "y.jpg"]
+    assert "give 'uri' (one media file) or 'uris' (several images), not both" in rows["both"]["error"]
+    assert "missing 'uri' (one media file) or 'uris' (several images)" in rows["neither"]["error"]
+    assert "holds images" in rows["as-video"]["error"]
+    assert "column 'uris'" in rows["empty"]["error"]
+    assert {r["error_type"] for k, r in rows.items() if "pair" not in k} == {"invalid_manifest_row"}
