@@ -3,6 +3,7 @@ prompt follows its model card, and the text equals the card's reference usage to
 (one image, several images in one prompt, video), in one mixed batch."""
 
 import json
+import tempfile
 
 import av
 import numpy as np
@@ -95,6 +96,7 @@ def card_reference(family, path):
 def test_mixed_batch_equals_the_card_reference(family, tiny_checkpoint, manifest):
     path = tiny_checkpoint(family)
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(path), task="qa", num_frames=4,
+                    allowed_uri_prefixes=[tempfile.gettempdir()],
                     generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
     requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
     rows = {(r["id"], r["prompt"]): r for r in Generate(cfg, device="cpu")(requests).to_pylist()}  # one batch

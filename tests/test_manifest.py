@@ -155,7 +155,7 @@ def test_rows_with_several_images(tmp_path):
     assert rows["pair"]["status"] == "ok" and rows["pair"]["uris"] == ["s3://b/1.jpg", "s3://b/2.png"]
     assert rows["pair"]["uri"] is None
     assert prompts_for(rows["pair"], "image", cfg) == ["Describe these images in detail."]
-    assert rows["csv-pair"]["status"] == "ok" and rows["csv-pair"]["uris"] == ["x.jpg", "y.jpg"]
+    assert rows["csv-pair"]["status"] == "ok" and rows["csv-pair"]["uris"] == [str(tmp_path / "x.jpg"), str(tmp_path / "y.jpg")]
     assert "give 'uri' (one media file) or 'uris' (several images), not both" in rows["both"]["error"]
     assert "missing 'uri' (one media file) or 'uris' (several images)" in rows["neither"]["error"]
     assert "holds images" in rows["as-video"]["error"]

@@ -2,6 +2,7 @@
 same answers as K separate calls; also when the K rows are split over two generate calls."""
 
 import json
+import tempfile
 
 import pyarrow.compute as pc
 import pytest
@@ -40,7 +41,7 @@ def manifest(samples, tmp_path_factory):
 @pytest.mark.parametrize("family", ["llava_onevision", "llava_interleave", "llava"])
 def test_k_questions_encode_each_item_once(family, tiny_checkpoint, manifest):
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_checkpoint(family)), task="qa",
-                    num_frames=4, generation=GenerationConfig(max_new_tokens=8))
+                    num_frames=4, allowed_uri_prefixes=[tempfile.gettempdir()], generation=GenerationConfig(max_new_tokens=8))
     requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
     requests = requests.filter(pc.equal(requests.column("status"), "ok"))  # LLaVA-1.5: the photo only
     items = {}  # item id -> vision rows one encoding of it takes
