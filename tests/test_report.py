@@ -31,7 +31,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 def row(**kw) -> dict:
     base = {name: None for name in output_arrow_schema().names}
-    base.update(task="caption", status="ok", model="tiny", run_id="run-1",
+    base.update(task="caption", status="ok", model="tiny", config_key="0123456789abcdef", run_id="run-1",
                 created_at=datetime(2025, 1, 1, tzinfo=timezone.utc))
     base.update(kw)
     return base
