@@ -7,6 +7,7 @@ Each scenario runs the real job (`python jobs/caption_videos.py`, random-weight 
 generated sample media) as a driver process, injects its fault, reruns the same command until the
 run completes, and checks the committed output against the manifest:
 
+    faults          driver kills (the head's loss included) and actor kills that happened
     rows expected   (id, prompt) pairs the manifest asks for
     rows lost       expected pairs missing from the output
     duplicates      output rows beyond one per (id, prompt)
@@ -19,6 +20,7 @@ Exit code 0 when no scenario lost or duplicated a row and nothing crashed unexpe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -49,6 +51,7 @@ def free_port() -> int:
 @dataclass
 class Result:
     scenario: str
+    faults_injected: int
     rows_expected: int
     rows_lost: int
     duplicates: int
@@ -158,9 +161,10 @@ class Run:
             proc = subprocess.Popen(cmd or self.ws.command(self.output), env=env or self.head.env, cwd=REPO,
                                     start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         seen: dict[int, str] = {}
+        earlier = set(actor_pids(self.head))  # a killed run's actors may still be exiting
         started, deadline, code = time.time(), time.time() + timeout_s, "running"
         while proc.poll() is None:
-            seen.update(actor_pids(self.head))
+            seen.update((pid, kind) for pid, kind in actor_pids(self.head).items() if pid not in earlier)
             if on_tick:
                 on_tick(self, time.time() - started)
             if (kill_when and kill_when(seen)) or time.time() > deadline:
@@ -175,12 +179,12 @@ class Run:
         self.exits.append(code)
         return code
 
-    def until_completed(self) -> None:
+    def until_completed(self, cmd: list[str] | None = None) -> None:
         """Rerun the same command until a run exits 0 (at most 4 more runs)."""
         for _ in range(4):
             if self.exits and self.exits[-1] == 0:
                 return
-            self.drive()
+            self.drive(cmd)
 
     def result(self, started: float) -> Result:
         import pyarrow.dataset as pads
@@ -193,7 +197,8 @@ class Run:
         # a driver that exited non-zero by itself, or an actor that died without our kill
         crashes = sum(1 for c in self.exits if c not in (0, None)) + max(0, self.restarted_actors - self.killed_actors)
         n = len(self.ws.expected)
-        return Result(self.name, n, lost, len(keys) - len(set(keys)), round(discarded / n, 3), crashes,
+        injected = sum(1 for c in self.exits if c is None) + self.killed_actors
+        return Result(self.name, injected, n, lost, len(keys) - len(set(keys)), round(discarded / n, 3), crashes,
                       len(self.exits), round(time.time() - started, 1))
 
 
@@ -212,22 +217,39 @@ def after_start(delay_s: float):
 # --- the faults: each drives the job, injecting its fault; the scenario then reruns to completion ---
 
 
-def driver_sigkill(kills: int, seed: int, latest_s: float):
-    """SIGKILL the driver at `kills` random points after its pipeline started, rerunning each time."""
+def driver_sigkill(kills: int, seed: int):
+    """SIGKILL the driver `kills` times at random points of its progress (after 0 to all but one of
+    its staged files are written), rerunning each time; the last rerun completes."""
     rng = random.Random(seed)
 
     def inject(run: Run):
+        staging = Path(run.output, "_staging")
         for _ in range(kills):
-            if run.drive(kill_when=after_start(rng.uniform(1.0, latest_s))) == 0:
-                return  # it finished before the kill point
+            # the job writes one staged file per model batch (--batch-size 2): kill before the last one
+            at = rng.randint(0, len(run.ws.expected) // 2 - 1)
+
+            def kill_when(seen, at=at) -> bool:
+                return bool(seen) and len(list(staging.glob("*/*.parquet"))) >= at
+
+            if run.drive(kill_when=kill_when) == 0:
+                return  # it finished before the kill point (fewer rows left than `at`)
 
     return inject
 
 
 def driver_sigkill_in_commit(run: Run):
-    """SIGKILL the driver the moment its commit marker appears (before the files are moved)."""
-    staging = Path(run.output, "_staging")
-    run.drive(kill_when=lambda seen: any(staging.glob("*/_COMPLETE.json")))
+    """Output on S3, whose commit moves are copies then deletes, slowed by the proxy; SIGKILL the
+    driver once its commit marker is written, while the moves are under way; rerun."""
+    with s3_store(run) as (s3, proxy, cmd):
+        slow = proxy.add("/scenario/out/part-", "delay", times=None, delay_s=0.5, method="PUT")
+
+        def in_commit(seen) -> bool:
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket="scenario", Prefix="out/").get("Contents", [])]
+            return any(k.endswith("/_COMPLETE.json") for k in keys) and any("/part-" in k for k in keys)
+
+        run.drive(cmd, kill_when=in_commit)
+        proxy.rules.remove(slow)
+        run.until_completed(cmd)
 
 
 def actor_sigkill(run: Run):
@@ -286,41 +308,53 @@ def pads_rows(output: str) -> dict:
     return {r["id"]: r["error_type"] for r in pads.dataset(output, format="parquet").to_table().to_pylist()}
 
 
-def s3_faults(run: Run):
-    """Manifest, media and output on S3 (moto server) behind a proxy that throttles, resets and delays."""
+@contextlib.contextmanager
+def s3_store(run: Run):
+    """The scenario's manifest and media in a moto S3 server behind a fault proxy: yields (boto3
+    client, proxy, job command on S3), then copies the output to run.output to be checked."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
     from pipeline.testing.s3_fault_proxy import FaultProxy
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     os.environ.update(S3_CREDENTIALS)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-    s3.create_bucket(Bucket="scenario")
-    for name in MEDIA:
-        s3.upload_file(str(run.ws.media / name), "scenario", name)  # beside the manifest, as it names them
-    s3.put_object(Bucket="scenario", Key="m.jsonl", Body=run.ws.manifest.read_bytes())
-    with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
+    try:
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+        s3.create_bucket(Bucket="scenario")
+        for name in MEDIA:
+            s3.upload_file(str(run.ws.media / name), "scenario", name)  # beside the manifest, as it names them
+        s3.put_object(Bucket="scenario", Key="m.jsonl", Body=run.ws.manifest.read_bytes())
+        with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
+            cmd = run.ws.command("s3://scenario/out", "--s3-endpoint-url", proxy.url)
+            cmd[cmd.index("--manifest") + 1] = "s3://scenario/m.jsonl"
+            yield s3, proxy, cmd
+        for obj in s3.list_objects_v2(Bucket="scenario", Prefix="out/").get("Contents", []):
+            target = Path(run.output, obj["Key"].removeprefix("out/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file("scenario", obj["Key"], str(target))
+    finally:
+        server.stop()
+
+
+def s3_faults(run: Run):
+    """Manifest, media and output on S3 behind a proxy that throttles, resets and delays: one run."""
+    with s3_store(run) as (s3, proxy, cmd):
         for name in MEDIA:
             proxy.add(f"/scenario/{name}", "503", times=2, method="GET")
         proxy.add("/scenario/", "reset", times=3, method="GET")
         proxy.add("/scenario/out/", "503", times=3, method="PUT")
         proxy.add("/scenario/", "delay", times=20, delay_s=0.3)
-        cmd = run.ws.command("s3://scenario/out", "--s3-endpoint-url", proxy.url)
-        cmd[cmd.index("--manifest") + 1] = "s3://scenario/m.jsonl"
         run.drive(cmd)
-    for obj in s3.list_objects_v2(Bucket="scenario", Prefix="out/").get("Contents", []):
-        target = Path(run.output, obj["Key"].removeprefix("out/"))  # checked like the local outputs
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file("scenario", obj["Key"], str(target))
-    server.stop()
+        run.until_completed(cmd)
 
 
+S3_SCENARIOS = ("driver_sigkill_in_commit", "s3_faults")
 SCENARIOS = ["driver_sigkill", "driver_sigkill_in_commit", "actor_sigkill", "head_restart", "bad_media", "s3_faults"]
 
 
@@ -329,12 +363,10 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=24, help="Manifest rows per scenario.")
     p.add_argument("--kills", type=int, default=3, help="Driver kills in the driver_sigkill scenario.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random kill points.")
-    p.add_argument("--latest-kill-s", type=float, default=25.0,
-                   help="Driver kills fall between 1 s and this long after the job's actors start.")
     p.add_argument("--only", nargs="+", choices=SCENARIOS, default=SCENARIOS, help="Scenarios to run.")
     p.add_argument("--json", help="Also write the table as JSON to this file.")
     a = p.parse_args(argv)
-    faults = {"driver_sigkill": driver_sigkill(a.kills, a.seed, a.latest_kill_s), "driver_sigkill_in_commit": driver_sigkill_in_commit,
+    faults = {"driver_sigkill": driver_sigkill(a.kills, a.seed), "driver_sigkill_in_commit": driver_sigkill_in_commit,
               "actor_sigkill": actor_sigkill, "head_restart": head_restart, "bad_media": bad_media,
               "s3_faults": s3_faults}
     work = Path(tempfile.mkdtemp(prefix="fault-scenarios-"))
@@ -347,16 +379,16 @@ def main(argv=None) -> int:
             started = time.time()
             run = Run(name, Workspace(work / f"{name}-data", a.items), head, work)
             faults[name](run)
-            if name != "s3_faults":  # its reruns would need the proxy: it must complete in one run
+            if name not in S3_SCENARIOS:  # those rerun inside, while their store is up
                 run.until_completed()
             results.append(run.result(started))
     finally:
         head.stop()
-    header = f"{'scenario':<26}{'rows expected':>14}{'rows lost':>10}{'duplicates':>11}{'recomputed':>11}" \
+    header = f"{'scenario':<26}{'faults':>7}{'rows expected':>14}{'rows lost':>10}{'duplicates':>11}{'recomputed':>11}" \
              f"{'parent crashes':>15}{'driver runs':>12}{'wall s':>8}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
-        print(f"{r.scenario:<26}{r.rows_expected:>14}{r.rows_lost:>10}{r.duplicates:>11}{r.recomputed_fraction:>11.3f}"
+        print(f"{r.scenario:<26}{r.faults_injected:>7}{r.rows_expected:>14}{r.rows_lost:>10}{r.duplicates:>11}{r.recomputed_fraction:>11.3f}"
               f"{r.parent_crashes:>15}{r.driver_runs:>12}{r.wall_s:>8.1f}")
     print(f"\nlogs: {work}")
     if a.json:
