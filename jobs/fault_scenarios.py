@@ -11,8 +11,8 @@ run completes, and checks the committed output against the manifest:
     rows expected   (id, prompt) pairs the manifest asks for
     rows lost       expected pairs missing from the output
     duplicates      output rows beyond one per (id, prompt)
-    recomputed      rows staged by runs that died, discarded and computed again, / rows expected
-    parent crashes  driver runs or Ray actors that died without being killed by the scenario
+    recomputed      rows staged by killed runs (thrown away by the rerun, computed again) / rows expected
+    parent crashes  driver runs that failed by themselves, and workers Ray reports dead that the scenario did not kill
 
 Exit code 0 when no scenario lost or duplicated a row and nothing crashed unexpectedly.
 """
@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 MEDIA = ["street.mp4", "beach.webm", "photo.jpg", "logo.png", "palette.gif", "long_gop.mp4"]
 ACTORS = ("Preprocess", "Generate")
+WORKER_DIED = b"A worker died or was killed while executing a task"  # the raylet's message in the driver log
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # the job's actor classes (Ray titles them ray::MapWorker(...))
 
 
@@ -151,12 +152,14 @@ class Run:
         self.log = work / name / "driver.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.exits: list[int | None] = []  # None: killed by the scenario
-        self.restarted_actors = 0  # actor processes beyond the pool sizes: actors that died and came back
+        self.worker_deaths = 0  # workers Ray saw die in runs that were not killed
+        self.discarded = 0  # rows staged by killed runs
         self.killed_actors = 0
 
     def drive(self, cmd: list[str] | None = None, env: dict | None = None, kill_when=None, on_tick=None,
               timeout_s: float = 600) -> int | None:
         """Run the job once; SIGKILL it when `kill_when()` turns true. Exit code, or None if killed."""
+        log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(cmd or self.ws.command(self.output), env=env or self.head.env, cwd=REPO,
                                     start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -174,8 +177,12 @@ class Run:
                 break
             time.sleep(0.2)
         code = proc.returncode if code == "running" else None
-        pools = {"Preprocess": 2, "Generate": 1}  # the job's defaults: --preprocess-workers 2, --replicas 1
-        self.restarted_actors += sum(max(0, list(seen.values()).count(k) - n) for k, n in pools.items())
+        if code is None:  # what the killed run staged is thrown away by the next run and computed again
+            self.discarded += staged_rows(Path(self.output, "_staging"))
+        else:  # Ray reports each worker that died under a task in the driver's log
+            with open(self.log, "rb") as log:
+                log.seek(log_start)
+                self.worker_deaths += log.read().count(WORKER_DIED)
         self.exits.append(code)
         return code
 
@@ -192,14 +199,26 @@ class Run:
         table = pads.dataset(self.output, format="parquet").to_table(columns=["id", "prompt"]).to_pylist()
         keys = [(r["id"], r["prompt"]) for r in table]
         lost = len(self.ws.expected - {i for i, _ in keys})
-        discarded = sum(json.loads(p.read_text()).get("discarded_rows_of_failed_runs", 0)
-                        for p in Path(self.output, "_runs").glob("*.json"))
         # a driver that exited non-zero by itself, or an actor that died without our kill
-        crashes = sum(1 for c in self.exits if c not in (0, None)) + max(0, self.restarted_actors - self.killed_actors)
+        crashes = sum(1 for c in self.exits if c not in (0, None)) + max(0, self.worker_deaths - self.killed_actors)
         n = len(self.ws.expected)
         injected = sum(1 for c in self.exits if c is None) + self.killed_actors
-        return Result(self.name, injected, n, lost, len(keys) - len(set(keys)), round(discarded / n, 3), crashes,
+        return Result(self.name, injected, n, lost, len(keys) - len(set(keys)), round(self.discarded / n, 3), crashes,
                       len(self.exits), round(time.time() - started, 1))
+
+
+def staged_rows(staging: Path) -> int:
+    """Rows in the staged Parquet files of runs that have not committed (their footers; a file cut
+    short by the kill counts as nothing)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for part in staging.glob("*/*.parquet"):
+        try:
+            rows += pq.ParquetFile(part).metadata.num_rows
+        except Exception:  # noqa: BLE001 - a partial file
+            pass
+    return rows
 
 
 def after_start(delay_s: float):
@@ -241,10 +260,11 @@ def driver_sigkill_in_commit(run: Run):
     """Output on S3, whose commit moves are copies then deletes, slowed by the proxy; SIGKILL the
     driver once its commit marker is written, while the moves are under way; rerun."""
     with s3_store(run) as (s3, proxy, cmd):
-        slow = proxy.add("/scenario/out/part-", "delay", times=None, delay_s=0.5, method="PUT")
+        bucket = run.name.replace("_", "-")
+        slow = proxy.add(f"/{bucket}/out/part-", "delay", times=None, delay_s=0.5, method="PUT")
 
         def in_commit(seen) -> bool:
-            keys = [o["Key"] for o in s3.list_objects_v2(Bucket="scenario", Prefix="out/").get("Contents", [])]
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
             return any(k.endswith("/_COMPLETE.json") for k in keys) and any("/part-" in k for k in keys)
 
         run.drive(cmd, kill_when=in_commit)
@@ -321,23 +341,24 @@ def s3_store(run: Run):
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     os.environ.update(S3_CREDENTIALS)
+    bucket = run.name.replace("_", "-")  # moto's backend is shared by every server in this process
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     try:
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-        s3.create_bucket(Bucket="scenario")
+        s3.create_bucket(Bucket=bucket)
         for name in MEDIA:
-            s3.upload_file(str(run.ws.media / name), "scenario", name)  # beside the manifest, as it names them
-        s3.put_object(Bucket="scenario", Key="m.jsonl", Body=run.ws.manifest.read_bytes())
+            s3.upload_file(str(run.ws.media / name), bucket, name)  # beside the manifest, as it names them
+        s3.put_object(Bucket=bucket, Key="m.jsonl", Body=run.ws.manifest.read_bytes())
         with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
-            cmd = run.ws.command("s3://scenario/out", "--s3-endpoint-url", proxy.url)
-            cmd[cmd.index("--manifest") + 1] = "s3://scenario/m.jsonl"
+            cmd = run.ws.command(f"s3://{bucket}/out", "--s3-endpoint-url", proxy.url)
+            cmd[cmd.index("--manifest") + 1] = f"s3://{bucket}/m.jsonl"
             yield s3, proxy, cmd
-        for obj in s3.list_objects_v2(Bucket="scenario", Prefix="out/").get("Contents", []):
+        for obj in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []):
             target = Path(run.output, obj["Key"].removeprefix("out/"))
             target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file("scenario", obj["Key"], str(target))
+            s3.download_file(bucket, obj["Key"], str(target))
     finally:
         server.stop()
 
@@ -345,11 +366,12 @@ def s3_store(run: Run):
 def s3_faults(run: Run):
     """Manifest, media and output on S3 behind a proxy that throttles, resets and delays: one run."""
     with s3_store(run) as (s3, proxy, cmd):
+        bucket = run.name.replace("_", "-")
         for name in MEDIA:
-            proxy.add(f"/scenario/{name}", "503", times=2, method="GET")
-        proxy.add("/scenario/", "reset", times=3, method="GET")
-        proxy.add("/scenario/out/", "503", times=3, method="PUT")
-        proxy.add("/scenario/", "delay", times=20, delay_s=0.3)
+            proxy.add(f"/{bucket}/{name}", "503", times=2, method="GET")
+        proxy.add(f"/{bucket}/", "reset", times=3, method="GET")
+        proxy.add(f"/{bucket}/out/", "503", times=3, method="PUT")
+        proxy.add(f"/{bucket}/", "delay", times=20, delay_s=0.3)
         run.drive(cmd)
         run.until_completed(cmd)
 
