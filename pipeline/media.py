@@ -59,8 +59,9 @@ DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the he
 
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
                      start_s: float | None = None, end_s: float | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Open the URI (ranged reads, no full copy), detect the media type from content, decode."""
+                     max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None) -> Decoded:
+    """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
+    `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder."""
     try:
         f = open_binary(uri, storage)
     except FileNotFoundError as e:
@@ -68,11 +69,12 @@ def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None
     except PermissionError as e:
         raise MediaError("access_denied", f"access to {uri} was denied; check the credentials and bucket policy") from e
     with f:
-        return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels)
+        return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize)
 
 
 def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,
-                end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+                end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                video_resize: dict | None = None) -> Decoded:
     """Detect the media type of an open, seekable file from its bytes and decode it
     (the online server passes in-memory bytes here, so both paths decode alike)."""
     head = f.read(512)
@@ -86,7 +88,7 @@ def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s
     kind = detected or declared_type
     if kind == "image" or (kind is None and _is_image(f)):
         return decode_image(f, uri, max_pixels)
-    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels)
+    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize)
 
 
 def _is_image(f) -> bool:
@@ -133,7 +135,7 @@ def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
 
 
 def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None) -> Decoded:
     import av
 
     try:
@@ -179,6 +181,8 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
                                           "the file is truncated; re-upload it complete")
         video = np.stack(frames)
         height, width = video.shape[1:3]
+        if video_resize:
+            video = resize_frames(video, **video_resize)
         return Decoded("video", video, width, height, stream.codec_context.name,
                        timestamps_s=[t - origin for t in times], duration_s=duration, fps=fps,
                        decoded_frames=decoded)
@@ -195,7 +199,8 @@ def _sample(container, stream, targets: np.ndarray):
     import bisect
 
     tb = stream.time_base
-    keys = sorted(float(e.timestamp * tb) for e in stream.index_entries if e.is_keyframe)
+    seconds = float(tb)  # float math: Fraction arithmetic per index entry is slow on long videos
+    keys = sorted(e.timestamp * seconds for e in stream.index_entries if e.is_keyframe)
     seek_blind = not keys
     frames, times, decoded = [], [], 0
     it = prev = cur = None  # decoder iterator; the last two decoded frames as (time, frame)
@@ -234,6 +239,20 @@ def _sample(container, stream, targets: np.ndarray):
         times.append(best[0])
         frames.append(_upright_rgb(best[1]))
     return frames, times, decoded
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: str, antialias: bool) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8 with torchvision's resize: the operation the
+    HF video processors apply, with their parameters, so the model inputs are bit-identical and the
+    processor's own resize becomes a no-op; only the small frames leave the decoder process."""
+    import torch
+    import torchvision.transforms.v2.functional as tvF
+
+    if frames.shape[1:3] == (height, width):
+        return frames
+    tensor = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    out = tvF.resize(tensor, [height, width], interpolation=tvF.InterpolationMode(interpolation), antialias=antialias)
+    return np.ascontiguousarray(out.permute(0, 2, 3, 1).numpy())
 
 
 def _upright_rgb(frame) -> np.ndarray:

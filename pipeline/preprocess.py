@@ -32,3 +32,24 @@ class Preprocessor:
             }
         enc = self.processor(videos=[frames], text=text, return_tensors="np")
         return {"input_ids": enc["input_ids"][0], "pixel_values_videos": enc["pixel_values_videos"][0]}
+
+
+def video_resize_spec(model_path: str) -> dict | None:
+    """The checkpoint's video resize as arguments of `media.resize_frames` (the same torchvision
+    call with the same parameters), or None when its video processor has no fixed output size."""
+    try:
+        from transformers import AutoVideoProcessor
+        from transformers.image_utils import pil_torch_interpolation_mapping
+
+        vp = AutoVideoProcessor.from_pretrained(model_path)
+    except (OSError, ValueError, ImportError):
+        return None
+    size = vp.size
+    if not getattr(vp, "do_resize", False) or not (size and size.get("height") and size.get("width")):
+        return None
+    if getattr(vp, "do_center_crop", False):
+        return None
+    resample = vp.resample
+    mode = pil_torch_interpolation_mapping[resample] if isinstance(resample, int) else resample
+    return {"height": int(size["height"]), "width": int(size["width"]),
+            "interpolation": getattr(mode, "value", "bilinear"), "antialias": True}

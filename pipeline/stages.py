@@ -73,18 +73,32 @@ def _decoder(cfg: RunConfig):
     return _decoders[key]
 
 
+_resize_specs = {}  # the checkpoint's video resize, read once per worker process
+
+
+def _video_resize(cfg: RunConfig) -> dict | None:
+    if not cfg.resize_in_decoder:
+        return None
+    if cfg.model not in _resize_specs:
+        from pipeline.checkpoint import local_checkpoint
+        from pipeline.preprocess import video_resize_spec
+
+        _resize_specs[cfg.model] = video_resize_spec(local_checkpoint(cfg.model, cfg.storage))
+    return _resize_specs[cfg.model]
+
+
 def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
     """Fetch + decode each item, in a child process that may crash or hang without harm (CPU)."""
     from pipeline.media import MediaError
 
-    items, started = [], metrics.clock()
+    items, started, resize = [], metrics.clock(), _video_resize(cfg)
     for rec in records.to_pylist():
         item = {k: rec[k] for k in ("id", "uri", "source", "status", "error_type", "error", "media_type")}
         if rec["status"] == "ok":
             try:
                 d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
                                          num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
-                                         max_pixels=cfg.max_pixels)
+                                         max_pixels=cfg.max_pixels, video_resize=resize)
                 item.update(media_type=d.media_type, num_frames=len(d.frames), frame_timestamps_s=d.timestamps_s or None,
                             duration_s=d.duration_s, fps=d.fps, codec=d.codec, width=d.width, height=d.height,
                             frames=pack({"frames": d.frames}))
