@@ -72,6 +72,7 @@ class RunConfig(ModelSettings):
     task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
     prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.")
     preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
+    trace_dir: str | None = Field(None, description="Local folder where each model actor appends one JSON line per generate call (start, end, rows); for benchmarks and profiling.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row.",

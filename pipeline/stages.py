@@ -7,6 +7,9 @@ untouched and turns its own failures into error rows (status, error_type, error)
 from __future__ import annotations
 
 import io
+import json
+import os
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -155,7 +158,7 @@ class Generate:
         if todo:
             inputs = [unpack(r["model_inputs"]) for r in todo]
             seeds = [row_seed(self.cfg.generation.seed, r["id"], r["prompt"]) for r in todo]
-            started = metrics.generating(todo)
+            started, wall_started = metrics.generating(todo), time.time()
             try:
                 results = self.engine.generate(inputs, self.cfg.generation, seeds)
             except Exception:
@@ -166,7 +169,15 @@ class Generate:
                 else:
                     row.update(text=result.text, output_tokens=result.output_tokens)
             metrics.generated(todo, started)
+            if self.cfg.trace_dir:
+                self._trace(wall_started, len(todo))
         return _table(rows, RESULT_SCHEMA)
+
+    def _trace(self, started: float, rows: int) -> None:
+        """One JSON line per generate call: when the model was busy (benchmarks read these)."""
+        path = os.path.join(self.cfg.trace_dir, f"generate-{os.getpid()}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"start": started, "end": time.time(), "rows": rows}) + "\n")
 
     def _one(self, inputs, seed):
         try:
