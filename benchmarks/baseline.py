@@ -80,10 +80,10 @@ def card_decode_timed_pass(path: str, counts: list[int]) -> dict[int, dict]:
 
 
 def sequential_loop(model_dir: str, manifest: str, num_frames: int, max_new_tokens: int,
-                    shapes: dict | None = None) -> dict:
+                    shapes: dict | None = None, part: slice = slice(None)) -> dict:
     """The card's loop over a manifest: decode -> processor -> generate, one item at a time.
     Returns start-up (processor + model load) and loop seconds; `shapes` collects one model input
-    per (media type, prompt length), for counting FLOPs afterwards."""
+    per (media type, prompt length), for counting FLOPs afterwards; `part` selects manifest rows."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -95,7 +95,7 @@ def sequential_loop(model_dir: str, manifest: str, num_frames: int, max_new_toke
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     loaded = time.perf_counter()
-    items = [json.loads(line) for line in open(manifest) if line.strip()]
+    items = [json.loads(line) for line in open(manifest) if line.strip()][part]
     texts, model_s = [], 0.0
     for item in items:
         with open(item["uri"], "rb") as f:

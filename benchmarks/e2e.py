@@ -57,15 +57,28 @@ def steady_state(job: dict) -> dict:
 
 def measure(label: str, model_dir: str, manifest: Path, work: Path, num_frames: int, max_new_tokens: int,
             batch_size: int, count_flops: bool = False, log=print) -> dict:
+    # The card's loop runs on the first half of the items before the job and on the second half
+    # after it (the kinds repeat every 4 items, so the halves match): on a machine shared with
+    # other work, both ways then see the same spells of load.
     shapes = {} if count_flops else None
-    seq = sequential_loop(model_dir, str(manifest), num_frames, max_new_tokens, shapes)
-    seq_steady, seq_overall = seq["items"] / seq["loop_s"], seq["items"] / seq["wall_s"]
+    half = sum(1 for line in open(manifest) if line.strip()) // 2
+    load = [os.getloadavg()[0]]
+    first = sequential_loop(model_dir, str(manifest), num_frames, max_new_tokens, shapes, slice(0, half))
+    load.append(os.getloadavg()[0])
     job = run_job(work, f"e2e-{label}", dict(manifest=str(manifest), model=model_dir, num_frames=num_frames,
                                              batch_size=batch_size, generation={"max_new_tokens": max_new_tokens}))
+    load.append(os.getloadavg()[0])
+    second = sequential_loop(model_dir, str(manifest), num_frames, max_new_tokens, shapes, slice(half, None))
+    load.append(os.getloadavg()[0])
+    seq = {k: first[k] + second[k] for k in ("items", "loop_s", "model_s")}
+    seq["startup_s"] = (first["startup_s"] + second["startup_s"]) / 2
+    seq["wall_s"] = seq["startup_s"] + seq["loop_s"]
+    seq_steady, seq_overall = seq["items"] / seq["loop_s"], seq["items"] / seq["wall_s"]
     if job["ok"] != job["items"]:
         raise RuntimeError(f"e2e {label}: {job['errors']} error rows ({job['error_types']}); see {work}")
     result = {
-        "items": job["items"], "num_frames": num_frames, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "items": job["items"], "load_avg_1m_before_loop_job_loop_after": [round(x, 1) for x in load],
+        "num_frames": num_frames, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "sequential": {"startup_s": round(seq["startup_s"], 2), "loop_s": round(seq["loop_s"], 2),
                        "steady_items_per_s": round(seq_steady, 3), "overall_items_per_s": round(seq_overall, 3),
                        "model_busy_fraction": round(seq["model_s"] / seq["loop_s"], 3)},
