@@ -11,7 +11,7 @@ def chart(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in ("decode_speedup_long", "decode_speedup_short", "preprocess_speedup", "e2e_speedup_tiny",
+    keys = [k for k in ("decode_speedup_long", "decode_speedup_short", "decode_speedup_short_min", "preprocess_speedup", "e2e_speedup_tiny",
                         "e2e_speedup_small", "cpu_scaling_2_vs_1", "rss_ratio_1000_vs_100", "model_busy_fraction_small",
                         "model_flops_fraction_small") if k in result]
     keys += [k for k in result if k.startswith("gpu_") and k.endswith(("_speedup", "_mfu"))]

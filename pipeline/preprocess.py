@@ -42,7 +42,7 @@ def video_resize_spec(model_path: str) -> dict | None:
         from transformers.image_utils import pil_torch_interpolation_mapping
 
         vp = AutoVideoProcessor.from_pretrained(model_path)
-    except (OSError, ValueError, ImportError):
+    except Exception:  # noqa: BLE001 - no video processor (e.g. LLaVA-1.5): frames go as decoded
         return None
     size = vp.size
     if not getattr(vp, "do_resize", False) or not (size and size.get("height") and size.get("width")):
