@@ -53,7 +53,6 @@ class ModelSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image or video frame (width x height) decoded; larger media become `too_large` rows, judged from the header.")
     decode_timeout_s: float = Field(120.0, gt=0, description="Longest time one item may take to fetch and decode before it becomes a `timeout` row.")
     decoder_module: str = Field("pipeline.decoder_process", description="Module run (python -m) as the isolated decoder process; tests swap in one that injects faults.")
-    resize_in_decoder: bool = Field(True, description="Resize video frames to the video processor's size inside the decoder process, with the processor's own resize (bit-identical model inputs): only small frames travel to the preprocess stage.")
     batch_size: int = Field(4, ge=1, description="Model inputs per generate call.")
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
@@ -72,6 +71,7 @@ class RunConfig(ModelSettings):
     task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
     prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.")
     preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
+    resize_in_decoder: bool = Field(True, description="Resize video frames to the video processor's size inside the decoder process, with the processor's own resize (bit-identical model inputs): only small frames travel to the preprocess stage.")
     trace_dir: str | None = Field(None, description="Local folder where each model actor appends one JSON line per generate call (start, end, rows); for benchmarks and profiling.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
