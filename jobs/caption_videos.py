@@ -39,6 +39,8 @@ def parse_args(argv=None) -> RunConfig:
                    help=f["preprocess_workers"].description)
     p.add_argument("--resize-in-decoder", action=argparse.BooleanOptionalAction, default=f["resize_in_decoder"].default,
                    help=f["resize_in_decoder"].description)
+    p.add_argument("--model-cpu-threads", type=int, default=f["model_cpu_threads"].default,
+                   help=f["model_cpu_threads"].description)
     p.add_argument("--temperature", type=float, default=g["temperature"].default, help=g["temperature"].description)
     p.add_argument("--top-p", type=float, default=g["top_p"].default, help=g["top_p"].description)
     p.add_argument("--top-k", type=int, default=g["top_k"].default, help=g["top_k"].description)
@@ -56,7 +58,8 @@ def parse_args(argv=None) -> RunConfig:
         return RunConfig(
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas,
-            preprocess_workers=a.preprocess_workers, resize_in_decoder=a.resize_in_decoder, device=a.device, dtype=a.dtype,
+            preprocess_workers=a.preprocess_workers, resize_in_decoder=a.resize_in_decoder,
+            model_cpu_threads=a.model_cpu_threads, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, dry_run=a.dry_run,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),

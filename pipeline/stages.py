@@ -147,6 +147,10 @@ class Generate:
         from pipeline.engine import Engine
 
         self.cfg = cfg
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(cfg.model_cpu_threads or len(os.sched_getaffinity(0)))
         self.engine = Engine(local_checkpoint(cfg.model, cfg.storage), device=device, dtype=cfg.dtype,
                              attn_implementation=cfg.attn_implementation)
 
