@@ -86,7 +86,10 @@ def _video_resize(cfg: RunConfig) -> dict | None:
         from pipeline.checkpoint import local_checkpoint
         from pipeline.preprocess import video_resize_spec
 
-        _resize_specs[cfg.model] = video_resize_spec(local_checkpoint(cfg.model, cfg.storage))
+        try:
+            _resize_specs[cfg.model] = video_resize_spec(local_checkpoint(cfg.model, cfg.storage))
+        except Exception:  # noqa: BLE001 - the model stage reports an unreadable checkpoint; decode goes on
+            _resize_specs[cfg.model] = None
     return _resize_specs[cfg.model]
 
 
