@@ -29,7 +29,7 @@ GOALS = [("decode_speedup_long", ">=", 5.0), ("decode_speedup_short_min", ">=", 
          ("rss_ratio_1000_vs_100", "<=", 1.5)]
 # Sizes per profile (inputs: benchmarks.inputs.PROFILES).
 SIZES = {
-    "minimal": dict(repeats=1, pre_frames=4, frames=4, tokens_tiny=8, tokens_small=8, scale=(10, 30)),
+    "minimal": dict(repeats=1, pre_frames=4, frames=4, tokens_tiny=8, tokens_small=8, scale=(10, 60)),
     "quick": dict(repeats=2, pre_frames=16, frames=8, tokens_tiny=32, tokens_small=32, scale=(100, 1000)),
     "full": dict(repeats=3, pre_frames=32, frames=8, tokens_tiny=64, tokens_small=64, scale=(100, 1000)),
 }

@@ -36,8 +36,11 @@ def measure(model_dir: str, work: Path, small: int, large: int, log=print) -> di
             log(f"scale {n} items on {job['cpus']} CPU(s): {job['wall_s']:.1f} s, driver "
                 f"{job['peak_rss_driver_mb']:.0f} MB, workers {job['peak_rss_workers_mb']:.0f} MB")
     # Steady state from the difference of the two sizes: start-up (Ray, actors, model load) cancels out.
-    steady = {cpus: (large - small) / (runs[f"large-{cpus}cpu"]["wall_s"] - runs[f"small-{cpus}cpu"]["wall_s"])
-              for cpus in (2, 1)}
+    steady = {}
+    for cpus in (2, 1):
+        extra_s = runs[f"large-{cpus}cpu"]["wall_s"] - runs[f"small-{cpus}cpu"]["wall_s"]
+        # (a run too small to rise above the noise falls back to the larger run's overall rate)
+        steady[cpus] = (large - small) / extra_s if extra_s > 0 else runs[f"large-{cpus}cpu"]["overall_items_per_s"]
     s, big = runs["small-2cpu"], runs["large-2cpu"]
     ratio = lambda k: round(big[k] / s[k], 3)  # noqa: E731
     return {"runs": runs, "items": [small, large],

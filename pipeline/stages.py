@@ -150,10 +150,10 @@ class Generate:
         from pipeline.engine import Engine
 
         self.cfg = cfg
-        if device == "cpu":
+        if device == "cpu" and cfg.model_cpu_threads:
             import torch
 
-            torch.set_num_threads(cfg.model_cpu_threads or len(os.sched_getaffinity(0)))
+            torch.set_num_threads(cfg.model_cpu_threads)
         self.engine = Engine(local_checkpoint(cfg.model, cfg.storage), device=device, dtype=cfg.dtype,
                              attn_implementation=cfg.attn_implementation)
 
