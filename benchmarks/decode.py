@@ -67,7 +67,7 @@ def measure(inputs: dict, repeats: int = 3, log=print) -> dict:
     cases = {}
     groups = {"short": inputs["short"], **{f"long_gop{g:g}s": [p] for g, p in inputs["long"].items()}}
     for name, paths in groups.items():
-        r = repeats if name == "short" else max(1, repeats - 1)
+        r = repeats
         # Interleaved repeats (card pass, then ours for every N), keeping each one's fastest:
         # on a shared machine both then see the same spells of load.
         card, mine = {}, {}
