@@ -50,6 +50,10 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--gpu-memory-gb", type=float, help=f["gpu_memory_gb"].description)
     p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
                    help=f["preprocess_workers"].description)
+    p.add_argument("--resize-in-decoder", action=argparse.BooleanOptionalAction, default=f["resize_in_decoder"].default,
+                   help=f["resize_in_decoder"].description)
+    p.add_argument("--model-cpu-threads", type=int, default=f["model_cpu_threads"].default,
+                   help=f["model_cpu_threads"].description)
     p.add_argument("--temperature", type=float, default=g["temperature"].default, help=g["temperature"].description)
     p.add_argument("--top-p", type=float, default=g["top_p"].default, help=g["top_p"].description)
     p.add_argument("--top-k", type=int, default=g["top_k"].default, help=g["top_k"].description)
@@ -77,7 +81,8 @@ def parse_args(argv=None) -> RunConfig:
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas, tp=a.tp,
             replica_timeout_s=a.replica_timeout_s, replica_restarts=a.replica_restarts, gpu_memory_gb=a.gpu_memory_gb,
-            preprocess_workers=a.preprocess_workers, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
+            preprocess_workers=a.preprocess_workers, resize_in_decoder=a.resize_in_decoder,
+            model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
             trust_remote_code=a.trust_remote_code, dry_run=a.dry_run, retry_errors=a.retry_errors,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,

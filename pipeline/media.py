@@ -59,8 +59,9 @@ DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the he
 
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
                      start_s: float | None = None, end_s: float | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Open the URI (ranged reads, no full copy), detect the media type from content, decode."""
+                     max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None) -> Decoded:
+    """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
+    `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder."""
     try:
         f = _WatchedFile(open_binary(uri, storage))
     except FileNotFoundError as e:
@@ -71,7 +72,7 @@ def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None
         raise _fetch_failed(uri, e) from e
     with f:
         try:
-            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels)
+            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize)
         except (MediaError, OSError) as e:
             if f.error is None:
                 raise
@@ -113,7 +114,8 @@ class _WatchedFile:
 
 
 def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,
-                end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+                end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                video_resize: dict | None = None) -> Decoded:
     """Detect the media type of an open, seekable file from its bytes and decode it
     (the online server passes in-memory bytes here, so both paths decode alike)."""
     head = f.read(512)
@@ -127,7 +129,7 @@ def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s
     kind = detected or declared_type
     if kind == "image" or (kind is None and _is_image(f)):
         return decode_image(f, uri, max_pixels)
-    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels)
+    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize)
 
 
 def _is_image(f) -> bool:
@@ -174,7 +176,7 @@ def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
 
 
 def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None) -> Decoded:
     import av
 
     try:
@@ -193,7 +195,8 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
         if stream.codec_context is None:  # FFmpeg knows the container but has no decoder for the codec
             raise MediaError("unsupported_codec", f"{uri}: FFmpeg has no decoder for its video codec; "
                                                   "re-encode it to H.264, HEVC, VP9 or AV1")
-        stream.thread_type = "AUTO"
+        # No frame threading: each seek flushes its pipeline of frames decoded ahead, and the
+        # benchmarks measured it slower here; decoders run side by side, one per worker, instead.
         _check_pixels(uri, stream.codec_context.width, stream.codec_context.height, max_pixels)
         _check_not_truncated(f, uri, stream)
         tb = stream.time_base
@@ -225,6 +228,8 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
                                           "the file is truncated; re-upload it complete")
         video = np.stack(frames)
         height, width = video.shape[1:3]
+        if video_resize:
+            video = resize_frames(video, **video_resize)
         return Decoded("video", video, width, height, stream.codec_context.name,
                        timestamps_s=[t - origin for t in times], duration_s=duration, fps=fps,
                        decoded_frames=decoded)
@@ -241,7 +246,8 @@ def _sample(container, stream, targets: np.ndarray):
     import bisect
 
     tb = stream.time_base
-    keys = sorted(float(e.timestamp * tb) for e in stream.index_entries if e.is_keyframe)
+    seconds = float(tb)  # float math: Fraction arithmetic per index entry is slow on long videos
+    keys = sorted(e.timestamp * seconds for e in stream.index_entries if e.is_keyframe)
     seek_blind = not keys
     frames, times, decoded = [], [], 0
     it = prev = cur = None  # decoder iterator; the last two decoded frames as (time, frame)
@@ -280,6 +286,20 @@ def _sample(container, stream, targets: np.ndarray):
         times.append(best[0])
         frames.append(_upright_rgb(best[1]))
     return frames, times, decoded
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: str, antialias: bool) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, height, width, 3) uint8 with torchvision's resize: the operation the
+    HF video processors apply, with their parameters, so the model inputs are bit-identical and the
+    processor's own resize becomes a no-op; only the small frames leave the decoder process."""
+    import torch
+    import torchvision.transforms.v2.functional as tvF
+
+    if frames.shape[1:3] == (height, width):
+        return frames
+    tensor = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    out = tvF.resize(tensor, [height, width], interpolation=tvF.InterpolationMode(interpolation), antialias=antialias)
+    return np.ascontiguousarray(out.permute(0, 2, 3, 1).numpy())
 
 
 def _upright_rgb(frame) -> np.ndarray:

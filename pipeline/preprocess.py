@@ -53,3 +53,24 @@ class Preprocessor:
                     "image_sizes": np.asarray(enc["image_sizes"])}
         enc = self.processor(images=images, text=text, return_tensors="np")
         return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"]}
+
+
+def video_resize_spec(model_path: str) -> dict | None:
+    """The checkpoint's video resize as arguments of `media.resize_frames` (the same torchvision
+    call with the same parameters), or None when its video processor has no fixed output size."""
+    try:
+        from transformers import AutoVideoProcessor
+        from transformers.image_utils import pil_torch_interpolation_mapping
+
+        vp = AutoVideoProcessor.from_pretrained(model_path)
+    except Exception:  # noqa: BLE001 - no video processor (e.g. LLaVA-1.5): frames go as decoded
+        return None
+    size = vp.size
+    if not getattr(vp, "do_resize", False) or not (size and size.get("height") and size.get("width")):
+        return None
+    if getattr(vp, "do_center_crop", False):
+        return None
+    resample = vp.resample
+    mode = pil_torch_interpolation_mapping[resample] if isinstance(resample, int) else resample
+    return {"height": int(size["height"]), "width": int(size["width"]),
+            "interpolation": getattr(mode, "value", "bilinear"), "antialias": True}

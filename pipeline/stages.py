@@ -7,6 +7,9 @@ untouched and turns its own failures into error rows (status, error_type, error)
 from __future__ import annotations
 
 import io
+import json
+import os
+import time
 from datetime import datetime, timezone
 
 import numpy as np
@@ -74,11 +77,28 @@ def _decoder(cfg: RunConfig):
     return _decoders[key]
 
 
+_resize_specs = {}  # the checkpoint's video resize, read once per worker process
+
+
+def _video_resize(cfg: RunConfig) -> dict | None:
+    if not cfg.resize_in_decoder:
+        return None
+    if cfg.model not in _resize_specs:
+        from pipeline.checkpoint import local_checkpoint
+        from pipeline.preprocess import video_resize_spec
+
+        try:
+            _resize_specs[cfg.model] = video_resize_spec(local_checkpoint(cfg.model, cfg.storage))
+        except Exception:  # noqa: BLE001 - the model stage reports an unreadable checkpoint; decode goes on
+            _resize_specs[cfg.model] = None
+    return _resize_specs[cfg.model]
+
+
 def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
     """Fetch + decode each item, in a child process that may crash or hang without harm (CPU)."""
     from pipeline.media import MediaError
 
-    items, started = [], metrics.clock()
+    items, started, resize = [], metrics.clock(), _video_resize(cfg)
     for rec in records.to_pylist():
         item = {k: rec[k] for k in ("id", "uri", "uris", "source", "status", "error_type", "error", "media_type")}
         if rec["status"] == "ok":
@@ -88,7 +108,7 @@ def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
                 else:
                     d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
                                              num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
-                                             max_pixels=cfg.max_pixels)
+                                             max_pixels=cfg.max_pixels, video_resize=resize)
                     item.update(_media_fields(d), num_frames=len(d.frames), frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
@@ -159,6 +179,10 @@ class Generate:
         from pipeline.tensor_parallel import make_engine
 
         self.cfg = cfg
+        if device == "cpu" and cfg.model_cpu_threads:
+            import torch
+
+            torch.set_num_threads(cfg.model_cpu_threads)
         self.engine = make_engine(cfg, local_checkpoint(cfg.model, cfg.storage), device)
 
     def __call__(self, requests: pa.Table) -> pa.Table:
@@ -170,7 +194,7 @@ class Generate:
         if todo:
             inputs = [unpack(r["model_inputs"]) for r in todo]
             seeds = [row_seed(self.cfg.generation.seed, r["id"], r["prompt"]) for r in todo]
-            started = metrics.generating(todo)
+            started, wall_started = metrics.generating(todo), time.time()
             # out of memory: split and retried; other failures: isolated to the failing row(s)
             for row, result in zip(todo, generate_rows(self.engine, inputs, self.cfg.generation, seeds)):
                 if isinstance(result, RowError):
@@ -178,7 +202,15 @@ class Generate:
                 else:
                     row.update(text=result.text, output_tokens=result.output_tokens)
             metrics.generated(todo, started)
+            if self.cfg.trace_dir:
+                self._trace(wall_started, len(todo))
         return _table(rows, RESULT_SCHEMA)
+
+    def _trace(self, started: float, rows: int) -> None:
+        """One JSON line per generate call: when the model was busy (benchmarks read these)."""
+        path = os.path.join(self.cfg.trace_dir, f"generate-{os.getpid()}.jsonl")
+        with open(path, "a") as f:
+            f.write(json.dumps({"start": started, "end": time.time(), "rows": rows}) + "\n")
 
 
 def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:

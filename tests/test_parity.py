@@ -108,3 +108,19 @@ def test_sampling_is_deterministic_per_seed_and_independent_of_batching(manifest
     other_seed = {(r["id"], r["prompt"]): r["text"]
                   for r in pipeline_rows(config(manifest, tiny_model, temperature=1.0, top_p=0.9, seed=8), 10)}
     assert a != greedy and a != other_seed
+
+
+def test_resize_in_decoder_gives_identical_model_inputs(manifest, tiny_model):
+    from pipeline.stages import unpack
+
+    runs = {}
+    for resize in (True, False):
+        cfg = config(manifest, tiny_model).model_copy(update={"resize_in_decoder": resize})
+        items = decode_media(scan_manifest(cfg).records, cfg)
+        frames = {r["id"]: unpack(r["frames"])["frames"].shape for r in items.to_pylist() if r["media_type"] == "video"}
+        runs[resize] = frames, Preprocess(cfg)(items).to_pylist()
+    (small, resized), (full, plain) = runs[True], runs[False]
+    assert set(small.values()) == {(6, 32, 32, 3)} and all(s[1:3] != (32, 32) for s in full.values())
+    for a, b in zip(resized, plain):
+        x, y = unpack(a["model_inputs"]), unpack(b["model_inputs"])
+        assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), a["id"]

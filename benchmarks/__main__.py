@@ -1,0 +1,168 @@
+"""Benchmarks side by side: every figure a ratio against a baseline measured in the same run on
+the same generated inputs (PyAV/libx264, Pillow, random-weight checkpoints), so anyone can rerun it.
+
+    python -m benchmarks --out benchmarks/results/quick.json --quick      # a few minutes on 2 cores
+    python -m benchmarks --out results.json                                # the full sizes
+    python -m benchmarks --out gpu.json --gpu --only gpu                   # on a GPU machine (no Ray/PyAV needed)
+
+Writes FILE.json and a chart FILE.png beside it. Figures (keys): decode (decode_speedup_long,
+decode_speedup_short), preprocess (preprocess_speedup), end to end (e2e_speedup_tiny,
+e2e_speedup_small, model_busy_fraction_small), memory and scale (rss_ratio_1000_vs_100,
+cpu_scaling_2_vs_1), efficiency (model_flops_fraction_small) and, with --gpu, videos/s per GPU
+and MFU of the 0.5B and 7B architectures. Generated inputs are kept in --work and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+FIGURES = ("decode", "preprocess", "e2e", "scale", "gpu")
+# Issue 7's goals: (key, comparison, value).
+GOALS = [("decode_speedup_long", ">=", 5.0), ("decode_speedup_short_min", ">=", 1.0),
+         ("e2e_speedup_tiny", ">=", 2.0), ("model_busy_fraction_small", ">=", 0.8),
+         ("rss_ratio_1000_vs_100", "<=", 1.5)]
+# Sizes per profile (inputs: benchmarks.inputs.PROFILES).
+SIZES = {
+    "minimal": dict(repeats=1, pre_frames=4, frames=4, tokens_tiny=8, tokens_small=8, scale=(10, 60)),
+    "quick": dict(repeats=2, pre_frames=16, frames=8, tokens_tiny=32, tokens_small=32, scale=(100, 1000)),
+    "full": dict(repeats=3, pre_frames=32, frames=8, tokens_tiny=64, tokens_small=64, scale=(100, 1000)),
+}
+
+
+def machine() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for package in ("torch", "transformers", "av", "ray", "torchcodec"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "versions": versions}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the JSON file to write (the chart goes beside it, .png)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small inputs: a few minutes on 2 cores")
+    size.add_argument("--minimal", action="store_true", help="tiny inputs, for the test suite (figures are noise)")
+    p.add_argument("--only", help=f"comma-separated figures to run (default: all but gpu): {','.join(FIGURES)}")
+    p.add_argument("--gpu", action="store_true", help="also run the GPU figure (on the CPU when there is no GPU: a check)")
+    p.add_argument("--gpu-models", default="0.5b,7b", help="architectures for the GPU figure (0.5b, 7b; tiny-384 to check)")
+    p.add_argument("--gpu-videos", type=int, default=16, help="videos per model in the GPU figure")
+    p.add_argument("--gpu-frames", type=int, default=32, help="frames per video in the GPU figure")
+    p.add_argument("--gpu-tokens", type=int, default=64, help="new tokens per video (fixed) in the GPU figure")
+    p.add_argument("--gpu-batch", type=int, default=8, help="videos per generate call in the GPU figure")
+    p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "pipeline-benchmarks"),
+                   help="folder for generated inputs (reused), checkpoints and job outputs")
+    a = p.parse_args(argv)
+    profile = "minimal" if a.minimal else "quick" if a.quick else "full"
+    only = set(a.only.split(",")) if a.only else set(FIGURES) - {"gpu"}
+    if a.gpu:
+        only.add("gpu")
+    if unknown := only - set(FIGURES):
+        p.error(f"unknown figures: {sorted(unknown)}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work) / profile
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = SIZES[profile]
+    started = time.time()
+    result = {"command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+              "profile": profile, "machine_before": machine()}
+    log = lambda msg: print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)  # noqa: E731
+
+    if only & {"decode", "preprocess", "e2e", "scale"}:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from benchmarks.inputs import PROFILES, make_inputs, mixed_manifest
+        from benchmarks.models import write_checkpoint
+        from pipeline.testing.tiny_model import build as build_tiny
+
+        log(f"inputs ({profile}) in {work}")
+        inputs = make_inputs(work / "inputs", profile)
+        tiny = work / "tiny-model"
+        if not (tiny / "config.json").exists():
+            build_tiny(tiny)
+        small = write_checkpoint("small", work / "small-model")
+    if "decode" in only:
+        from benchmarks import decode
+
+        result["decode"] = decode.measure(inputs, repeats=sizes["repeats"], log=log)
+    if "preprocess" in only:
+        from benchmarks import preprocess
+
+        result["preprocess"] = preprocess.measure(str(small), inputs, n=sizes["pre_frames"], repeats=sizes["repeats"] + 1,
+                                                  log=log)
+    if "e2e" in only:
+        from benchmarks import e2e
+
+        manifest = mixed_manifest(work / "mixed.jsonl", inputs, PROFILES[profile]["mixed"])
+        result["e2e"] = {
+            "tiny": e2e.measure("tiny", str(tiny), manifest, work, sizes["frames"], sizes["tokens_tiny"], 4, log=log),
+            "small": e2e.measure("small", str(small), manifest, work, sizes["frames"], sizes["tokens_small"], 4,
+                                 count_flops=True, log=log),
+        }
+    if "scale" in only:
+        from benchmarks import scale
+
+        result["scale"] = scale.measure(str(tiny), work, *sizes["scale"], log=log)
+    if "gpu" in only:
+        from benchmarks import gpu
+
+        result["gpu"] = gpu.measure(a.gpu_models.split(","), frames=a.gpu_frames, new_tokens=a.gpu_tokens,
+                                    videos=a.gpu_videos, batch_size=a.gpu_batch, log=log)
+
+    result.update(headline(result))
+    result["goals"] = {key: {"goal": f"{op} {value}", "value": result[key],
+                             "met": result[key] >= value if op == ">=" else result[key] <= value}
+                       for key, op, value in GOALS if key in result}
+    result["machine_after"] = machine()
+    result["elapsed_s"] = round(time.time() - started, 1)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    try:
+        from benchmarks.chart import chart
+
+        chart(result, out.with_suffix(".png"))
+        log(f"wrote {out} and {out.with_suffix('.png')}")
+    except ImportError as e:  # a bare GPU machine may lack matplotlib: the JSON is what counts
+        log(f"wrote {out}; no chart ({e})")
+    for key, goal in result["goals"].items():
+        log(f"goal {key} {goal['goal']}: {goal['value']} ({'met' if goal['met'] else 'MISSED'})")
+    return 0
+
+
+def headline(result: dict) -> dict:
+    """The issue's keys, lifted to the top level of the JSON."""
+    h = {}
+    if "decode" in result:
+        h.update({k: result["decode"][k] for k in ("decode_speedup_long", "decode_speedup_short",
+                                                   "decode_speedup_long_min", "decode_speedup_short_min")})
+    if "preprocess" in result:
+        h["preprocess_speedup"] = result["preprocess"]["preprocess_speedup"]
+    if "e2e" in result:
+        e = result["e2e"]
+        h.update(e2e_speedup_tiny=e["tiny"]["speedup_steady"], e2e_speedup_tiny_overall=e["tiny"]["speedup_overall"],
+                 e2e_speedup_small=e["small"]["speedup_steady"], e2e_speedup_small_overall=e["small"]["speedup_overall"],
+                 model_busy_fraction_small=e["small"]["job"]["model_busy_fraction"],
+                 model_flops_fraction_small=e["small"]["flops"]["fraction"])
+    if "scale" in result:
+        h.update({k: result["scale"][k] for k in ("rss_ratio_1000_vs_100", "cpu_scaling_2_vs_1")})
+    if "gpu" in result:
+        for name, m in result["gpu"]["models"].items():
+            h[f"gpu_{name}_videos_per_s"] = m["batched_videos_per_s"]
+            h[f"gpu_{name}_speedup"] = m["speedup"]
+            h[f"gpu_{name}_mfu"] = m["mfu_batched"]
+    return h
+
+
+if __name__ == "__main__":
+    sys.exit(main())
