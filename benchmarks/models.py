@@ -31,11 +31,11 @@ IMAGE_SIZE, PATCH_SIZE = 384, 14
 def config(name: str):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    from pipeline.testing.tiny_model import SPECIAL_TOKENS, build_tokenizer
+    from pipeline.testing.tiny_model import QWEN_TOKENS, build_tokenizer
 
     arch = ARCHITECTURES[name]
     tokenizer = build_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
     text = Qwen2Config(max_position_embeddings=32768, tie_word_embeddings=name in ("0.5b",),
                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
                        rope_theta=1_000_000.0, **arch["text"])
@@ -53,7 +53,7 @@ def config(name: str):
 def processor(tokenizer):
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
-    from pipeline.testing.tiny_model import CHAT_TEMPLATE
+    from pipeline.testing.tiny_model import ONEVISION_TEMPLATE
 
     size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     pinpoints = [[IMAGE_SIZE * i, IMAGE_SIZE * j] for i in range(1, 7) for j in range(1, 7)]
@@ -61,7 +61,7 @@ def processor(tokenizer):
         image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints),
         video_processor=LlavaOnevisionVideoProcessor(size=size), tokenizer=tokenizer,
         num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2, vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9", chat_template=CHAT_TEMPLATE)
+        vision_aspect_ratio="anyres_max_9", chat_template=ONEVISION_TEMPLATE)
 
 
 def build_model(name: str, device: str = "cpu", dtype: str = "float32"):
