@@ -119,13 +119,3 @@ def mixed_manifest(path: Path, inputs: dict, n: int) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
-
-def video_info(path: Path) -> dict:
-    import av
-
-    with av.open(str(path)) as c:
-        s = c.streams.video[0]
-        return {"width": s.codec_context.width, "height": s.codec_context.height, "frames": s.frames,
-                "fps": float(s.average_rate), "duration_s": float(s.duration * s.time_base) if s.duration else None,
-                "keyframes": sum(1 for e in s.index_entries if e.is_keyframe)}
-
