@@ -3,7 +3,7 @@
 `DecoderProcess.decode(...)` sends the request to a long-lived child (`python -m
 pipeline.decoder_process`) and waits at most `timeout_s`; a child that dies (segfault, abort,
 out of memory) or overruns is killed and replaced, and the row gets `decoder_crashed` or `timeout`.
-Messages are 8-byte lengths + pickles on the child's stdin/stdout (both ends are this code).
+Messages (pipeline/child_messages.py) go over the child's stdin/stdout.
 """
 
 from __future__ import annotations
@@ -17,29 +17,23 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.child_messages import HEADER_BYTES, body_length, receive, send
 from pipeline.media import Decoded, MediaError, fetch_and_decode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _write(stream, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(len(data).to_bytes(8, "little") + data)
-    stream.flush()
 
 
 def serve(decode=fetch_and_decode) -> None:
     """The child's loop: one request in, one reply out, until stdin closes."""
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the reply channel
-    while len(header := requests.read(8)) == 8:
-        kwargs = pickle.loads(requests.read(int.from_bytes(header, "little")))
+    while (kwargs := receive(requests)) is not None:
         try:
-            _write(replies, ("ok", decode(**kwargs)))
+            send(replies, ("ok", decode(**kwargs)))
         except MediaError as e:
-            _write(replies, ("error", (e.error_type, str(e))))
+            send(replies, ("error", (e.error_type, str(e))))
         except Exception as e:  # noqa: BLE001 - any decoder failure belongs to this row
-            _write(replies, ("error", ("undecodable", f"decoding {kwargs.get('uri')} failed: {type(e).__name__}: {e}")))
+            send(replies, ("error", ("undecodable", f"decoding {kwargs.get('uri')} failed: {type(e).__name__}: {e}")))
 
 
 class DecoderProcess:
@@ -83,9 +77,9 @@ class DecoderProcess:
         uri = kwargs.get("uri")
         deadline = time.monotonic() + self.timeout_s
         try:
-            _write(self.proc.stdin, kwargs)
-            header = self._read(8, deadline)
-            body = header and self._read(int.from_bytes(header, "little"), deadline)
+            send(self.proc.stdin, kwargs)
+            header = self._read(HEADER_BYTES, deadline)
+            body = header and self._read(body_length(header), deadline)
         except TimeoutError:
             self._stop()
             raise MediaError("timeout", f"decoding {uri} took over {self.timeout_s:g} s and was stopped; "

@@ -11,7 +11,7 @@ A rank that dies, or a replica that overruns `replica_timeout_s`, takes the whol
 every rank is killed (the others would wait in a collective for ever), a new replica is started
 and the batch is retried, `replica_restarts` times; then ReplicaFailed is raised. Nothing waits
 without a deadline, and ranks exit when their parent does.
-Messages: 8-byte length + pickle on each rank's stdin/stdout (both ends are this code).
+Messages: pipeline/child_messages.py, on each rank's stdin/stdout.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline.child_messages import HEADER_BYTES, body_length, receive, send
 from pipeline.config import ModelSettings
 
 log = logging.getLogger("pipeline.tensor_parallel")
@@ -63,19 +64,6 @@ def make_engine(settings: ModelSettings, model_path: str, device: str):
                                 rank_module=settings.rank_module)
 
 
-def _write(stream, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(len(data).to_bytes(8, "little") + data)
-    stream.flush()
-
-
-def _read(stream):
-    header = stream.read(8)
-    if len(header) < 8:
-        return None
-    return pickle.loads(stream.read(int.from_bytes(header, "little")))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -90,10 +78,10 @@ class _Rank:
 
     def message(self):
         """The next whole reply, or None if it has not fully arrived."""
-        if len(self.buf) < 8 or len(self.buf) < 8 + (n := int.from_bytes(self.buf[:8], "little")):
+        if len(self.buf) < HEADER_BYTES or len(self.buf) < HEADER_BYTES + (n := body_length(self.buf)):
             return None
-        data = bytes(self.buf[8:8 + n])
-        del self.buf[:8 + n]
+        data = bytes(self.buf[HEADER_BYTES:HEADER_BYTES + n])
+        del self.buf[:HEADER_BYTES + n]
         return pickle.loads(data)
 
     def died(self) -> str:
@@ -196,7 +184,7 @@ class TensorParallelEngine:
         deadline = time.monotonic() + timeout_s
         for r in self.ranks:
             try:
-                _write(r.proc.stdin, message)
+                send(r.proc.stdin, message)
             except (BrokenPipeError, OSError):
                 raise _ReplicaDown(r.died()) from None
         replies: dict[int, tuple] = {}
@@ -278,21 +266,21 @@ def serve_rank(generate=lambda engine, *args: engine.generate(*args)) -> None:
     _exit_with_parent()
     rank = int(os.environ["RANK"])
     engine = None
-    while (message := _read(requests)) is not None:
+    while (message := receive(requests)) is not None:
         op, *args = message
         try:
             if op == "load":
                 engine, result = load_rank(*args), None
             else:
                 result = generate(engine, *args)
-            _write(replies, ("ok", result if rank == 0 else None))
+            send(replies, ("ok", result if rank == 0 else None))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
             if error_kind(e) == "out_of_memory":
                 import torch
 
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-            _write(replies, ("error", error_kind(e), f"{type(e).__name__}: {e}"))
+            send(replies, ("error", error_kind(e), f"{type(e).__name__}: {e}"))
 
 
 if __name__ == "__main__":
