@@ -259,8 +259,7 @@ def driver_sigkill(kills: int, seed: int):
 def driver_sigkill_in_commit(run: Run):
     """Output on S3, whose commit moves are copies then deletes, slowed by the proxy; SIGKILL the
     driver once its commit marker is written, while the moves are under way; rerun."""
-    with s3_store(run) as (s3, proxy, cmd):
-        bucket = run.name.replace("_", "-")
+    with s3_store(run) as (s3, proxy, cmd, bucket):
         slow = proxy.add(f"/{bucket}/out/part-", "delay", times=None, delay_s=0.5, method="PUT")
 
         def in_commit(seen) -> bool:
@@ -331,7 +330,7 @@ def pads_rows(output: str) -> dict:
 @contextlib.contextmanager
 def s3_store(run: Run):
     """The scenario's manifest and media in a moto S3 server behind a fault proxy: yields (boto3
-    client, proxy, job command on S3), then copies the output to run.output to be checked."""
+    client, proxy, job command on S3, bucket), then copies the output to run.output to be checked."""
     import logging
 
     import boto3
@@ -354,7 +353,7 @@ def s3_store(run: Run):
         with FaultProxy(f"http://127.0.0.1:{port}") as proxy:
             cmd = run.ws.command(f"s3://{bucket}/out", "--s3-endpoint-url", proxy.url)
             cmd[cmd.index("--manifest") + 1] = f"s3://{bucket}/m.jsonl"
-            yield s3, proxy, cmd
+            yield s3, proxy, cmd, bucket
         for obj in s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", []):
             target = Path(run.output, obj["Key"].removeprefix("out/"))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -365,8 +364,7 @@ def s3_store(run: Run):
 
 def s3_faults(run: Run):
     """Manifest, media and output on S3 behind a proxy that throttles, resets and delays: one run."""
-    with s3_store(run) as (s3, proxy, cmd):
-        bucket = run.name.replace("_", "-")
+    with s3_store(run) as (_, proxy, cmd, bucket):
         for name in MEDIA:
             proxy.add(f"/{bucket}/{name}", "503", times=2, method="GET")
         proxy.add(f"/{bucket}/", "reset", times=3, method="GET")
