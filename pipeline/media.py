@@ -218,6 +218,11 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
             raise MediaError("invalid_clip_window",
                              f"clip window [{start}, {end_s}] s is outside the video ({duration:.3f} s long); fix start_s/end_s")
         targets = uniform_targets(start, end, fps, num_frames)
+        if stream.base_rate and stream.average_rate and stream.base_rate == stream.average_rate:
+            # Constant frame rate: frame k is shown at k / fps, so the nearest frame to a target is
+            # known before decoding. Snapping the target onto it lets a target a hair before a
+            # keyframe's frame seek straight to that keyframe instead of decoding the whole GOP before.
+            targets = np.floor(targets * fps + 0.5) / fps
         try:
             frames, times, decoded = _sample(container, stream, targets + origin)
         except av.FFmpegError as e:
@@ -246,6 +251,7 @@ def _sample(container, stream, targets: np.ndarray):
     import bisect
 
     tb = stream.time_base
+    eps = 1e-6  # seconds: float noise between a snapped target and the frame time it names
     seconds = float(tb)  # float math: Fraction arithmetic per index entry is slow on long videos
     keys = sorted(e.timestamp * seconds for e in stream.index_entries if e.is_keyframe)
     seek_blind = not keys
@@ -265,22 +271,22 @@ def _sample(container, stream, targets: np.ndarray):
     for target in targets:
         if it is None:
             need_seek = True
-        elif target <= cur[0]:
+        elif target <= cur[0] + eps:
             need_seek = False  # already there (targets closer together than frames)
         elif keys:
-            i = bisect.bisect_right(keys, target) - 1
+            i = bisect.bisect_right(keys, target + eps) - 1
             need_seek = i >= 0 and keys[i] > cur[0]
         else:
             need_seek = seek_blind
         if need_seek:
             position = cur[0] if cur else None
-            container.seek(max(int(target / tb), 0), stream=stream, backward=True, any_frame=False)
+            container.seek(max(int((target + eps) / tb), 0), stream=stream, backward=True, any_frame=False)
             it, prev, cur = container.decode(stream), None, None
             if not advance():
                 break
             if not keys and position is not None and cur[0] <= position:
                 seek_blind = False  # seeks land behind us: decode on from here
-        while cur[0] < target and advance():
+        while cur[0] < target - eps and advance():
             pass
         best = cur if prev is None or abs(cur[0] - target) <= abs(prev[0] - target) else prev
         times.append(best[0])

@@ -72,6 +72,47 @@ def test_long_gop_video_is_not_decoded_in_full(tmp_path):
     assert dense.decoded_frames <= total
 
 
+def _encode_with_b_frames(path, seconds: int, fps: int, gop: int):
+    """libx264's default preset (B-frames, a B-pyramid): frames reach the decoder out of display order."""
+    import av
+
+    from pipeline.testing.samples import synthetic_frame
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})
+        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        for i in range(seconds * fps):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(synthetic_frame(i, 96, 64), format="rgb24")))
+        c.mux(s.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("b_frames", [False, True])
+def test_each_frame_is_the_nearest_and_costs_only_its_keyframe_interval(tmp_path, b_frames):
+    import av
+
+    # 60 s at 10 fps, a keyframe every 2 s
+    path = tmp_path / "v.mp4"
+    if b_frames:
+        _encode_with_b_frames(path, 60, 10, 20)
+    else:
+        encode_video(path, seconds=60, fps=10, gop=20, width=96, height=64)
+    with av.open(str(path)) as c:
+        reference = {round(float(f.time), 4): f.to_ndarray(format="rgb24") for f in c.decode(video=0)}
+    times = np.array(sorted(reference))
+    for n in (3, 7, 16, 33, 100):
+        d = fetch_and_decode(str(path), STORAGE, None, n)
+        for t, target, frame in zip(d.timestamps_s, uniform_targets(0, d.duration_s, d.fps, n), d.frames):
+            distance = np.abs(times - target)
+            nearest = times[distance <= distance.min() + 1e-9]  # a target halfway may take either
+            assert np.isclose(nearest, t, atol=1e-4).any(), (n, target, t)
+            assert np.array_equal(frame, reference[round(t, 4)])
+        # Each frame costs at most the frames from its keyframe to it (+ the decoder's reordering
+        # delay): with 16 targets 3.993 s apart, the first half fall a hair before a keyframe's
+        # frame, which must not cost the keyframe interval before it.
+        assert d.decoded_frames <= sum(round(t * 10) % 20 + 4 for t in d.timestamps_s), (n, d.decoded_frames)
+
+
 def test_frames_are_the_frames_at_their_timestamps(tmp_path):
     import av
 
