@@ -224,7 +224,7 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
             # keyframe's frame seek straight to that keyframe instead of decoding the whole GOP before.
             targets = np.floor(targets * fps + 0.5) / fps
         try:
-            frames, times, decoded = _sample(container, stream, targets + origin)
+            frames, times, decoded = _sample(container, stream, targets + origin, 1.0 / fps)
         except av.FFmpegError as e:
             raise MediaError("undecodable", f"decoding {uri} failed ({e})") from e
         if len(frames) < num_frames or times[-1] < targets[-1] + origin - 2.0 / fps:
@@ -240,13 +240,23 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
                        decoded_frames=decoded)
 
 
-def _sample(container, stream, targets: np.ndarray):
+# Codecs whose FFmpeg decoders drop only frames that no other frame refers to when asked (H.264's
+# nal_ref_idc == 0, HEVC's sub-layer non-reference pictures): skipping them leaves the rest exact.
+_SKIPS_NON_REFERENCE = ("h264", "hevc")
+
+
+def _sample(container, stream, targets: np.ndarray, frame_interval: float):
     """Frames nearest to each target time (absolute stream seconds) and how many were decoded.
 
     Seek only where it saves work: the container's index (MP4's sample table, Matroska's cues)
     says where the keyframes are, and a seek lands on the last one before the target. When that
     keyframe is not past the current position, decoding on is cheaper. Without an index we seek
     for every target until a seek lands behind the current position, then decode on.
+
+    On the way to a target, frames no other frame refers to (most B-frames) are not decoded
+    unless they are shown within two frame intervals of it: only those can be the nearest frame.
+    Where the nearest frame found is further off than that (a gap in the stream), the stretch is
+    decoded again in full, so the choice is always the one a full decode would make.
     """
     import bisect
 
@@ -255,8 +265,44 @@ def _sample(container, stream, targets: np.ndarray):
     seconds = float(tb)  # float math: Fraction arithmetic per index entry is slow on long videos
     keys = sorted(e.timestamp * seconds for e in stream.index_entries if e.is_keyframe)
     seek_blind = not keys
+    margin = 2 * frame_interval
+    can_skip = stream.codec_context.name in _SKIPS_NON_REFERENCE
+    skip_before = float("-inf")  # packets shown before this time may skip non-reference frames
+    skipped = False  # some packet since the last seek was sent with skipping on
     frames, times, decoded = [], [], 0
     it = prev = cur = None  # decoder iterator; the last two decoded frames as (time, frame)
+
+    def decode_from_here():
+        nonlocal skipped
+        ctx, skipping = stream.codec_context, None
+        for packet in container.demux(stream):
+            skip = packet.pts is not None and packet.pts * seconds < skip_before
+            if skip != skipping:
+                ctx.skip_frame, skipping = ("NONREF" if skip else "DEFAULT"), skip
+            skipped |= skip
+            yield from packet.decode()
+
+    def seek(target: float) -> bool:
+        """Start decoding at or before the target's frame. A seek lands on the last keyframe
+        *decoded* before the target; with B-frames that keyframe can be shown after it, and then
+        the target's frame is in the interval before: back up one keyframe (or further)."""
+        nonlocal it, prev, cur, skipped
+        at, landed, step = target, None, 1.0
+        while True:
+            container.seek(max(int((at + eps) / tb), 0), stream=stream, backward=True, any_frame=False)
+            it, prev, cur, skipped = decode_from_here(), None, None, False
+            if not advance():
+                return False
+            if cur[0] <= target + eps or cur[0] == landed:
+                return True  # at or before the target, or no earlier place to start from
+            landed = cur[0]
+            if keys:
+                i = bisect.bisect_right(keys, at + eps) - 1
+                if i <= 0:
+                    return True
+                at = keys[i - 1]
+            else:
+                at, step = target - step, step * 2
 
     def advance() -> bool:
         nonlocal prev, cur, decoded
@@ -268,7 +314,13 @@ def _sample(container, stream, targets: np.ndarray):
         prev, cur = cur, (t, frame)
         return True
 
+    def nearest(target: float):
+        while cur[0] < target - eps and advance():
+            pass
+        return cur if prev is None or abs(cur[0] - target) <= abs(prev[0] - target) else prev
+
     for target in targets:
+        skip_before = target - margin if can_skip else float("-inf")
         if it is None:
             need_seek = True
         elif target <= cur[0] + eps:
@@ -280,15 +332,16 @@ def _sample(container, stream, targets: np.ndarray):
             need_seek = seek_blind
         if need_seek:
             position = cur[0] if cur else None
-            container.seek(max(int((target + eps) / tb), 0), stream=stream, backward=True, any_frame=False)
-            it, prev, cur = container.decode(stream), None, None
-            if not advance():
+            if not seek(target):
                 break
             if not keys and position is not None and cur[0] <= position:
                 seek_blind = False  # seeks land behind us: decode on from here
-        while cur[0] < target - eps and advance():
-            pass
-        best = cur if prev is None or abs(cur[0] - target) <= abs(prev[0] - target) else prev
+        best = nearest(target)
+        if skipped and abs(best[0] - target) > margin:
+            skip_before = float("-inf")  # a skipped frame may have been nearer: decode it all
+            if not seek(target):
+                break
+            best = nearest(target)
         times.append(best[0])
         frames.append(_upright_rgb(best[1]))
     return frames, times, decoded

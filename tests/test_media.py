@@ -72,45 +72,88 @@ def test_long_gop_video_is_not_decoded_in_full(tmp_path):
     assert dense.decoded_frames <= total
 
 
-def _encode_with_b_frames(path, seconds: int, fps: int, gop: int):
-    """libx264's default preset (B-frames, a B-pyramid): frames reach the decoder out of display order."""
+def _encode_with_b_frames(path, seconds: int, fps: int, gop: int, gap_after: int | None = None):
+    """libx264's default preset (B-frames, a B-pyramid): frames reach the decoder out of display
+    order, and half of them are never referred to. gap_after: no frames for 1.5 s after that one."""
     import av
+    from fractions import Fraction
 
     from pipeline.testing.samples import synthetic_frame
 
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})
         s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        s.codec_context.time_base = Fraction(1, fps)
         for i in range(seconds * fps):
-            c.mux(s.encode(av.VideoFrame.from_ndarray(synthetic_frame(i, 96, 64), format="rgb24")))
+            frame = av.VideoFrame.from_ndarray(synthetic_frame(i, 96, 64), format="rgb24")
+            frame.pts = i + (int(1.5 * fps) if gap_after is not None and i > gap_after else 0)
+            frame.time_base = Fraction(1, fps)
+            c.mux(s.encode(frame))
         c.mux(s.encode(None))
     return path
 
 
-@pytest.mark.parametrize("b_frames", [False, True])
-def test_each_frame_is_the_nearest_and_costs_only_its_keyframe_interval(tmp_path, b_frames):
+def _reference_frames(path) -> dict:
     import av
 
+    with av.open(str(path)) as c:
+        return {round(float(f.time), 4): f.to_ndarray(format="rgb24") for f in c.decode(video=0)}
+
+
+def _assert_nearest_frames(d, reference: dict, targets):
+    times = np.array(sorted(reference))
+    for t, target, frame in zip(d.timestamps_s, targets, d.frames):
+        distance = np.abs(times - target)
+        nearest = times[distance <= distance.min() + 1e-9]  # a target halfway may take either
+        assert np.isclose(nearest, t, atol=1e-4).any(), (target, t)
+        assert np.array_equal(frame, reference[round(t, 4)])
+
+
+@pytest.mark.parametrize("b_frames", [False, True])
+def test_each_frame_is_the_nearest_and_costs_only_its_keyframe_interval(tmp_path, b_frames):
     # 60 s at 10 fps, a keyframe every 2 s
     path = tmp_path / "v.mp4"
     if b_frames:
         _encode_with_b_frames(path, 60, 10, 20)
     else:
         encode_video(path, seconds=60, fps=10, gop=20, width=96, height=64)
-    with av.open(str(path)) as c:
-        reference = {round(float(f.time), 4): f.to_ndarray(format="rgb24") for f in c.decode(video=0)}
-    times = np.array(sorted(reference))
+    reference = _reference_frames(path)
     for n in (3, 7, 16, 33, 100):
         d = fetch_and_decode(str(path), STORAGE, None, n)
-        for t, target, frame in zip(d.timestamps_s, uniform_targets(0, d.duration_s, d.fps, n), d.frames):
-            distance = np.abs(times - target)
-            nearest = times[distance <= distance.min() + 1e-9]  # a target halfway may take either
-            assert np.isclose(nearest, t, atol=1e-4).any(), (n, target, t)
-            assert np.array_equal(frame, reference[round(t, 4)])
+        _assert_nearest_frames(d, reference, uniform_targets(0, d.duration_s, d.fps, n))
         # Each frame costs at most the frames from its keyframe to it (+ the decoder's reordering
         # delay): with 16 targets 3.993 s apart, the first half fall a hair before a keyframe's
         # frame, which must not cost the keyframe interval before it.
         assert d.decoded_frames <= sum(round(t * 10) % 20 + 4 for t in d.timestamps_s), (n, d.decoded_frames)
+
+
+def test_frames_nobody_refers_to_are_decoded_only_near_a_target(tmp_path, monkeypatch):
+    import pipeline.media as media
+
+    path = _encode_with_b_frames(tmp_path / "b.mp4", 30, 10, 20)
+    reference = _reference_frames(path)
+    for n in (4, 12, 40):
+        d = fetch_and_decode(str(path), STORAGE, None, n)
+        _assert_nearest_frames(d, reference, uniform_targets(0, d.duration_s, d.fps, n))
+        with monkeypatch.context() as m:
+            m.setattr(media, "_SKIPS_NON_REFERENCE", ())
+            full = fetch_and_decode(str(path), STORAGE, None, n)
+        assert np.array_equal(d.frames, full.frames) and d.timestamps_s == full.timestamps_s
+        assert d.decoded_frames < full.decoded_frames * 0.8, (n, d.decoded_frames, full.decoded_frames)
+
+
+@pytest.mark.parametrize("gop,gap_after", [(60, 25), (30, 29)])
+def test_the_nearest_frame_is_found_across_a_gap_in_the_stream(tmp_path, gop, gap_after):
+    # (60, 25): frames stop at 2.5 s (a B-frame nothing refers to) and resume at 4.1 s: for a
+    # target in the gap the nearest frame is more than two frame intervals off, where a skipped
+    # frame may be nearer (here it is, for some n); the stretch is decoded again in full.
+    # (30, 29): the keyframe shown at 4.5 s is decoded at 2.8 s (B-frame delay plus the gap), so a
+    # seek for 3.7 s lands on it, after the target: the interval before is decoded too.
+    path = _encode_with_b_frames(tmp_path / "gap.mp4", 6, 10, gop, gap_after=gap_after)
+    reference = _reference_frames(path)
+    for n in range(2, 40):
+        d = fetch_and_decode(str(path), STORAGE, None, n)
+        _assert_nearest_frames(d, reference, uniform_targets(0, d.duration_s, d.fps, n))
 
 
 def test_frames_are_the_frames_at_their_timestamps(tmp_path):
