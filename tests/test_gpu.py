@@ -118,10 +118,10 @@ def test_real_onevision_05b_architecture_bf16_tp1(workdir: Path):
     assert max(len(x["input_ids"]) for x in inputs) > 1500  # 8 frames x 196 tokens; anyres images
     seen = vision_rows(engine)
     for x in inputs[::len(QUESTIONS)]:  # each item encoded alone, once
-        engine.vision.previous = {}
+        engine.vision.recent = {}
         engine.vision.encoder_outputs([x])
     alone, seen[0] = seen[0], 0
-    engine.vision.previous = {}
+    engine.vision.recent = {}
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     results = engine.generate(inputs, GenerationConfig(max_new_tokens=32))

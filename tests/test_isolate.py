@@ -5,6 +5,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.config import RunConfig
+from pipeline.isolate import length_groups
 from pipeline.manifest import scan_manifest
 from pipeline.stages import Generate, Preprocess, decode_media, unpack
 
@@ -33,7 +34,8 @@ def stage(samples, tiny_model):
     return Generate(cfg, device="cpu"), requests.filter(pc.equal(requests.column("status"), "ok"))
 
 
-def test_out_of_memory_splits_the_batch_and_fails_only_the_row_too_big_alone(stage):
+def test_out_of_memory_splits_the_batch_and_fails_only_the_row_too_big_alone(stage, monkeypatch):
+    monkeypatch.setattr("pipeline.isolate.MIN_BATCH_FILL", 0.0)  # one call for all lengths, then halves
     generate, requests = stage
     expected = [generate(requests.slice(i, 1)).to_pylist()[0]["text"] for i in range(requests.num_rows)]
     tokens = requests.column("prompt_tokens").to_pylist()
@@ -66,3 +68,24 @@ def test_a_row_the_model_rejects_fails_alone(stage):
     out = generate(type(requests).from_pylist(rows, schema=requests.schema)).to_pylist()
     assert [r["status"] for r in out] == ["ok", "error", "ok"]
     assert out[1]["error_type"] == "model_error" and out[1]["error"].startswith("generation failed:")
+
+
+def test_rows_are_grouped_by_length_so_padding_stays_under_half():
+    # three videos (~1,600 tokens) and an anyres image (~7,300): two calls, not one padded to 4 x 7,300
+    assert length_groups([1590, 7330, 1590, 1600], 0.5) == [[0, 2, 3], [1]]
+    assert length_groups([100, 120, 150, 190], 0.5) == [[0, 1, 2, 3]]  # 560 of 760 padded tokens real
+    assert length_groups([50, 1000, 60, 980, 5000], 0.5) == [[0, 2], [3, 1], [4]]
+    assert length_groups([1590, 7330], 0.0) == [[0, 1]]
+    assert length_groups([], 0.5) == []
+
+
+def test_grouped_calls_give_the_texts_of_one_call(stage, monkeypatch):
+    generate, requests = stage
+    calls = []
+    real = generate.engine.generate
+    monkeypatch.setattr(generate.engine, "generate", lambda inputs, *a: calls.append(len(inputs)) or real(inputs, *a))
+    grouped = generate(requests).column("text").to_pylist()
+    assert len(calls) >= 2 and sum(calls) == requests.num_rows  # the samples mix images and videos
+    monkeypatch.setattr("pipeline.isolate.MIN_BATCH_FILL", 0.0)
+    calls.clear()
+    assert generate(requests).column("text").to_pylist() == grouped and calls == [requests.num_rows]

@@ -50,7 +50,7 @@ def test_k_questions_encode_each_item_once(family, tiny_checkpoint, manifest):
     for r in requests.to_pylist():
         if r["id"] not in items:
             before = counter.rows
-            generate.engine.vision.previous = {}
+            generate.engine.vision.recent = {}
             generate.engine.generate([unpack(r["model_inputs"])], cfg.generation)
             items[r["id"]] = counter.rows - before
     k = requests.num_rows
@@ -59,14 +59,14 @@ def test_k_questions_encode_each_item_once(family, tiny_checkpoint, manifest):
     # K separate calls, nothing kept between them: the vision tower runs K times per item.
     separate, counter.calls, counter.rows = {}, 0, 0
     for r in requests.to_pylist():
-        generate.engine.vision.previous = {}
+        generate.engine.vision.recent = {}
         separate[(r["id"], r["prompt"])] = generate.engine.generate([unpack(r["model_inputs"])], cfg.generation)[0].text
     per_item_separate = counter.rows
     assert counter.calls == k
 
     # The pipeline's way, in batches of 2 (the K rows of an item straddle calls): once per item.
     counter.calls, counter.rows = 0, 0
-    generate.engine.vision.previous = {}
+    generate.engine.vision.recent = {}
     batched = {}
     for start in range(0, k, 2):
         for r in generate(requests.slice(start, 2)).to_pylist():
@@ -74,3 +74,17 @@ def test_k_questions_encode_each_item_once(family, tiny_checkpoint, manifest):
     assert counter.rows == sum(items.values()) < per_item_separate
     assert counter.calls == len(items)
     assert batched == separate
+
+
+def test_the_feature_cache_is_bounded_and_keeps_the_current_call(tiny_checkpoint, manifest, monkeypatch):
+    cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_checkpoint("llava_onevision")),
+                    task="qa", num_frames=4, allowed_uri_prefixes=[tempfile.gettempdir()],
+                    generation=GenerationConfig(max_new_tokens=2))
+    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg)).to_pylist()
+    engine = Generate(cfg, device="cpu").engine
+    first = {r["id"]: unpack(r["model_inputs"]) for r in requests}  # one row per item
+    engine.generate(list(first.values()), cfg.generation)
+    assert len(engine.vision.recent) == 3  # within the budget: all kept
+    monkeypatch.setattr("pipeline.vision.CACHE_TOKENS", 0)
+    engine.generate([first["street"]], cfg.generation)
+    assert len(engine.vision.recent) == 1  # over it: only the media of the call just made
