@@ -3,8 +3,8 @@
 Frames are a smooth random texture panning under a moving square: motion that H.264 predicts
 like a camera pan, at a realistic bit rate. Encoded with x264's veryfast preset: B-frames (half of
 them referred to by no other frame), CABAC and the deblocking filter, like most video published
-on the web (ultrafast has none of these and decodes ~1.6x faster per frame). Planes are made directly in YUV 4:2:0 (no RGB
-conversion), so encoding costs x264's time only. A long video is a few encoded keyframe
+on the web (ultrafast has none of these and decodes ~1.6x faster per frame). Planes are made
+directly in YUV 4:2:0 (no RGB conversion), so encoding costs x264's time only. A long video is a few encoded keyframe
 intervals (closed GOPs, each starting with an IDR frame) repeated with shifted timestamps:
 every frame is still a real frame that a decoder must decode, but encoding a 5-minute 1080p
 video costs only its distinct part.
