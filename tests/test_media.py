@@ -72,16 +72,20 @@ def test_long_gop_video_is_not_decoded_in_full(tmp_path):
     assert dense.decoded_frames <= total
 
 
-def _encode_with_b_frames(path, seconds: int, fps: int, gop: int, gap_after: int | None = None):
-    """libx264's default preset (B-frames, a B-pyramid): frames reach the decoder out of display
-    order, and half of them are never referred to. gap_after: no frames for 1.5 s after that one."""
+def _encode_with_b_frames(path, seconds: int, fps: int, gop: int, gap_after: int | None = None,
+                          codec: str = "libx264"):
+    """x264's/x265's default preset (B-frames, a B-pyramid): frames reach the decoder out of display
+    order, and about half of them are never referred to. gap_after: no frames for 1.5 s after that one."""
     import av
     from fractions import Fraction
 
     from pipeline.testing.samples import synthetic_frame
 
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"})
+        options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+        if codec == "libx265":
+            options = {"x265-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:log-level=none"}
+        s = c.add_stream(codec, rate=fps, options=options)
         s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
         s.codec_context.time_base = Fraction(1, fps)
         for i in range(seconds * fps):
@@ -127,10 +131,11 @@ def test_each_frame_is_the_nearest_and_costs_only_its_keyframe_interval(tmp_path
         assert d.decoded_frames <= sum(round(t * 10) % 20 + 4 for t in d.timestamps_s), (n, d.decoded_frames)
 
 
-def test_frames_nobody_refers_to_are_decoded_only_near_a_target(tmp_path, monkeypatch):
+@pytest.mark.parametrize("codec", ["libx264", "libx265"])
+def test_frames_nobody_refers_to_are_decoded_only_near_a_target(tmp_path, monkeypatch, codec):
     import pipeline.media as media
 
-    path = _encode_with_b_frames(tmp_path / "b.mp4", 30, 10, 20)
+    path = _encode_with_b_frames(tmp_path / "b.mp4", 30, 10, 20, codec=codec)
     reference = _reference_frames(path)
     for n in (4, 12, 40):
         d = fetch_and_decode(str(path), STORAGE, None, n)
