@@ -70,7 +70,7 @@ def _generate_isolated(engine, inputs: list, gen: GenerationConfig, seeds: list[
         return [RowError("model_error", str(e))] * len(inputs)
     except Exception as e:  # noqa: BLE001 - classified below; each row gets its own outcome
         if is_out_of_memory(e):
-            _free_cache()
+            free_cache()
             if len(inputs) == 1:
                 return [RowError("out_of_memory", f"generation ran out of memory on this row alone "
                                                   f"({len(inputs[0]['input_ids'])} prompt tokens): use fewer frames, "
@@ -85,7 +85,7 @@ def _generate_isolated(engine, inputs: list, gen: GenerationConfig, seeds: list[
         return [r for x, s in zip(inputs, seeds) for r in _generate_isolated(engine, [x], gen, [s])]
 
 
-def _free_cache() -> None:
+def free_cache() -> None:
     import torch
 
     if torch.cuda.is_available():

@@ -218,13 +218,6 @@ class TensorParallelEngine:
 
 # --- the rank process ---------------------------------------------------------------------------
 
-def error_kind(e: BaseException) -> str:
-    import torch
-
-    oom = isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)  # CPU allocator's message
-    return "out_of_memory" if oom else "error"
-
-
 def load_rank(spec: dict):
     """Join the replica's process group and load this rank's part of the model."""
     from datetime import timedelta
@@ -275,12 +268,12 @@ def serve_rank(generate=lambda engine, *args: engine.generate(*args)) -> None:
                 result = generate(engine, *args)
             send(replies, ("ok", result if rank == 0 else None))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
-            if error_kind(e) == "out_of_memory":
-                import torch
+            from pipeline.isolate import free_cache, is_out_of_memory
 
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            send(replies, ("error", error_kind(e), f"{type(e).__name__}: {e}"))
+            kind = "out_of_memory" if is_out_of_memory(e) else "error"
+            if kind == "out_of_memory":
+                free_cache()
+            send(replies, ("error", kind, f"{type(e).__name__}: {e}"))
 
 
 if __name__ == "__main__":
