@@ -77,6 +77,14 @@ class ModelShape:
     def params(self) -> int:
         return self.sharded_params + self.replicated_params
 
+    def video_tokens(self, num_frames: int, max_new_tokens: int) -> int:
+        """One video's row: its frames' tokens, the answer, and ~64 for the prompt's text."""
+        return num_frames * self.tokens_per_frame + max_new_tokens + 64
+
+    def image_tokens(self, max_new_tokens: int) -> int:
+        """The largest anyres image's row, likewise."""
+        return self.tokens_per_image_max + max_new_tokens + 64
+
     def tp_options(self, most: int = 64) -> list[int]:
         """Powers of two that split heads, KV heads, MLP and vocabulary evenly."""
         return [tp for tp in (2**i for i in range(7)) if tp <= most
@@ -183,10 +191,10 @@ class Plan:
             text += f" x {self.gpus}: {self.replicas} replica(s) of tp {self.tp}"
         text += f", batch budget ~{self.token_budget:,} tokens per replica"
         if num_frames:
-            per_video = num_frames * s.tokens_per_frame + max_new_tokens + 64  # + the prompt's text
-            text += (f" (~{self.token_budget // per_video} videos of {num_frames} frames at {s.tokens_per_frame} "
-                     f"tokens each, or ~{self.token_budget // (s.tokens_per_image_max + max_new_tokens + 64)} "
-                     f"largest anyres images)")
+            videos = self.token_budget // s.video_tokens(num_frames, max_new_tokens)
+            images = self.token_budget // s.image_tokens(max_new_tokens)
+            text += (f" (~{videos} videos of {num_frames} frames at {s.tokens_per_frame} tokens each, "
+                     f"or ~{images} largest anyres images)")
         return text
 
 
@@ -241,7 +249,7 @@ def check_run(cfg, gpu_memory_gb: float | None = None, gpus: int | None = None, 
                          f"{gpu_memory_gb:g} GB GPUs; " + (f"use --tp {best.tp}" if best.fits else "use larger GPUs"))
         elif best.tp < cfg.tp:
             lines.append(f"sizing: --tp {best.tp} would fit too, with {cfg.tp // best.tp}x the replicas per GPU")
-        per_video = cfg.num_frames * shape.tokens_per_frame + cfg.generation.max_new_tokens + 64
+        per_video = shape.video_tokens(cfg.num_frames, cfg.generation.max_new_tokens)
         if chosen.fits and cfg.batch_size * per_video > chosen.token_budget:
             lines.append(f"sizing: --batch-size {cfg.batch_size} videos need ~{cfg.batch_size * per_video:,} tokens, "
                          f"over the budget: batches that run out of memory are split and retried")
