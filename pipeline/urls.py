@@ -8,6 +8,7 @@ address they resolve to must be public: loopback, private, link-local (cloud met
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -89,9 +90,8 @@ def check_media_uri(uri: str, allowed_prefixes: Iterable[str], resolve: Callable
     """
     import os
 
-    prefixes = list(allowed_prefixes)
-    local_roots = [os.path.realpath(p.removeprefix("file://")).rstrip("/") + "/"
-                   for p in prefixes if p.startswith(("/", "file://"))]
+    prefixes = tuple(allowed_prefixes)
+    local_roots = _local_roots(prefixes)
     scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
     if scheme in ("", "file"):
         if "::" in uri:
@@ -104,3 +104,12 @@ def check_media_uri(uri: str, allowed_prefixes: Iterable[str], resolve: Callable
         return
     remote = [p for p in prefixes if "://" in p and not p.startswith("file://")]
     check_uri(uri, {p.split("://", 1)[0] for p in remote}, remote, resolve)
+
+
+@functools.lru_cache(maxsize=32)
+def _local_roots(prefixes: tuple[str, ...]) -> list[str]:
+    """The allowed local folders, symlinks resolved: once per prefix list, not once per manifest row."""
+    import os
+
+    return [os.path.realpath(p.removeprefix("file://")).rstrip("/") + "/"
+            for p in prefixes if p.startswith(("/", "file://"))]
