@@ -38,9 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BIN = Path(sys.executable).parent
 MEDIA = ["street.mp4", "beach.webm", "photo.jpg", "logo.png", "palette.gif", "long_gop.mp4"]
-ACTORS = ("Preprocess", "Generate")
+ACTORS = ("Preprocess", "Generate")  # the job's actor classes (Ray titles them ray::MapWorker(...))
 WORKER_DIED = b"A worker died or was killed while executing a task"  # the raylet's message in the driver log
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # the job's actor classes (Ray titles them ray::MapWorker(...))
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def free_port() -> int:
