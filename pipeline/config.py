@@ -34,14 +34,14 @@ class StorageConfig(BaseModel):
         description="S3-compatible endpoint (MinIO, moto, ...). Defaults to $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL.",
     )
 
+    max_attempts: int = Field(5, ge=1, description="Attempts per S3 request: throttling (503 SlowDown), 5xx and "
+                                                 "connection errors are retried with exponential backoff.")
+
     @model_validator(mode="after")
     def _endpoint_from_env(self):
         if self.endpoint_url is None:
             self.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         return self
-
-    max_attempts: int = Field(5, ge=1, description="Attempts per S3 request: throttling (503 SlowDown), 5xx and "
-                                                 "connection errors are retried with exponential backoff.")
 
     def fsspec_options(self, protocol: str) -> dict:
         if protocol not in ("s3", "s3a"):
