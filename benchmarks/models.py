@@ -9,21 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# Sizes of the published llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf configs.
-SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
+from pipeline.sizing import QWEN2_SIZES, SIGLIP_SO400M
+
+# The published llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf shapes (pipeline.sizing), with the
+# vocabulary sizes these benchmarks have always used.
 ARCHITECTURES = {
     "tiny-384": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
                      text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, vocab_size=512)),
+                               num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)),
     "small": dict(vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
                   text=dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
-                            num_key_value_heads=2, vocab_size=512)),
-    "0.5b": dict(vision=SIGLIP_SO400M,
-                 text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                           num_key_value_heads=2, vocab_size=151647)),
-    "7b": dict(vision=SIGLIP_SO400M,
-               text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152128)),
+                            num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False)),
+    "0.5b": dict(vision=SIGLIP_SO400M, text=dict(QWEN2_SIZES["0.5b"], vocab_size=151647)),
+    "7b": dict(vision=SIGLIP_SO400M, text=dict(QWEN2_SIZES["7b"], vocab_size=152128)),
 }
 IMAGE_SIZE, PATCH_SIZE = 384, 14
 
@@ -36,9 +34,8 @@ def config(name: str):
     arch = ARCHITECTURES[name]
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
-    text = Qwen2Config(max_position_embeddings=32768, tie_word_embeddings=name in ("0.5b",),
-                       eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
-                       rope_theta=1_000_000.0, **arch["text"])
+    text = Qwen2Config(max_position_embeddings=32768, eos_token_id=ids["<|im_end|>"],
+                       pad_token_id=ids["<|endoftext|>"], bos_token_id=None, rope_theta=1_000_000.0, **arch["text"])
     vision = SiglipVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
                                 layer_norm_eps=1e-6, **arch["vision"])
     return LlavaOnevisionConfig(

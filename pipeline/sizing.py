@@ -33,8 +33,11 @@ MIN_BATCH_TOKENS = 8192  # one anyres image (~7.4k tokens) and its answer
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 # The published LLaVA-OneVision checkpoints' shapes (their config.json), for the README's table
-# and for hub ids when the hub cannot be reached. Vision: SigLIP-SO400M (26 layers are used).
-_QWEN2 = {
+# and for hub ids when the hub cannot be reached; the random-weight builds of the real
+# architectures (pipeline.testing.tiny_model --size 0.5b, benchmarks.models) take them from here.
+# Vision: SigLIP-SO400M/14-384 (26 layers are used, no head).
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
+QWEN2_SIZES = {
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
     "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -42,15 +45,14 @@ _QWEN2 = {
     "72b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                 intermediate_size=29568, vocab_size=152064, tie_word_embeddings=False),
 }
-KNOWN_MODELS = {f"llava-hf/llava-onevision-qwen2-{size}-ov-hf": size for size in _QWEN2}
+KNOWN_MODELS = {f"llava-hf/llava-onevision-qwen2-{size}-ov-hf": size for size in QWEN2_SIZES}
 
 
 def known_config(size: str):
     from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
-    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
-                                image_size=384, patch_size=14, vision_use_head=False)
-    return LlavaOnevisionConfig(text_config=Qwen2Config(**_QWEN2[size]).to_dict(), vision_config=vision.to_dict(),
+    vision = SiglipVisionConfig(**SIGLIP_SO400M, image_size=384, patch_size=14, vision_use_head=False)
+    return LlavaOnevisionConfig(text_config=Qwen2Config(**QWEN2_SIZES[size]).to_dict(), vision_config=vision.to_dict(),
                                 vision_feature_select_strategy="full", vision_feature_layer=-1,
                                 vision_aspect_ratio="anyres_max_9")
 
@@ -266,7 +268,7 @@ def readme_table(gpu_sizes=(24, 40, 80, 141), gpus: int = 8) -> str:
     """The README's table: each published size on each GPU size, 8 GPUs per node."""
     rows = ["| model | params | bf16 weights | KV cache / token (tp 1) | " + " | ".join(f"{g} GB GPUs" for g in gpu_sizes) + " |",
             "|---|---|---|---|" + "---|" * len(gpu_sizes)]
-    for size in _QWEN2:
+    for size in QWEN2_SIZES:
         shape = shape_of(known_config(size), f"LLaVA-OneVision {size.upper()}")
         cells = []
         for g in gpu_sizes:

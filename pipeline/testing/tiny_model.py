@@ -108,22 +108,24 @@ def _widen(model):
 def _qwen2(tokenizer, size: str):
     from transformers import Qwen2Config
 
+    from pipeline.sizing import QWEN2_SIZES
+
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-    dims = (dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, vocab_size=152000)
+    dims = (dict(QWEN2_SIZES["0.5b"], max_position_embeddings=32768, rope_theta=1_000_000.0, vocab_size=152000)
             if size == "0.5b" else
             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=8192, vocab_size=-(-len(tokenizer) // 64) * 64))
-    return Qwen2Config(**dims, tie_word_embeddings=True, eos_token_id=ids["<|im_end|>"],
-                       pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
+                 num_key_value_heads=2, max_position_embeddings=8192, vocab_size=-(-len(tokenizer) // 64) * 64,
+                 tie_word_embeddings=True))
+    return Qwen2Config(**dims, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None)
 
 
 def _siglip(image_size: int, patch_size: int, size: str):
     from transformers import SiglipVisionConfig
 
     if size == "0.5b":  # SigLIP-SO400M/14-384 without its last layer and head, as LLaVA uses it
-        return SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
-                                  num_attention_heads=16, image_size=384, patch_size=14, vision_use_head=False)
+        from pipeline.sizing import SIGLIP_SO400M
+
+        return SiglipVisionConfig(**SIGLIP_SO400M, image_size=384, patch_size=14, vision_use_head=False)
     return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                               image_size=image_size, patch_size=patch_size, vision_use_head=False)
 
