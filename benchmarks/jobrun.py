@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     sampler.start()
     t0 = time.time()
     # The job's own local-cluster settings (pipeline.run.connect_ray), in a short temp dir of our own.
-    ray.init(num_cpus=max(4, len(os.sched_getaffinity(0))), include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(4, len(os.sched_getaffinity(0))), include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     t1 = time.time()
     summary = run(cfg)

@@ -40,7 +40,7 @@ def start_local(model: str, batch_size: int, max_new_tokens: int) -> str:
 
     from pipeline.serve import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": model, "served_model_name": "bench", "batch_size": batch_size,

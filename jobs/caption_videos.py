@@ -72,6 +72,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help=f["allowed_uri_prefixes"].description + " Repeat for several; replaces the default.")
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
+    p.add_argument("--address", help=f["ray_address"].description)
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
     p.add_argument("--retry-errors", action="store_true", help=f["retry_errors"].description)
     p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
@@ -84,7 +85,7 @@ def parse_args(argv=None) -> RunConfig:
             preprocess_workers=a.preprocess_workers, resize_in_decoder=a.resize_in_decoder,
             model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
-            trust_remote_code=a.trust_remote_code, dry_run=a.dry_run, retry_errors=a.retry_errors,
+            trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),

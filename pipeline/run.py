@@ -45,18 +45,22 @@ class RunSummary:
                 f"output: {self.output}")
 
 
-def connect_ray(num_cpus: int | None = None):
-    """Join the cluster this process belongs to (ray job submit, RAY_ADDRESS, `ray start`),
-    or start a local one."""
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join only the cluster the user named (--address, RAY_ADDRESS, which `ray job submit` sets for
+    its driver), else start a private local one. Never `address="auto"`: it joins whatever Ray
+    cluster runs on the machine, somebody else's included."""
     import ray
 
     if ray.is_initialized():
         return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-    except ConnectionError:
-        # Light CPU stages run beside the model actor; on small machines give them logical room.
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    # Light CPU stages run beside the model actor; on small machines give them logical room.
+    log.info("no --address or RAY_ADDRESS given: starting a local Ray cluster for this run")
+    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))
 
 
 def build_dataset(cfg: RunConfig, records, use_gpu: bool):
@@ -86,7 +90,7 @@ def run(cfg: RunConfig) -> RunSummary:
     import ray
 
     started = time.time()
-    connect_ray()
+    connect_ray(cfg.ray_address)
     scan = scan_manifest(cfg)
     log.info("manifest: %d items from %d file(s)", scan.num_items, len(scan.files))
     discarded = sink.recover(cfg)

@@ -65,7 +65,7 @@ def samples(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # never another run's cluster
     yield ray
     ray.shutdown()
 
