@@ -67,11 +67,13 @@ def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
     fs, path = filesystem(uri, cfg.storage)
     if not fs.exists(path):
         raise ManifestError(f"manifest not found: {uri} (check the path, and for s3:// the bucket, endpoint and credentials)")
+    proto = protocol_of(uri)
     if fs.isfile(path):
         if manifest_format(path) is None:
             raise ManifestError(f"cannot tell the format of {uri}: name it .jsonl, .csv or .parquet (optionally .gz)")
-        return [uri]
-    proto = protocol_of(uri)
+        # a local manifest by its absolute path: relative media paths in it resolve beside it wherever
+        # the run's working directory is
+        return [path if proto == "file" else uri]
     found = []
     for p in sorted(fs.find(path)):
         name = p.rsplit("/", 1)[-1]
@@ -100,7 +102,8 @@ def _iter_raw_rows(uri: str, cfg: RunConfig) -> Iterator[tuple[str, dict | Excep
                     n += 1
                     yield f"{uri}:row {n}", row
         return
-    with OpenFile(fs, path, "rt", compression=infer_compression(path), encoding="utf-8", newline="") as f:
+    # utf-8-sig: spreadsheet programs start CSV (and some editors JSONL) with a byte-order mark
+    with OpenFile(fs, path, "rt", compression=infer_compression(path), encoding="utf-8-sig", newline="") as f:
         if fmt == "csv":
             for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
                 yield f"{uri}:line {n}", _coerce_csv_row(row)

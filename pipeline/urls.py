@@ -43,12 +43,26 @@ def is_public_address(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+def _split(uri: str):
+    """urlsplit, with malformed URIs (NUL and other control characters, an unbalanced '[') refused
+    as URLRejected instead of the ValueError that would end the run or answer 500."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+        raise URLRejected("the URI holds a control character (NUL, newline, ...); fix the URI")
+    try:
+        parts = urlsplit(uri)
+        parts.hostname, parts.port  # noqa: B018 - parsing these raises on a malformed host or port
+    except ValueError as e:
+        raise URLRejected(f"the URI is malformed ({e}); fix the URI") from e
+    return parts
+
+
 def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterable[str],
               resolve: Callable = socket.getaddrinfo) -> str:
     """Return the URI's scheme if it may be fetched, else raise URLRejected with the reason."""
     if not uri.startswith("data:") and "::" in _IPV6_HOST.sub("", uri):
         raise URLRejected("chained URLs (a::b) are not allowed")
-    scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
+    parts = _split(uri) if not uri.startswith("data:") else urlsplit(uri)
+    scheme = parts.scheme.lower() if ":" in uri else ""
     if not scheme:
         raise URLRejected("a URL with a scheme is required (data:, or an allowed object-store or https prefix)")
     allowed = {s.lower() for s in allowed_schemes}
@@ -61,7 +75,6 @@ def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterab
     if not any(uri.startswith(p) for p in prefixes):
         raise URLRejected(f"the URL is not under an allowed prefix ({', '.join(prefixes) or 'none'})")
     if scheme in ("http", "https"):
-        parts = urlsplit(uri)
         if parts.username or parts.password:
             raise URLRejected("URLs with credentials are not allowed")
         host = parts.hostname or ""
@@ -92,7 +105,8 @@ def check_media_uri(uri: str, allowed_prefixes: Iterable[str], resolve: Callable
 
     prefixes = tuple(allowed_prefixes)
     local_roots = _local_roots(prefixes)
-    scheme = urlsplit(uri).scheme.lower() if ":" in uri else ""
+    parts = _split(uri)
+    scheme = parts.scheme.lower() if ":" in uri else ""
     if scheme in ("", "file"):
         if "::" in uri:
             raise URLRejected("chained URLs (a::b) are not allowed")

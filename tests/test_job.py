@@ -96,6 +96,27 @@ def test_bad_manifest_rows_become_error_rows(ray_local, samples, tiny_model, tmp
     assert df.error[df.status == "error"].str.len().min() > 20
 
 
+def test_malformed_uris_and_a_relative_manifest_path(ray_local, samples, tiny_model, tmp_path, monkeypatch):
+    """A relative --manifest admits the relative media paths in it; malformed URIs are error rows
+    and the run completes (exit 0)."""
+    import shutil
+
+    (tmp_path / "data").mkdir()
+    shutil.copy(samples / "photo.jpg", tmp_path / "data" / "photo.jpg")
+    shutil.copy(samples / "photo.jpg", tmp_path / "data" / "odd[name.jpg")
+    (tmp_path / "data" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "relative", "uri": "photo.jpg"},
+        {"id": "bracket", "uri": "odd[name.jpg"},
+        {"id": "nul", "uri": "photo\x00.jpg"},
+        {"id": "bad-host", "uri": "http://[::1/x.mp4"},
+    ]) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert run_job("--manifest", "data/m.jsonl", "--output", "out", "--model", tiny_model, "--max-new-tokens", 2) == 0
+    df = pd.read_parquet(tmp_path / "out").set_index("id")
+    assert df.loc[["relative", "bracket"], "status"].tolist() == ["ok", "ok"], df.error.to_dict()
+    assert df.loc[["nul", "bad-host"], "error_type"].tolist() == ["uri_not_allowed"] * 2
+
+
 def test_a_run_that_cannot_start_exits_non_zero_with_the_reason(ray_local, tiny_model, tmp_path, capsys):
     code = run_job("--manifest", tmp_path / "nope.jsonl", "--output", tmp_path / "o", "--model", tiny_model)
     assert code != 0

@@ -161,3 +161,36 @@ def test_rows_with_several_images(tmp_path):
     assert "holds images" in rows["as-video"]["error"]
     assert "column 'uris'" in rows["empty"]["error"]
     assert {r["error_type"] for k, r in rows.items() if "pair" not in k} == {"invalid_manifest_row"}
+
+
+@pytest.mark.parametrize("uri", ["bad\x00name.mp4", "/abs/bad\x00name.mp4", "http://[::1/x.mp4", "https://[fe80::1/a.mp4",
+                                 "https://ex[ample.com/a.mp4", "file:///tmp/\x00"])
+def test_malformed_uris_become_error_rows_not_a_crash(tmp_path, uri):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "bad", "uri": uri}) + "\n"
+                                      + json.dumps({"id": "good", "uri": "ok.mp4"}) + "\n")
+    scan = scan_manifest(RunConfig(manifest=str(tmp_path / "m.jsonl"), output="/tmp/unused", model="unused",
+                                   allowed_uri_prefixes=[str(tmp_path), "s3://b/", "https://example.com/"]))
+    rows = by_id(scan)
+    assert rows["bad"]["status"] == "error" and rows["bad"]["error_type"] == "uri_not_allowed", rows["bad"]
+    assert "--allow-uri-prefix" in rows["bad"]["error"] or "Fix this manifest row" in rows["bad"]["error"]
+    assert rows["good"]["status"] == "ok"
+
+
+def test_a_relative_manifest_path_admits_the_relative_media_paths_in_it(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "m.jsonl").write_text(json.dumps({"id": "a", "uri": "clip.mp4"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    scan = scan_manifest(RunConfig(manifest="data/m.jsonl", output="/tmp/unused", model="unused"))
+    (row,) = scan.records.to_pylist()
+    assert row["status"] == "ok", row["error"]
+    assert row["uri"] == str(tmp_path / "data" / "clip.mp4")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_manifests_saved_with_a_utf8_byte_order_mark_parse(tmp_path, suffix):
+    body = ("id,uri,prompt\nx1,a.mp4,Describe it.\n" if suffix == ".csv"
+            else json.dumps({"id": "x1", "uri": "a.mp4", "prompt": "Describe it."}) + "\n")
+    (tmp_path / f"m{suffix}").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    (row,) = scan_manifest(cfg_for(tmp_path / f"m{suffix}")).records.to_pylist()
+    assert row["status"] == "ok", row["error"]
+    assert row["id"] == "x1" and row["prompt"] == "Describe it."
