@@ -29,53 +29,58 @@ from pydantic import ValidationError  # noqa: E402
 from pipeline.config import GenerationConfig, RunConfig, StorageConfig  # noqa: E402
 
 
+def doc(field) -> str:
+    """A config field's description as argparse help (argparse %-formats help: '40 %' must be '40 %%')."""
+    return field.description.replace("%", "%%")
+
+
 def parse_args(argv=None) -> RunConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     f = RunConfig.model_fields
     g = GenerationConfig.model_fields
-    p.add_argument("--manifest", required=True, help=f["manifest"].description)
-    p.add_argument("--output", required=True, help=f["output"].description)
-    p.add_argument("--model", required=True, help=f["model"].description)
-    p.add_argument("--task", choices=["caption", "qa"], default="caption", help=f["task"].description)
-    p.add_argument("--prompt", help=f["prompt"].description + " Default: 'Describe this video/image in detail.'")
-    p.add_argument("--num-frames", type=int, default=f["num_frames"].default, help=f["num_frames"].description)
-    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"].default, help=g["max_new_tokens"].description)
-    p.add_argument("--batch-size", type=int, default=f["batch_size"].default, help=f["batch_size"].description)
-    p.add_argument("--replicas", type=int, default=f["replicas"].default, help=f["replicas"].description)
-    p.add_argument("--tp", type=int, default=f["tp"].default, help=f["tp"].description + " GPUs used: tp x replicas.")
+    p.add_argument("--manifest", required=True, help=doc(f["manifest"]))
+    p.add_argument("--output", required=True, help=doc(f["output"]))
+    p.add_argument("--model", required=True, help=doc(f["model"]))
+    p.add_argument("--task", choices=["caption", "qa"], default="caption", help=doc(f["task"]))
+    p.add_argument("--prompt", help=doc(f["prompt"]) + " Default: 'Describe this video/image in detail.'")
+    p.add_argument("--num-frames", type=int, default=f["num_frames"].default, help=doc(f["num_frames"]))
+    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"].default, help=doc(g["max_new_tokens"]))
+    p.add_argument("--batch-size", type=int, default=f["batch_size"].default, help=doc(f["batch_size"]))
+    p.add_argument("--replicas", type=int, default=f["replicas"].default, help=doc(f["replicas"]))
+    p.add_argument("--tp", type=int, default=f["tp"].default, help=doc(f["tp"]) + " GPUs used: tp x replicas.")
     p.add_argument("--replica-timeout-s", type=float, default=f["replica_timeout_s"].default,
-                   help=f["replica_timeout_s"].description)
+                   help=doc(f["replica_timeout_s"]))
     p.add_argument("--replica-restarts", type=int, default=f["replica_restarts"].default,
-                   help=f["replica_restarts"].description)
-    p.add_argument("--gpu-memory-gb", type=float, help=f["gpu_memory_gb"].description)
+                   help=doc(f["replica_restarts"]))
+    p.add_argument("--gpu-memory-gb", type=float, help=doc(f["gpu_memory_gb"]))
     p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
-                   help=f["preprocess_workers"].description)
+                   help=doc(f["preprocess_workers"]))
     p.add_argument("--resize-in-decoder", action=argparse.BooleanOptionalAction, default=f["resize_in_decoder"].default,
-                   help=f["resize_in_decoder"].description)
+                   help=doc(f["resize_in_decoder"]))
     p.add_argument("--model-cpu-threads", type=int, default=f["model_cpu_threads"].default,
-                   help=f["model_cpu_threads"].description)
-    p.add_argument("--temperature", type=float, default=g["temperature"].default, help=g["temperature"].description)
-    p.add_argument("--top-p", type=float, default=g["top_p"].default, help=g["top_p"].description)
-    p.add_argument("--top-k", type=int, default=g["top_k"].default, help=g["top_k"].description)
-    p.add_argument("--seed", type=int, default=g["seed"].default, help=g["seed"].description)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=f["device"].description)
+                   help=doc(f["model_cpu_threads"]))
+    p.add_argument("--temperature", type=float, default=g["temperature"].default, help=doc(g["temperature"]))
+    p.add_argument("--top-p", type=float, default=g["top_p"].default, help=doc(g["top_p"]))
+    p.add_argument("--top-k", type=int, default=g["top_k"].default, help=doc(g["top_k"]))
+    p.add_argument("--seed", type=int, default=g["seed"].default, help=doc(g["seed"]))
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=doc(f["device"]))
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help=f["dtype"].description)
+                   help=doc(f["dtype"]))
     p.add_argument("--attn-implementation", choices=["sdpa", "flash_attention_2", "eager"],
-                   default=f["attn_implementation"].default, help=f["attn_implementation"].description)
-    p.add_argument("--quantization", choices=["4bit", "8bit"], help=f["quantization"].description)
-    p.add_argument("--revision", help=f["revision"].description)
-    p.add_argument("--trust-remote-code", action="store_true", help=f["trust_remote_code"].description)
+                   default=f["attn_implementation"].default, help=doc(f["attn_implementation"]))
+    p.add_argument("--quantization", choices=["4bit", "8bit"], help=doc(f["quantization"]))
+    p.add_argument("--revision", help=doc(f["revision"]))
+    p.add_argument("--trust-remote-code", action="store_true", help=doc(f["trust_remote_code"]))
     p.add_argument("--decode-timeout-s", type=float, default=f["decode_timeout_s"].default,
-                   help=f["decode_timeout_s"].description)
-    p.add_argument("--decoder-module", default=f["decoder_module"].default, help=f["decoder_module"].description)
+                   help=doc(f["decode_timeout_s"]))
+    p.add_argument("--decoder-module", default=f["decoder_module"].default, help=doc(f["decoder_module"]))
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
-                   help=f["allowed_uri_prefixes"].description + " Repeat for several; replaces the default.")
-    p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
-    p.add_argument("--address", help=f["ray_address"].description)
+                   help=doc(f["allowed_uri_prefixes"]) + " Repeat for several; replaces the default.")
+    p.add_argument("--s3-endpoint-url", help=doc(StorageConfig.model_fields["endpoint_url"]))
+    p.add_argument("--address", help=doc(f["ray_address"]))
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
-    p.add_argument("--retry-errors", action="store_true", help=f["retry_errors"].description)
-    p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
+    p.add_argument("--retry-errors", action="store_true", help=doc(f["retry_errors"]))
+    p.add_argument("--dry-run", action="store_true", help=doc(f["dry_run"]))
     a = p.parse_args(argv)
     try:
         return RunConfig(

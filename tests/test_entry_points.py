@@ -1,0 +1,34 @@
+"""Every entry point's --help exits 0 and names its options (a user's second command is --help)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each entry point, with options its help must name (beyond -h/--help).
+ENTRY_POINTS = {
+    "jobs/caption_videos.py": ["--manifest", "--output", "--model", "--task", "--num-frames", "--address", "--dry-run"],
+    "jobs/report.py": ["--output"],
+    "jobs/fault_scenarios.py": ["--only"],
+    "-m benchmarks": ["--quick", "--only"],
+    "-m pipeline.sizing": ["--model", "--gpus"],
+    "-m pipeline.testing.samples": [],
+    "-m pipeline.testing.tiny_model": ["--family", "--seed"],
+}
+
+
+def test_every_job_script_is_listed():
+    assert {f"jobs/{p.name}" for p in (REPO / "jobs").glob("*.py")} <= set(ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_help_exits_0_and_names_the_options(entry):
+    cmd = [sys.executable, *entry.split(), "--help"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("usage:"), done.stdout[:500]
+    missing = [o for o in ENTRY_POINTS[entry] if o not in done.stdout]
+    assert not missing, f"{entry} --help does not name {missing}"
