@@ -7,12 +7,17 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash jobs/setup_env.sh
 source .venv/bin/activate
-export RAY_AUTH_MODE=token  # `ray start` enables token auth; this makes the CLI send the token
 export HF_HUB_OFFLINE=1
 
 WORK=$PWD/.quickstart  # ignored by git, so `--working-dir .` does not upload it
 rm -rf "$WORK/output"
 mkdir -p "$WORK"
+# Token authentication on the local head, with a token of its own (a fresh home has none in ~/.ray):
+# the head, its workers, the job's driver and the `ray job` CLI all read it from RAY_AUTH_TOKEN_PATH.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$WORK/ray-auth-token
+if [ ! -s "$RAY_AUTH_TOKEN_PATH" ]; then
+  (umask 077 && python -c "import uuid; print(uuid.uuid4().hex, end='')" > "$RAY_AUTH_TOKEN_PATH")
+fi
 python -m pipeline.testing.samples "$WORK/samples"
 python -m pipeline.testing.tiny_model "$WORK/tiny-llava-onevision" 2>/dev/null
 
@@ -25,14 +30,32 @@ HEAD_PID=$!
 stop_head() { kill "$HEAD_PID" 2>/dev/null || true; wait "$HEAD_PID" 2>/dev/null || true; rm -rf "$RAY_TMP"; }
 trap stop_head EXIT
 ADDRESS=http://127.0.0.1:$DASHBOARD_PORT
-for _ in $(seq 60); do ray job list --address "$ADDRESS" >/dev/null 2>&1 && break; sleep 2; done
-
-ray job submit --address "$ADDRESS" --working-dir . -- \
-  python jobs/caption_videos.py \
-    --manifest "$WORK/samples/manifest.jsonl" \
-    --output "$WORK/output/captions" \
-    --model "$WORK/tiny-llava-onevision" \
-    --max-new-tokens 16
+JOB_ID=quickstart-$(date +%s)
+# The job server answers before the head's job agent is up ("No available agent"): submit until
+# the head takes the job, then follow its logs.
+for attempt in $(seq 60); do
+  if ray job submit --address "$ADDRESS" --submission-id "$JOB_ID" --no-wait --working-dir . -- \
+      python jobs/caption_videos.py \
+        --manifest "$WORK/samples/manifest.jsonl" \
+        --output "$WORK/output/captions" \
+        --model "$WORK/tiny-llava-onevision" \
+        --max-new-tokens 16 > "$WORK/submit.log" 2>&1; then
+    break
+  fi
+  if [ "$attempt" = 60 ] || ! grep -q -e "No available agent" -e "Failed to connect" -e "Connection refused" "$WORK/submit.log"; then
+    cat "$WORK/submit.log" >&2
+    echo "quickstart: the job could not be submitted (above); the head's log is $WORK/ray-head.log" >&2
+    exit 1
+  fi
+  sleep 2
+done
+echo "submitted job $JOB_ID to the local Ray head at $ADDRESS; its log follows"
+ray job logs --address "$ADDRESS" --follow "$JOB_ID"
+if ! ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -qi "succeeded"; then
+  ray job status --address "$ADDRESS" "$JOB_ID" >&2 || true
+  echo "quickstart: the job did not succeed (its log is above)" >&2
+  exit 1
+fi
 
 python - "$WORK/output/captions" <<'PY'
 import sys

@@ -19,6 +19,21 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 extras=${1:+[$1]}
-echo "setup: installing the project${extras} into .venv (the first time downloads torch, a few GB)"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".${extras}"
+# Reinstall only when pyproject.toml changed or new extras are asked for (quiet, fast reruns).
+hash=$(sha256sum pyproject.toml | cut -c1-16)
+if .venv/bin/python -c "import pipeline" 2>/dev/null && { [ -e ".venv/.installed-$hash-${1:-}" ] || { [ -z "${1:-}" ] && compgen -G ".venv/.installed-$hash-*" >/dev/null; }; }; then
+  exit 0
+fi
+if .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
+  echo "setup: updating the project${extras} in .venv"
+else
+  echo "setup: installing the project${extras} into .venv (downloads torch, a few GB, this once)"
+fi
+# pip's own notices (setuptools' editable-install advice for package authors) only when it fails
+if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".${extras}"; } 2>.venv/pip-install.log; then
+  cat .venv/pip-install.log >&2
+  echo "setup: pip failed (above); fix what it says and rerun" >&2
+  exit 1
+fi
+rm -f .venv/.installed-*
+touch ".venv/.installed-$hash-${1:-}"

@@ -81,7 +81,8 @@ def build_tokenizer(family: str = "llava_onevision"):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=512, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress lines go to stdout as blank lines
     )
     bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     if llama:
