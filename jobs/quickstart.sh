@@ -23,9 +23,16 @@ python -m pipeline.testing.tiny_model "$WORK/tiny-llava-onevision" 2>/dev/null
 
 RAY_TMP=$(mktemp -d /tmp/ray-quickstart-XXXX)
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
-GCS_PORT=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 ray start --head --block --num-cpus 4 --port "$GCS_PORT" --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
-  --temp-dir "$RAY_TMP" --disable-usage-stats > "$WORK/ray-head.log" 2>&1 &
+# Free ports of our own for the head and its agents: another Ray on this machine may hold the defaults.
+read -r GCS_PORT AGENT_PORT AGENT_GRPC_PORT METRICS_PORT RUNTIME_ENV_PORT < <(python -c "
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks: s.bind(('127.0.0.1', 0))
+print(*(s.getsockname()[1] for s in socks))")
+RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 ray start --head --block --num-cpus 4 --port "$GCS_PORT" \
+  --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --dashboard-agent-listen-port "$AGENT_PORT" \
+  --dashboard-agent-grpc-port "$AGENT_GRPC_PORT" --metrics-export-port "$METRICS_PORT" \
+  --runtime-env-agent-port "$RUNTIME_ENV_PORT" --temp-dir "$RAY_TMP" --disable-usage-stats > "$WORK/ray-head.log" 2>&1 &
 HEAD_PID=$!
 stop_head() { kill "$HEAD_PID" 2>/dev/null || true; wait "$HEAD_PID" 2>/dev/null || true; rm -rf "$RAY_TMP"; }
 trap stop_head EXIT
@@ -51,8 +58,9 @@ for attempt in $(seq 60); do
 done
 echo "submitted job $JOB_ID to the local Ray head at $ADDRESS; its log follows"
 ray job logs --address "$ADDRESS" --follow "$JOB_ID"
-if ! ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -qi "succeeded"; then
-  ray job status --address "$ADDRESS" "$JOB_ID" >&2 || true
+STATUS=$(ray job status --address "$ADDRESS" "$JOB_ID" 2>&1 || true)
+if ! grep -qi "succeeded" <<<"$STATUS"; then
+  echo "$STATUS" >&2
   echo "quickstart: the job did not succeed (its log is above)" >&2
   exit 1
 fi

@@ -7,6 +7,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -22,8 +23,12 @@ def ray_head():
     """`ray start --head --block` in its own process group; the group is killed afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     dashboard = free_port()
-    # `ray start` turns token authentication on; RAY_AUTH_MODE=token makes the CLI send the token.
+    # Token authentication with a token of the test's own (a fresh home has none in ~/.ray); the
+    # head, its workers, the driver and the CLI read it from RAY_AUTH_TOKEN_PATH.
+    token = Path(temp_dir) / "auth-token"
+    token.write_text(uuid.uuid4().hex)
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN_PATH=str(token),
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # stop at once when the test ends
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=4",
