@@ -24,6 +24,7 @@ from pipeline.families import detect_family
 from pipeline.manifest import scan_manifest
 from pipeline.preprocess import Preprocessor
 from pipeline.stages import Generate, Preprocess, decode_media
+from pipeline.testing.textmatch import difference, generate_reference
 
 MAX_NEW_TOKENS = 10
 FAMILIES = ["llava_onevision", "llava_interleave", "llava"]
@@ -86,9 +87,9 @@ def card_reference(family, path):
             inputs = processor(images=[media], text=[text], return_tensors="pt")
         else:
             inputs = processor(images=media if len(media) > 1 else media[0], text=text, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return processor.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return generate_reference(model, processor.tokenizer, inputs, MAX_NEW_TOKENS)
 
+    run.tokenizer = processor.tokenizer
     return run
 
 
@@ -114,6 +115,6 @@ def test_mixed_batch_equals_the_card_reference(family, tiny_checkpoint, manifest
     ok = [r for r in rows.values() if r["status"] == "ok"]
     assert len(ok) == (2 if family == "llava" else 4)
     reference = card_reference(family, path)
-    for r in ok:
-        assert r["text"] == reference(r), (r["id"], r["prompt"])
+    for r in ok:  # token for token, up to ties the reference cannot tell apart (pipeline/testing/textmatch.py)
+        assert difference(reference(r), reference.tokenizer, r["text"]) is None, (r["id"], r["prompt"])
     assert len({r["text"] for r in ok}) == len(ok)  # the comparison is between texts that differ
