@@ -205,10 +205,13 @@ class Generate:
         return _table(rows, RESULT_SCHEMA)
 
     def _trace(self, started: float, rows: int) -> None:
-        """One JSON line per generate call: when the model was busy (benchmarks read these)."""
+        """One JSON line per generate call: when and where (Ray node) the model was busy (benchmarks read these)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         path = os.path.join(self.cfg.trace_dir, f"generate-{os.getpid()}.jsonl")
         with open(path, "a") as f:
-            f.write(json.dumps({"start": started, "end": time.time(), "rows": rows}) + "\n")
+            f.write(json.dumps({"start": started, "end": time.time(), "rows": rows, "node_id": node}) + "\n")
 
 
 def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:
