@@ -95,10 +95,10 @@ def test_kuberay_manifest_validates_against_its_crd(name, doc):
 def test_validation_catches_a_misspelled_field():
     _, rayjob = of_kind("RayJob")[0]
     broken = copy.deepcopy(rayjob)
-    broken["spec"]["shutdownAfterJobFinish"] = broken["spec"].pop("shutdownAfterJobFinishes")
+    broken["spec"]["activeDeadlineSecond"] = broken["spec"].pop("activeDeadlineSeconds")
     broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 3
     errors = schema_errors(broken)
-    assert any("shutdownAfterJobFinish'" in e for e in errors)
+    assert any("activeDeadlineSecond'" in e for e in errors)
     assert any("maxReplica'" in e for e in errors)
     wrong_type = copy.deepcopy(rayjob)
     wrong_type["spec"]["backoffLimit"] = "one"
