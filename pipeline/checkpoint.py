@@ -54,8 +54,9 @@ def local_checkpoint(model: str, storage: StorageConfig, weights: bool = True) -
             fcntl.flock(lock, fcntl.LOCK_EX)
             if target.is_dir():
                 return str(target)
+            for stale in base.glob(f".partial-{kind}-*"):  # left by a copy that crashed (the lock is ours)
+                shutil.rmtree(stale, ignore_errors=True)
             partial = base / f".partial-{kind}-{os.getpid()}"
-            shutil.rmtree(partial, ignore_errors=True)
             names = sorted(files)
             for name in names:
                 (partial / name).parent.mkdir(parents=True, exist_ok=True)
