@@ -135,10 +135,14 @@ def sizing_lines(cfg: RunConfig, use_gpu: bool) -> list[str]:
     from pipeline.sizing import SizingError, check_run
 
     gpus = per_node = memory_gb = None
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    # the nodes the model stage may use: those of --accelerator-type when it is given
+    nodes = [n for n in alive if not cfg.accelerator_type or f"accelerator_type:{cfg.accelerator_type}" in n]
+    if not nodes:  # a typo waits forever: name what the cluster has (Ray's names are case-sensitive)
+        present = sorted({k.split(":", 1)[1] for n in alive for k in n if k.startswith("accelerator_type:")})
+        log.warning("no node has accelerator type %s now (this cluster's: %s); the model stage waits until the "
+                    "autoscaler adds one", cfg.accelerator_type, ", ".join(present) or "none")
     if use_gpu:
-        # the GPUs the model stage may use: those of --accelerator-type nodes when it is given
-        nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]
-                 and (not cfg.accelerator_type or f"accelerator_type:{cfg.accelerator_type}" in n["Resources"])]
         gpus = int(sum(n.get("GPU", 0) for n in nodes))
         per_node = max((int(n.get("GPU", 0)) for n in nodes), default=0)
         memory_gb = cfg.gpu_memory_gb or gpu_memory_gb(accelerator_type=cfg.accelerator_type)
