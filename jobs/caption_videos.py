@@ -53,6 +53,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--replica-restarts", type=int, default=f["replica_restarts"].default,
                    help=doc(f["replica_restarts"]))
     p.add_argument("--gpu-memory-gb", type=float, help=doc(f["gpu_memory_gb"]))
+    p.add_argument("--accelerator-type", help=doc(f["accelerator_type"]))
     p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
                    help=doc(f["preprocess_workers"]))
     p.add_argument("--resize-in-decoder", action=argparse.BooleanOptionalAction, default=f["resize_in_decoder"].default,
@@ -87,6 +88,7 @@ def parse_args(argv=None) -> RunConfig:
             manifest=a.manifest, output=a.output, model=a.model, task=a.task, prompt=a.prompt,
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas, tp=a.tp,
             replica_timeout_s=a.replica_timeout_s, replica_restarts=a.replica_restarts, gpu_memory_gb=a.gpu_memory_gb,
+            accelerator_type=a.accelerator_type,
             preprocess_workers=a.preprocess_workers, resize_in_decoder=a.resize_in_decoder,
             model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,

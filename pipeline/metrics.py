@@ -54,6 +54,17 @@ def inflight_gauge():
                    "Rows inside one model actor's generate call (0 while it waits for input).")
 
 
+def replica_failures_counter():
+    return _metric("counter", "pipeline_replica_failures",
+                   "Tensor-parallel replicas that went down (a rank died or hung), by what came next (restart or gave_up).",
+                   ("outcome",))
+
+
+def replica_failed(restarting: bool) -> None:
+    """A tensor-parallel replica went down: restarted, or given up (its rows become model_error rows)."""
+    replica_failures_counter().inc(tags={"outcome": "restart" if restarting else "gave_up"})
+
+
 def clock() -> float:
     return time.perf_counter()
 

@@ -1,6 +1,6 @@
 """A static HTML page that shows what a run produced: for each item a strip of the frames the model
 saw (re-decoded at `frame_timestamps_s` from `uri`) beside its captions or answers, error rows
-grouped by error_type, and the run's figures (`_SUCCESS` and counts).
+grouped by error_type, and the run's figures (its ledger `_runs/RUN_ID.json` and counts).
 """
 
 from __future__ import annotations
@@ -21,16 +21,33 @@ THUMB_HEIGHT = 96
 MAX_FRAMES_SHOWN = 8
 
 
-def read_output(output: str, storage: StorageConfig) -> tuple[list[dict], dict | None]:
-    """The output rows (files starting with `_` are skipped, as every reader does) and `_SUCCESS`."""
-    afs, path = arrow_filesystem(output, storage)
-    rows = pads.dataset(path, schema=output_arrow_schema(), format="parquet", filesystem=afs).to_table().to_pylist()
+def read_output(output: str, storage: StorageConfig, run_id: str | None = None) -> tuple[list[dict], dict]:
+    """The rows of one committed run (default: the last one, named by `_SUCCESS`) and its ledger
+    (`_runs/RUN_ID.json`). Only the files its ledger lists are read, so the rows of the output's
+    other runs never mix into this run's page and figures."""
     fs, out = filesystem(output, storage)
-    success = None
-    if fs.exists(join(out, "_SUCCESS")):
-        with fs.open(join(out, "_SUCCESS"), "r") as f:
-            success = json.load(f)
-    return rows, success
+    fs.invalidate_cache()
+    if run_id is None:
+        if not fs.exists(join(out, "_SUCCESS")):
+            raise FileNotFoundError(f"{output} holds no committed run (no _SUCCESS): the run did not complete, "
+                                    "or this is not its --output")
+        run_id = _read_json(fs, join(out, "_SUCCESS"))["run_id"]
+    ledger_path = join(out, "_runs", f"{run_id}.json")
+    if not fs.exists(ledger_path):
+        runs = sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(join(out, "_runs", "*.json")))
+        raise FileNotFoundError(f"no committed run {run_id} in {output} (committed runs: {', '.join(runs) or 'none'})")
+    ledger = _read_json(fs, ledger_path)
+    paths = [join(out, name) for name in ledger.get("files", [])]
+    if not paths:
+        return [], ledger
+    afs, _ = arrow_filesystem(output, storage)
+    rows = pads.dataset(paths, schema=output_arrow_schema(), format="parquet", filesystem=afs).to_table().to_pylist()
+    return rows, ledger
+
+
+def _read_json(fs, path: str) -> dict:
+    with fs.open(path, "r") as f:
+        return json.load(f)
 
 
 def _thumbnail(image) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pipeline import sink
 from pipeline.config import RunConfig
 from pipeline.manifest import prompts_for, scan_manifest
-from pipeline.stages import Generate, Preprocess, decode_media, format_output
+from pipeline.stages import Generate, Preprocess, decode_media, format_output, video_resize
 
 log = logging.getLogger("pipeline")
 
@@ -63,8 +63,9 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))
 
 
-def build_dataset(cfg: RunConfig, records, use_gpu: bool):
-    """The Ray Data plan. Nothing runs until the dataset is written."""
+def build_dataset(cfg: RunConfig, records, use_gpu: bool, resize: dict | None = None):
+    """The Ray Data plan. Nothing runs until the dataset is written. `resize`: the video resize
+    the decoders apply (stages.video_resize, read once on the driver)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -74,12 +75,15 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool):
     ds = ray.data.from_arrow(blocks or [records])
     # Ray Data fuses decode into the preprocess actors (same CPUs, no full-resolution frames through
     # the object store); the pool grows to preprocess_workers while the model stage keeps up.
-    ds = ds.map_batches(decode_media, fn_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1, num_cpus=1)
+    ds = ds.map_batches(decode_media, fn_kwargs={"cfg": cfg, "resize": resize}, batch_format="pyarrow", batch_size=1,
+                        num_cpus=1)
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
                         compute=ActorPoolStrategy(min_size=1, max_size=cfg.preprocess_workers), num_cpus=1)
     # One actor per model replica, holding all its devices: Ray places it on one node, and with
     # tp > 1 it starts one rank process per device there (pipeline/tensor_parallel.py).
     model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
+    if cfg.accelerator_type:  # only nodes of that type: 7B actors stay off (and do not scale up) 8-GPU nodes
+        model_resources["accelerator_type"] = cfg.accelerator_type
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
@@ -107,7 +111,7 @@ def run(cfg: RunConfig) -> RunSummary:
     if todo.num_rows:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)
-        sink.write(build_dataset(cfg, todo, use_gpu), cfg)
+        sink.write(build_dataset(cfg, todo, use_gpu, video_resize(cfg)), cfg)
     written = sink.staged(cfg)
     # Every pending manifest row must have produced output (by its file:line) before the commit:
     # an incomplete run fails loudly, commits nothing, and a rerun redoes only what is missing.
@@ -131,18 +135,25 @@ def sizing_lines(cfg: RunConfig, use_gpu: bool) -> list[str]:
     from pipeline.sizing import SizingError, check_run
 
     gpus = per_node = memory_gb = None
+    alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    # the nodes the model stage may use: those of --accelerator-type when it is given
+    nodes = [n for n in alive if not cfg.accelerator_type or f"accelerator_type:{cfg.accelerator_type}" in n]
+    if not nodes:  # a typo waits forever: name what the cluster has (Ray's names are case-sensitive)
+        present = sorted({k.split(":", 1)[1] for n in alive for k in n if k.startswith("accelerator_type:")})
+        log.warning("no node has accelerator type %s now (this cluster's: %s); the model stage waits until the "
+                    "autoscaler adds one", cfg.accelerator_type, ", ".join(present) or "none")
     if use_gpu:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        per_node = max((int(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
-        memory_gb = cfg.gpu_memory_gb or gpu_memory_gb()
+        gpus = int(sum(n.get("GPU", 0) for n in nodes))
+        per_node = max((int(n.get("GPU", 0)) for n in nodes), default=0)
+        memory_gb = cfg.gpu_memory_gb or gpu_memory_gb(accelerator_type=cfg.accelerator_type)
     try:
         return check_run(cfg, memory_gb, gpus, per_node, "cuda" if use_gpu else "cpu")
     except SizingError as e:
         raise RunError(str(e)) from e
 
 
-def gpu_memory_gb(timeout_s: float = 60) -> float | None:
-    """One GPU's memory, asked of a GPU node (None if no GPU is free within timeout_s)."""
+def gpu_memory_gb(timeout_s: float = 60, accelerator_type: str | None = None) -> float | None:
+    """One GPU's memory, asked of a GPU node of that type (None if no GPU is free within timeout_s)."""
     import ray
 
     @ray.remote(num_gpus=1, num_cpus=0)
@@ -151,7 +162,7 @@ def gpu_memory_gb(timeout_s: float = 60) -> float | None:
 
         return torch.cuda.get_device_properties(0).total_memory
 
-    ref = total_memory.remote()
+    ref = total_memory.options(**({"accelerator_type": accelerator_type} if accelerator_type else {})).remote()
     try:
         return ray.get(ref, timeout=timeout_s) / 1e9
     except ray.exceptions.GetTimeoutError:

@@ -285,7 +285,7 @@ class ChatIngress:
 
         self.cfg, self.model = cfg, model
         self.token = load_token(cfg)  # kept out of every log line and error message
-        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage), revision=cfg.revision,
+        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage, weights=False), revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
         self.pool = ThreadPoolExecutor(cfg.prepare_threads, thread_name_prefix="prepare")
         self.created = int(time.time())

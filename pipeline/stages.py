@@ -77,28 +77,26 @@ def _decoder(cfg: RunConfig):
     return _decoders[key]
 
 
-_resize_specs = {}  # the checkpoint's video resize, read once per worker process
-
-
-def _video_resize(cfg: RunConfig) -> dict | None:
+def video_resize(cfg: RunConfig) -> dict | None:
+    """The checkpoint's video resize (resize_in_decoder), read once on the driver and handed to the
+    decode stage as data: decode workers never touch the checkpoint."""
     if not cfg.resize_in_decoder:
         return None
-    if cfg.model not in _resize_specs:
-        from pipeline.checkpoint import local_checkpoint
-        from pipeline.preprocess import video_resize_spec
+    from pipeline.checkpoint import local_checkpoint
+    from pipeline.preprocess import video_resize_spec
 
-        try:
-            _resize_specs[cfg.model] = video_resize_spec(local_checkpoint(cfg.model, cfg.storage))
-        except Exception:  # noqa: BLE001 - the model stage reports an unreadable checkpoint; decode goes on
-            _resize_specs[cfg.model] = None
-    return _resize_specs[cfg.model]
+    try:
+        return video_resize_spec(local_checkpoint(cfg.model, cfg.storage, weights=False))
+    except Exception:  # noqa: BLE001 - the model stage reports an unreadable checkpoint; decode goes on
+        return None
 
 
-def decode_media(records: pa.Table, cfg: RunConfig) -> pa.Table:
-    """Fetch + decode each item, in a child process that may crash or hang without harm (CPU)."""
+def decode_media(records: pa.Table, cfg: RunConfig, resize: dict | None = None) -> pa.Table:
+    """Fetch + decode each item, in a child process that may crash or hang without harm (CPU).
+    `resize`: the video resize of `video_resize(cfg)`, done in the decoder process (None: none)."""
     from pipeline.media import MediaError
 
-    items, started, resize = [], metrics.clock(), _video_resize(cfg)
+    items, started = [], metrics.clock()
     for rec in records.to_pylist():
         item = {k: rec[k] for k in ("id", "uri", "uris", "source", "status", "error_type", "error", "media_type")}
         if rec["status"] == "ok":
@@ -147,7 +145,7 @@ class Preprocess:
         from pipeline.checkpoint import local_checkpoint
         from pipeline.preprocess import Preprocessor
 
-        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage), revision=cfg.revision,
+        self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage, weights=False), revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
 
     def __call__(self, items: pa.Table) -> pa.Table:
@@ -207,10 +205,13 @@ class Generate:
         return _table(rows, RESULT_SCHEMA)
 
     def _trace(self, started: float, rows: int) -> None:
-        """One JSON line per generate call: when the model was busy (benchmarks read these)."""
+        """One JSON line per generate call: when and where (Ray node) the model was busy (benchmarks read these)."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         path = os.path.join(self.cfg.trace_dir, f"generate-{os.getpid()}.jsonl")
         with open(path, "a") as f:
-            f.write(json.dumps({"start": started, "end": time.time(), "rows": rows}) + "\n")
+            f.write(json.dumps({"start": started, "end": time.time(), "rows": rows, "node_id": node}) + "\n")
 
 
 def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:

@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from pipeline import metrics
 from pipeline.child_messages import HEADER_BYTES, body_length, receive, send
 from pipeline.config import ModelSettings
 
@@ -139,6 +140,7 @@ class TensorParallelEngine:
             except _ReplicaDown as e:
                 self._stop()
                 failures.append(str(e))
+                metrics.replica_failed(restarting=len(failures) <= self.restarts)
                 log.warning("tensor-parallel replica (tp=%d) went down on %s: %s; %s", self.tp, what, e,
                             "restarting it" if len(failures) <= self.restarts else "giving up")
         raise ReplicaFailed(f"the tensor-parallel replica (tp={self.tp}) went down {len(failures)} times on {what} "

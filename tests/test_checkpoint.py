@@ -1,11 +1,15 @@
 """An s3:// model is copied to a node's local disk once, not once per actor: several processes
-asking for it at the same moment share one download (counted at the S3 server)."""
+asking for it at the same moment share one download (counted at the S3 server). CPU stages copy
+no weights; a re-uploaded object is copied again."""
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from collections import Counter
+from pathlib import Path
 
 from test_s3 import upload_dir
 
@@ -45,3 +49,55 @@ def test_s3_model_is_copied_once_per_node_under_concurrency(s3_endpoint, s3_clie
     weights_gets = [r.getMessage() for r in caplog.records
                     if "GET /models-once/llava/tiny/model.safetensors" in r.getMessage()]
     assert len(weights_gets) == 1, weights_gets
+
+
+def gets_per_object(caplog, bucket: str) -> Counter:
+    """GET requests moto's server answered, per object key (listings and HEADs are not counted)."""
+    found = Counter()
+    for r in caplog.records:
+        m = re.search(rf'"GET /{bucket}/(\S+?)(?:\?\S*)? HTTP', r.getMessage())
+        if m:
+            found[m.group(1)] += 1
+    return found
+
+
+def test_processor_copy_leaves_the_weights_and_a_changed_object_is_fetched_again(
+        s3_endpoint, s3_client, tiny_model, tmp_path, monkeypatch, caplog):
+    """CPU stages copy what a processor and tokenizer need, model actors copy the weights too, and
+    a file re-uploaded under the same prefix is fetched again (the cache is keyed by its ETag)."""
+    from pipeline import checkpoint
+    from pipeline.config import StorageConfig
+
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    monkeypatch.setattr(checkpoint, "CACHE_DIR", tmp_path / "node-cache")
+    s3_client.create_bucket(Bucket="models-kinds")
+    upload_dir(s3_client, tiny_model, "models-kinds", "llava/tiny")
+    uri, storage = "s3://models-kinds/llava/tiny", StorageConfig(endpoint_url=s3_endpoint)
+    files = sorted(p.name for p in tiny_model.iterdir() if p.is_file())
+    weights = [f for f in files if f.endswith(".safetensors")]
+    assert weights and "tokenizer_config.json" in files
+
+    processor = checkpoint.local_checkpoint(uri, storage, weights=False)
+    assert sorted(os.listdir(processor)) == [f for f in files if f not in weights]
+    assert all(gets_per_object(caplog, "models-kinds")[f"llava/tiny/{w}"] == 0 for w in weights)
+    from pipeline.preprocess import Preprocessor
+
+    Preprocessor(processor)  # the processor and tokenizer load from the copy without weights
+
+    full = checkpoint.local_checkpoint(uri, storage)
+    assert sorted(os.listdir(full)) == files
+    assert checkpoint.local_checkpoint(uri, storage) == full  # cached: no second copy
+    assert checkpoint.local_checkpoint(uri, storage, weights=False) == processor
+    gets = gets_per_object(caplog, "models-kinds")
+    assert {f: gets[f"llava/tiny/{f}"] for f in files} == {f: 1 if f in weights else 2 for f in files}
+
+    # The weights are uploaded again, changed, under the same key: the model copy is made again
+    # from the new object; the processor files did not change, so their copy stays.
+    changed = tmp_path / "changed.safetensors"
+    changed.write_bytes((tiny_model / weights[0]).read_bytes()[:-1] + b" ")
+    s3_client.upload_file(str(changed), "models-kinds", f"llava/tiny/{weights[0]}")
+    refreshed = checkpoint.local_checkpoint(uri, storage)
+    assert refreshed != full and not os.path.exists(full)  # the old version's copy is gone from the disk
+    assert (Path(refreshed) / weights[0]).read_bytes() == changed.read_bytes()
+    assert checkpoint.local_checkpoint(uri, storage, weights=False) == processor
+    assert gets_per_object(caplog, "models-kinds")[f"llava/tiny/{weights[0]}"] == 2

@@ -1,10 +1,13 @@
 """cluster/: the KubeRay manifests validate against KubeRay's CRD schemas, entrypoints run jobs that
-exist with arguments their parsers accept, GPU counts agree with the replicas, images are pinned."""
+exist with arguments their parsers accept, GPU counts agree with the replicas, images are pinned and
+exist, the image's torch matches its CUDA, RayJobs clean up after themselves, the monitoring files
+validate against prometheus-operator's CRDs; the model stage lands on the accelerator it names."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import re
 import shlex
@@ -95,10 +98,10 @@ def test_kuberay_manifest_validates_against_its_crd(name, doc):
 def test_validation_catches_a_misspelled_field():
     _, rayjob = of_kind("RayJob")[0]
     broken = copy.deepcopy(rayjob)
-    broken["spec"]["shutdownAfterJobFinish"] = broken["spec"].pop("shutdownAfterJobFinishes")
+    broken["spec"]["activeDeadlineSecond"] = broken["spec"].pop("activeDeadlineSeconds")
     broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 3
     errors = schema_errors(broken)
-    assert any("shutdownAfterJobFinish'" in e for e in errors)
+    assert any("activeDeadlineSecond'" in e for e in errors)
     assert any("maxReplica'" in e for e in errors)
     wrong_type = copy.deepcopy(rayjob)
     wrong_type["spec"]["backoffLimit"] = "one"
@@ -273,10 +276,10 @@ def test_launcher_yaml_node_types():
     assert workers["gpu-72b"]["resources"]["GPU"] in (4, 8)
     # model weights on node-local disk: the cache variable points into the mounted NVMe
     opts = " ".join(conf["docker"]["run_options"])
-    mount = re.search(r"-v /mnt/nvme:(\S+)", opts).group(1)
+    host, mount = re.search(r"-v (/opt/dlami/nvme):(\S+)", opts).groups()  # where the DLAMI mounts instance-store NVMe
     cache = re.search(r"-e PIPELINE_MODEL_CACHE=(\S+)", opts).group(1)
     assert cache.startswith(mount + "/")
-    assert any("/mnt/nvme" in c for c in conf["initialization_commands"])
+    assert any(host in c for c in conf["initialization_commands"])
     assert any("--metrics-export-port" in c for c in conf["head_start_ray_commands"])
 
 
@@ -357,3 +360,349 @@ def _envs(obj):
     elif isinstance(obj, list):
         for v in obj:
             yield from _envs(v)
+
+
+# --- accelerator type ----------------------------------------------------------------------------
+
+PLACEMENT_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.run import run
+import caption_videos
+
+samples, model, out = sys.argv[1:4]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+nodes = {"A100": cluster.add_node(num_cpus=2, resources={"accelerator_type:A100": 1}),
+         "L40S": cluster.add_node(num_cpus=2, resources={"accelerator_type:L40S": 1})}
+ray.init(address=cluster.address)
+result = {"nodes": {k: n.node_id for k, n in nodes.items()}}
+for wanted in ("L40S", "A100"):
+    trace = Path(out) / wanted / "trace"
+    trace.mkdir(parents=True)
+    cfg = caption_videos.parse_args([
+        "--manifest", f"{samples}/manifest.jsonl", "--output", f"{out}/{wanted}/captions", "--model", model,
+        "--device", "cpu", "--num-frames", "2", "--max-new-tokens", "2", "--accelerator-type", wanted])
+    summary = run(cfg.model_copy(update={"trace_dir": str(trace)}))
+    used = {json.loads(line)["node_id"] for f in trace.glob("*.jsonl") for line in f.read_text().splitlines()}
+    result[wanted] = {"ok": summary.ok, "used": sorted(used)}
+print(json.dumps(result), flush=True)
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_model_stage_runs_only_on_nodes_of_the_accelerator_type(samples, tiny_model, tmp_path):
+    """A local Ray cluster of two worker nodes that carry Ray's `accelerator_type:NAME` resources (as
+    GPU nodes do): the model actors of a run with --accelerator-type NAME land on that node only,
+    for either name."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'jobs'}", RAY_ADDRESS="")
+    proc = subprocess.run([sys.executable, "-c", PLACEMENT_SCRIPT, str(samples), str(tiny_model), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for wanted in ("L40S", "A100"):
+        assert result[wanted]["ok"] > 0
+        assert result[wanted]["used"] == [result["nodes"][wanted]], wanted
+
+
+# --- the image's CUDA, the launcher's AMI, images that exist -------------------------------------
+
+def base_image_cuda() -> str:
+    """'13.0' for rayproject/ray:...-cu130."""
+    (base,) = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.M)
+    digits = re.fullmatch(r"rayproject/ray:\S+-cu(\d+)", base).group(1)
+    return f"{digits[:-1]}.{digits[-1]}"
+
+
+def image_pins() -> dict[str, str]:
+    lines = (CLUSTER / "image-constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_image_pins_torch_builds_of_the_base_images_cuda():
+    """torch/torchvision are pinned (pip -c) to builds whose CUDA is the base image's: one CUDA
+    stack, and the driver the base image states. The build checks torch.version.cuda too."""
+    cuda, pins, dockerfile = base_image_cuda(), image_pins(), (CLUSTER / "Dockerfile").read_text()
+    assert {"torch", "torchvision", "cuda-toolkit"} <= set(pins)
+    assert re.fullmatch(rf"{re.escape(cuda)}\.\d+", pins["cuda-toolkit"]), (pins, cuda)
+    assert re.search(r"^COPY .*cluster/image-constraints\.txt", dockerfile, re.M)
+    assert re.search(r"pip install [^\n]*-c cluster/image-constraints\.txt -e \.", dockerfile)
+    assert re.search(rf"^ARG IMAGE_CUDA={re.escape(cuda)}$", dockerfile, re.M) and "torch.version.cuda" in dockerfile
+    assert re.search(r"driver >= \d+", dockerfile)
+
+
+def test_pinned_torch_wheel_requires_the_base_images_cuda():
+    """The wheel's own metadata: the pinned torch (the one this environment runs) requires exactly
+    the pinned cuda-toolkit, and is built for the base image's CUDA."""
+    from importlib.metadata import requires, version
+
+    import torch
+
+    pins = image_pins()
+    if version("torch").split("+")[0] != pins["torch"]:
+        pytest.skip(f"this environment runs torch {version('torch')}, not the image's {pins['torch']}: "
+                    "its wheel's CUDA requirement cannot be read here (the image build checks it)")
+    toolkit = [r for r in requires("torch") if r.startswith("cuda-toolkit")]
+    assert toolkit and all(r.split(";")[0].strip().endswith(f"=={pins['cuda-toolkit']}") for r in toolkit), toolkit
+    assert torch.version.cuda == base_image_cuda()
+    assert version("torchvision").split("+")[0] == pins["torchvision"]
+
+
+def test_launcher_ami_is_a_current_gpu_ami_that_ray_passes_through():
+    """`latest_dlami` is replaced by Ray 2.60 with a CUDA 11 era Ubuntu 18.04 AMI; the config names
+    AWS's current Deep Learning Base GPU AMI by its SSM parameter (or a pinned id), which Ray's
+    AMI check leaves as it is for EC2 to resolve."""
+    from ray.autoscaler._private.aws import config as aws_config
+
+    conf = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    for name, node in conf["available_node_types"].items():
+        ami = node["node_config"]["ImageId"]
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                            r"base-oss-nvidia-driver-gpu-ubuntu-2[2-9]\.04/latest/ami-id", ami), (name, ami)
+    checked = copy.deepcopy(conf)
+    aws_config._check_ami(checked)
+    assert checked["available_node_types"] == conf["available_node_types"]
+    old = copy.deepcopy(conf)
+    old["available_node_types"]["head"]["node_config"]["ImageId"] = "latest_dlami"
+    aws_config._check_ami(old)  # what the old setting became: Ray's hard-coded CUDA 11 AMI
+    assert old["available_node_types"]["head"]["node_config"]["ImageId"] == aws_config.DEFAULT_AMI["us-west-2"]
+    assert "18.04" in aws_config.DEFAULT_AMI_NAME
+
+
+# Images whose versioned tags were removed from their registry (bitnami/containers issues 87841, 88999:
+# the Bitnami catalog's versioned tags left Docker Hub; only `latest`, which the pin check refuses, stayed).
+GONE_IMAGES = [r"^(docker\.io/)?bitnami/"]
+
+
+def test_no_image_known_to_be_gone():
+    found = all_images()
+    assert [i for i in found if any(re.search(p, i) for p in GONE_IMAGES)] == []
+    kubectl = [i for i in found if "kubectl" in i]
+    assert kubectl and all(re.fullmatch(r"rancher/kubectl:v1\.\d+\.\d+", i) for i in kubectl), kubectl
+
+
+# --- pods: token, volumes, accelerators ----------------------------------------------------------
+
+def pod_groups() -> list[tuple[str, str, dict]]:
+    """(where, group name, group spec) of every head and worker group of every Ray cluster spec."""
+    return [(name, group.get("groupName", "head"), group) for name, spec in cluster_specs()
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]]
+
+
+def project_containers(group: dict) -> list[dict]:
+    return [c for c in group["template"]["spec"]["containers"] if "/pipeline:" in c["image"]]
+
+
+def test_every_pod_of_the_project_image_gets_the_hub_token():
+    """The driver (head) reads the model's config and processor, the decode group loads the processor,
+    the model groups the weights: a gated or private hub model needs HF_TOKEN on each of them."""
+    want = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token", "optional": True}}}
+    checked = 0
+    for where, group_name, group in pod_groups():
+        for container in project_containers(group):
+            assert want in container.get("env", []), (where, group_name)
+            checked += 1
+    assert checked >= 15
+
+
+def test_no_hostpath_and_the_weight_cache_is_node_ephemeral_storage():
+    """Pod Security "baseline" refuses hostPath volumes: the cache is an emptyDir with a size limit,
+    and its pods request ephemeral storage so they land on nodes with room for the weights."""
+    caches = 0
+    for where, group_name, group in pod_groups():
+        pod = group["template"]["spec"]
+        assert all("hostPath" not in v for v in pod.get("volumes", [])), (where, group_name)
+        for volume in pod.get("volumes", []):
+            if volume["name"] == "model-cache":
+                caches += 1
+                assert volume["emptyDir"].get("sizeLimit") and "medium" not in volume["emptyDir"], (where, group_name)
+                if "RayService" not in where:  # the Serve app's pods: cluster/kuberay/rayservice.yaml's own sizing
+                    requests = project_containers(group)[0]["resources"]["requests"]
+                    assert "ephemeral-storage" in requests, (where, group_name)
+    assert caches >= 7
+
+
+def rayjob_specs() -> list[tuple[str, dict]]:
+    return ([(n, d["spec"]) for n, d in of_kind("RayJob")]
+            + [(f"{n}:jobTemplate", d["spec"]["jobTemplate"]) for n, d in of_kind("RayCronJob")])
+
+
+DELETION_ORDER = ["DeleteWorkers", "DeleteCluster", "DeleteSelf"]
+
+
+@pytest.mark.parametrize("name,spec", rayjob_specs(), ids=[n for n, _ in rayjob_specs()])
+def test_rayjob_deletes_its_cluster_at_once_and_itself_after_days(name, spec):
+    """KubeRay's deletion rules (its webhook's checks, which the CRD schema leaves out): the
+    cluster's GPUs are freed when the job ends, the RayJob object goes after days, so nightly
+    RayCronJob runs do not pile up."""
+    assert not spec.get("shutdownAfterJobFinishes") and "ttlSecondsAfterFinished" not in spec  # exclusive with rules
+    rules = spec["deletionStrategy"]["deletionRules"]
+    by_condition: dict[tuple, dict] = {}
+    for rule in rules:
+        condition = rule["condition"]
+        assert ("jobStatus" in condition) != ("jobDeploymentStatus" in condition), rule
+        if spec["rayClusterSpec"].get("enableInTreeAutoscaling"):
+            assert rule["policy"] != "DeleteWorkers", "refused with autoscaling"
+        key = (condition.get("jobStatus"), condition.get("jobDeploymentStatus"))
+        assert rule["policy"] not in by_condition.setdefault(key, {}), f"duplicate rule {rule}"
+        by_condition[key][rule["policy"]] = condition.get("ttlSeconds", 0)
+    for key, ttls in by_condition.items():
+        ordered = [ttls[p] for p in DELETION_ORDER if p in ttls]
+        assert ordered == sorted(ordered), (key, ttls)  # workers <= cluster <= self
+    for key in [("SUCCEEDED", None), ("FAILED", None), (None, "Failed")]:
+        assert {"DeleteCluster", "DeleteSelf"} <= set(by_condition[key]), key
+        assert by_condition[key]["DeleteCluster"] <= 3600 and by_condition[key]["DeleteSelf"] >= 86400, key
+    assert by_condition[("SUCCEEDED", None)]["DeleteCluster"] == 0
+
+
+# The GPU Ray detects on each instance type the manifests select (ray's accelerator_type names)
+INSTANCE_ACCELERATOR = {"g6e.2xlarge": "L40S", "p4d.24xlarge": "A100", "p5.48xlarge": "H100"}
+
+
+def autoscaler_resources(group: dict) -> dict:
+    """What Ray's KubeRay autoscaler reads from a worker group (its own parser)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+
+    return _get_ray_resources_from_group_spec(group, is_head=False)
+
+
+def group_accelerators(resources: dict) -> list[str]:
+    return [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+
+
+def test_gpu_groups_declare_the_accelerator_of_the_nodes_they_are_pinned_to():
+    """The autoscaler grows a group for --accelerator-type X only if the group declares X; the
+    group's pods are pinned to an instance type whose GPU Ray detects as X."""
+    checked = 0
+    for where, group_name, group in pod_groups():
+        if "RayService" in where or group_name == "head" or not group_gpus(group):
+            continue
+        resources = autoscaler_resources(group)
+        instance = group["template"]["spec"]["nodeSelector"]["node.kubernetes.io/instance-type"]
+        assert group_accelerators(resources) == [INSTANCE_ACCELERATOR[instance]], (where, group_name)
+        assert resources["GPU"] == group_gpus(group)
+        checked += 1
+    assert checked >= 6
+    conf = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    for name, node in conf["available_node_types"].items():
+        expected = INSTANCE_ACCELERATOR.get(node["node_config"]["InstanceType"])
+        assert group_accelerators(node["resources"]) == ([expected] if expected else []), name
+
+
+def test_entrypoints_ask_for_the_accelerator_of_their_gpu_group():
+    """Each RayJob's --accelerator-type names the accelerator its GPU groups declare, and those
+    groups hold all its replicas: the model actors can be placed, and only there."""
+    for name, spec in rayjob_specs():
+        cfg = caption_videos.parse_args(job_argv(spec["entrypoint"])[1])
+        gpu_groups = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if group_gpus(g)]
+        matching = [g for g in gpu_groups if cfg.accelerator_type in group_accelerators(autoscaler_resources(g))]
+        assert cfg.accelerator_type and matching == gpu_groups, name
+        assert sum(g["replicas"] * (group_gpus(g) // cfg.tp) for g in matching) >= cfg.replicas, name
+    for command in readme_job_commands():
+        if "--device cuda" in command:
+            assert "--accelerator-type" in command, command
+
+
+# --- monitoring ----------------------------------------------------------------------------------
+
+PROM_CRD_DIR = Path(os.environ.get("PROMETHEUS_OPERATOR_CRDS", REPO.parent / "shared" / "prometheus-operator-crds"))
+PROM_CRD_FILES = {"PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
+                  "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
+
+
+def prometheus_validator(kind: str):
+    if not PROM_CRD_DIR.is_dir():
+        pytest.skip(f"prometheus-operator CRD schemas not found at {PROM_CRD_DIR} (set PROMETHEUS_OPERATOR_CRDS "
+                    "to the folder holding monitoring.coreos.com_*.yaml to run the monitoring validation)")
+    crd = yaml.safe_load((PROM_CRD_DIR / PROM_CRD_FILES[kind]).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1" and v["served"]]
+    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+
+
+def monitoring_doc(kind: str) -> dict:
+    (doc,) = [d for _, d in of_kind(kind)]
+    return doc
+
+
+@pytest.mark.parametrize("kind", sorted(PROM_CRD_FILES))
+def test_monitoring_manifest_validates_against_its_crd(kind):
+    doc = monitoring_doc(kind)
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+    v = prometheus_validator(kind)
+    assert [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc)] == []
+    broken = copy.deepcopy(doc)
+    broken["spec"]["selectr"] = broken["spec"].pop("selector", {})
+    assert list(v.iter_errors(broken))  # the check sees a misspelled field
+
+
+def test_podmonitor_scrapes_heads_and_workers_keeping_the_cluster_label():
+    spec = monitoring_doc("PodMonitor")["spec"]
+    (expr,) = spec["selector"]["matchExpressions"]
+    assert expr["key"] == "ray.io/node-type" and set(expr["values"]) == {"head", "worker"}
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"], "targetLabel": "ray_io_cluster"} \
+        in endpoint["relabelings"]
+    for where, group_name, group in pod_groups():  # every Ray pod exposes the port it scrapes
+        ports = {p["name"]: p["containerPort"] for c in group["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        assert str(ports[endpoint["port"]]) == group["rayStartParams"]["metrics-export-port"], (where, group_name)
+
+
+def pipeline_metric_names() -> set[str]:
+    """The names Prometheus sees for pipeline/metrics.py's metrics (Ray adds `ray_`)."""
+    text = (REPO / "pipeline" / "metrics.py").read_text()
+    names = set()
+    for kind, name in re.findall(r'_metric\("(counter|gauge|histogram)", "(pipeline_\w+)"', text):
+        base = f"ray_{name}"
+        names |= {base + "_total"} if kind == "counter" else {base} if kind == "gauge" else {
+            base + s for s in ("_bucket", "_count", "_sum")}
+    return names
+
+
+def selectors(expr: str) -> list:
+    import promql_parser
+
+    found = []
+    promql_parser.walk(promql_parser.parse(expr), lambda node: found.append(node)
+                       if type(node).__name__ == "VectorSelector" else None)
+    return found
+
+
+RAY_METRICS = {"ray_node_gram_used", "ray_node_gram_available", "ray_node_gpus_utilization"}
+
+
+def test_alert_rules_parse_and_cover_errors_stalls_restarts_and_gpu_memory():
+    rules = [r for g in monitoring_doc("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    known = pipeline_metric_names() | RAY_METRICS
+    used = set()
+    for rule in rules:
+        found = {s.name for s in selectors(rule["expr"])}  # promql_parser raises on a syntax error
+        assert found <= known, (rule["alert"], found - known)
+        used |= found
+        assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
+        assert "ray_io_cluster" in rule["expr"] or not re.search(r"\b(sum|count|avg|max|min) by", rule["expr"])
+    assert {"ray_pipeline_rows_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total",
+            "ray_node_gram_used"} <= used
+    errors = next(r["expr"] for r in rules if "status=\"error\"" in r["expr"])
+    assert "/" in errors  # a ratio of error rows to all rows
+
+
+def test_dashboard_filters_every_panel_by_the_cluster_variable():
+    import promql_parser
+
+    dashboard = json.loads((CLUSTER / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    cluster = variables["Cluster"]
+    assert cluster["type"] == "query" and cluster["query"].endswith(", ray_io_cluster)") and cluster["includeAll"]
+    targets = [t for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(targets) >= len(dashboard["panels"]) >= 8
+    known = pipeline_metric_names() | RAY_METRICS
+    for target in targets:
+        for s in selectors(target["expr"]):
+            assert s.name in known, s.name
+            assert any((m.name, m.value) == ("ray_io_cluster", "$Cluster") and m.op == promql_parser.MatchOp.Re
+                       for m in s.matchers.matchers), target["expr"]

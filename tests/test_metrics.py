@@ -95,10 +95,10 @@ def test_grafana_dashboard_queries_the_recorded_metrics():
     dashboard = json.loads((REPO / "cluster" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for name in ("ray_pipeline_rows_total", "ray_pipeline_decode_seconds_bucket", "ray_pipeline_generate_seconds_bucket",
-                 "ray_pipeline_tokens_total", "ray_pipeline_generate_inflight_rows"):
+                 "ray_pipeline_tokens_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total"):
         assert name in exprs
     made = {m for m in dir(metrics) if m.endswith(("_counter", "_histogram", "_gauge"))}
-    assert len(made) == 6
+    assert len(made) == 7
 
 
 def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, samples, tiny_model, tmp_path):

@@ -116,12 +116,12 @@ def test_sampling_is_deterministic_per_seed_and_independent_of_batching(manifest
 
 
 def test_resize_in_decoder_gives_identical_model_inputs(manifest, tiny_model):
-    from pipeline.stages import unpack
+    from pipeline.stages import unpack, video_resize
 
     runs = {}
     for resize in (True, False):
         cfg = config(manifest, tiny_model).model_copy(update={"resize_in_decoder": resize})
-        items = decode_media(scan_manifest(cfg).records, cfg)
+        items = decode_media(scan_manifest(cfg).records, cfg, video_resize(cfg))  # as run.py hands it over
         frames = {r["id"]: unpack(r["frames"])["frames"].shape for r in items.to_pylist() if r["media_type"] == "video"}
         runs[resize] = frames, Preprocess(cfg)(items).to_pylist()
     (small, resized), (full, plain) = runs[True], runs[False]
@@ -129,3 +129,16 @@ def test_resize_in_decoder_gives_identical_model_inputs(manifest, tiny_model):
     for a, b in zip(resized, plain):
         x, y = unpack(a["model_inputs"]), unpack(b["model_inputs"])
         assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x), a["id"]
+
+
+def test_decoders_take_the_resize_as_data_and_never_read_the_checkpoint(manifest, tiny_model, tmp_path):
+    """The driver reads the video resize once (stages.video_resize); the decode stage gets it as an
+    argument, so a decode worker whose node cannot see the checkpoint still resizes."""
+    from pipeline.stages import unpack, video_resize
+
+    resize = video_resize(config(manifest, tiny_model))
+    assert resize and (resize["height"], resize["width"]) == (32, 32)
+    elsewhere = config(manifest, tmp_path / "not-on-this-node")  # no checkpoint where the decoder runs
+    items = decode_media(scan_manifest(elsewhere).records, elsewhere, resize).to_pylist()
+    shapes = {unpack(r["frames"])["frames"].shape for r in items if r["media_type"] == "video"}
+    assert shapes == {(6, 32, 32, 3)}

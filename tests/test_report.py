@@ -39,7 +39,7 @@ def row(**kw) -> dict:
 
 @pytest.fixture(scope="module")
 def output(samples, tmp_path_factory) -> Path:
-    """An output table in the job's layout, by hand (no model): Parquet files + `_SUCCESS`."""
+    """An output table in the job's layout, by hand (no model): Parquet files, the run's ledger, `_SUCCESS`."""
     out = tmp_path_factory.mktemp("report-output")
     video = dict(media_type="video", codec="h264", width=160, height=120, fps=24.0)
     rows = [
@@ -62,8 +62,11 @@ def output(samples, tmp_path_factory) -> Path:
             error="m.jsonl:9: 'id' is a required property"),
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=output_arrow_schema()), out / "run-1-part0.parquet")
-    (out / "_SUCCESS").write_text(json.dumps({"run_id": "run-1", "items": 6, "wall_s": 12.0, "rows": 7,
-                                              "config": {"task": "caption", "num_frames": 4, "replicas": 2}}))
+    ledger = json.dumps({"run_id": "run-1", "items": 6, "wall_s": 12.0, "rows": 7, "files": ["run-1-part0.parquet"],
+                         "config": {"task": "caption", "num_frames": 4, "replicas": 2}})
+    (out / "_runs").mkdir()
+    (out / "_runs" / "run-1.json").write_text(ledger)
+    (out / "_SUCCESS").write_text(ledger)
     return out
 
 
@@ -140,3 +143,36 @@ def test_headless_chromium_screenshot_shows_the_frames_and_text(page, output, tm
     # the thumbnails' colors are varied (many distinct colors, not one flat block)
     saturated = shot[(shot.max(axis=2) - shot.min(axis=2)) > 60]
     assert len({tuple(p // 16) for p in saturated[:: max(1, len(saturated) // 20000)]}) > 50
+
+
+def test_run_id_shows_one_run_of_an_output_with_two(tmp_path, capsys):
+    """Two runs committed to one output (by sink.commit, as the job does): the page shows the last
+    run's rows and figures by default, another run's with --run-id, never a mix."""
+    from pipeline import sink
+    from pipeline.config import RunConfig
+
+    out = tmp_path / "captions"
+    runs = {"run-1": ["a", "b", "c"], "run-2": ["d", "e"]}
+    for run_id, ids in runs.items():
+        cfg = RunConfig(manifest="unused", output=str(out), model="tiny", run_id=run_id)
+        staging = Path(sink.staging_uri(cfg))
+        staging.mkdir(parents=True)
+        table = [row(id=i, uri=f"/media/{i}.jpg", source=f"m.jsonl:{n}", media_type="image", run_id=run_id,
+                     prompt="Describe.", text=f"TEXT-{run_id}-{i}") for n, i in enumerate(ids)]
+        pq.write_table(pa.Table.from_pylist(table, schema=output_arrow_schema()), staging / "0.parquet")
+        sink.commit(cfg, sink.staged(cfg), {"run_id": run_id, "items": len(ids), "wall_s": 2.0})
+    assert len(list(out.glob("*.parquet"))) == 2
+
+    def page(*args) -> str:
+        path = tmp_path / "r.html"
+        assert report.main(["--input", str(out), "--output", str(path), "--no-frames", *args]) == 0
+        return path.read_text()
+
+    for run_id, text in [("run-2", page()), ("run-1", page("--run-id", "run-1")), ("run-2", page("--run-id", "run-2"))]:
+        other = "run-1" if run_id == "run-2" else "run-2"
+        assert all(f"TEXT-{run_id}-{i}" in text for i in runs[run_id])
+        assert f"TEXT-{other}-" not in text
+        assert f"<td>rows</td><td>{len(runs[run_id])}</td>" in text and f"<td>run</td><td>{run_id}</td>" in text
+    capsys.readouterr()
+    assert report.main(["--input", str(out), "--output", str(tmp_path / "x.html"), "--run-id", "run-3"]) == 2
+    assert "no committed run run-3" in (err := capsys.readouterr().err) and "run-1, run-2" in err
