@@ -8,6 +8,7 @@ on from the current position is shorter. The whole file is never decoded just to
 from __future__ import annotations
 
 import bisect
+import errno
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +40,9 @@ class Decoded:
 
 # Magic numbers of the containers we expect; anything else is tried with both decoders.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV", b"\x00\x00\x01\xba", b"OggS")
+# (Matroska, FLV, MPEG-PS, Ogg, MPEG-1/2 video, raw H.264/HEVC Annex B, ASF, MXF)
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV", b"\x00\x00\x01\xba", b"OggS", b"\x00\x00\x01\xb3", b"\x00\x00\x00\x01",
+                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", b"\x06\x0e\x2b\x34\x02\x05\x01\x01")
 
 
 def sniff_media_type(head: bytes) -> str | None:
@@ -139,12 +142,13 @@ def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s
 
 
 def _is_image(f) -> bool:
+    """Pillow identifies the bytes as an image it can load (its MPEG plugin only identifies video)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        Image.open(f).close()
-        return True
-    except (UnidentifiedImageError, OSError, ValueError):
+        with Image.open(f) as img:  # the context manager leaves a caller's file open; close() would not
+            return img.format != "MPEG"
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return False
     finally:
         f.seek(0)
@@ -153,25 +157,95 @@ def _is_image(f) -> bool:
 def _check_pixels(uri: str, width: int, height: int, max_pixels: int):
     if width * height > max_pixels:
         raise MediaError("too_large", f"{uri} is {width}x{height} = {width * height:,} pixels, over the budget of "
-                                      f"{max_pixels:,}; raise max_pixels if this is intended")
+                                      f"{max_pixels:,}; raise max_pixels (--max-pixels) if this is intended")
 
 
 def decode_image(f, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(f) as img:  # reads the header only
-            _check_pixels(uri, *img.size, max_pixels)
-            fmt = (img.format or "image").lower()
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")  # flatten transparency onto white, as a viewer would show it
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides
+            with Image.open(f) as img:  # reads the header only
+                _check_pixels(uri, *img.size, max_pixels)
+                fmt = (img.format or "image").lower()
+                img.load()  # here a file cut short raises, not later
+                if fmt in ("jpeg", "mpo"):
+                    _check_jpeg_scan(f, uri, img)
+                img = ImageOps.exif_transpose(img)
+                rgb = _rgb8(img)
+    except Image.DecompressionBombError as e:
+        raise MediaError("too_large", f"{uri} declares an image too large to decode safely ({e}); "
+                                      "the file is corrupt or crafted") from e
+    except UnidentifiedImageError as e:
+        raise _unreadable_image(f, uri) from e
+    except (OSError, ValueError, SyntaxError) as e:
+        if "truncated" in str(e):
+            raise MediaError("truncated", f"{uri} is an image cut short ({e}); re-upload it complete") from e
         raise MediaError("undecodable", f"{uri} is not a readable image ({e})") from e
     height, width = rgb.shape[:2]
     return Decoded("image", rgb[None], width, height, fmt, decoded_frames=1)
+
+
+def _rgb8(img) -> np.ndarray:
+    """8-bit RGB as a viewer shows it: transparency flattened onto white, 16-bit samples scaled
+    (Pillow's own conversion clips them: a 16-bit grey image would come out white)."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img).astype(np.uint32)
+        return np.repeat((np.clip(grey, 0, 65535) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("RGB"))
+
+
+def _unreadable_image(f, uri: str) -> MediaError:
+    """Pillow cannot read it: say why where we know (formats Pillow has no decoder for)."""
+    f.seek(0)
+    head = f.read(64 * 1024)
+    f.seek(0)
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
+        return MediaError("unsupported_codec", f"{uri} is a HEIC/HEIF image, which has no decoder here; "
+                                               "convert it to JPEG, PNG or AVIF")
+    if head.startswith(b"\xff\xd8") and any(head.find(m + b"\x00") >= 0 and head[head.find(m) + 4] == 12
+                                            for m in (b"\xff\xc1", b"\xff\xc2")):
+        return MediaError("unsupported_codec", f"{uri} is a 12-bit JPEG, which Pillow cannot read; "
+                                               "convert it to an 8-bit JPEG or a 16-bit PNG")
+    return MediaError("undecodable", f"{uri} is not an image Pillow can read (unknown or unsupported format)")
+
+
+def _check_jpeg_scan(f, uri: str, img) -> None:
+    """A JPEG whose entropy-coded data is shorter than one bit per 8x8 block cannot hold its image:
+    libjpeg fills what is missing with grey and only warns, so Pillow returns it as fine."""
+    if img.info.get("progression") is None and img.get_format_mimetype() != "image/jpeg":
+        return
+    f.seek(0)
+    data = f.read()
+    f.seek(0)
+    scan, pos = 0, data.find(b"\xff\xda")
+    while pos >= 0:
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        body = pos + 2 + length
+        nxt = body
+        while True:  # the scan ends at the first marker that is not a stuffed 0xff00 or a restart
+            nxt = data.find(b"\xff", nxt)
+            if nxt < 0 or nxt + 1 >= len(data):
+                nxt = len(data)
+                break
+            if data[nxt + 1] == 0 or 0xd0 <= data[nxt + 1] <= 0xd7:
+                nxt += 2
+                continue
+            break
+        scan += nxt - body
+        pos = data.find(b"\xff\xda", nxt)
+    blocks = sum(-(-img.size[0] // 8) * -(-img.size[1] // 8) for _ in img.getbands()) // 2  # chroma subsampled
+    if scan * 8 < blocks:
+        raise MediaError("truncated", f"{uri} is a JPEG whose image data is missing ({scan} bytes for "
+                                      f"{img.size[0]}x{img.size[1]} pixels); re-upload it complete")
 
 
 def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
@@ -217,6 +291,10 @@ def _frame_rate(stream) -> float:
     return 25.0
 
 
+# FFmpeg demuxers of bare elementary streams (no container): durations they report are estimates.
+_RAW_STREAM_FORMATS = {"h264", "hevc", "vvc", "mpegvideo", "m4v", "cavsvideo", "vc1", "obu", "jpeg_pipe", "mjpeg"}
+
+
 def _timeline(container, stream) -> _Timeline:
     import av
 
@@ -230,6 +308,8 @@ def _timeline(container, stream) -> _Timeline:
     else:
         origin = 0.0
     count = stream.frames or None
+    if container.format.name in _RAW_STREAM_FORMATS:
+        return _Timeline(origin, None, fps, constant)  # their durations are guesses from the bit rate
     if stream.duration:
         return _Timeline(origin, float(stream.duration * tb), fps, constant, frame_count=count, exact_duration=True)
     if container.duration:
@@ -314,8 +394,8 @@ def _sample_window(source, timeline: _Timeline, start: float, end: float, num_fr
         except av.FFmpegError as e:
             ctx = source.stream.codec_context
             _check_pixels(uri, ctx.width, ctx.height, max_pixels)  # FFmpeg refused a frame over the budget
-            if isinstance(e, MemoryError):
-                raise out_of_memory(uri, max_memory_bytes) from e
+            if isinstance(e, MemoryError) or (max_memory_bytes and e.errno == errno.EAGAIN):
+                raise out_of_memory(uri, max_memory_bytes) from e  # (EAGAIN: no memory for a thread's stack)
             at = f" at {sampler.cur[0] - origin:.3f} s" if sampler.cur else ""
             raise MediaError("undecodable", f"decoding {uri} failed{at} ({e}): the file is corrupt; "
                                             "re-encode or re-upload it") from e
