@@ -281,6 +281,7 @@ class _Timeline:
     timed: bool = True  # frames carry timestamps (raw elementary streams do not)
     frame_count: int | None = None
     exact_duration: bool = False  # the stream's own duration, not the container's (all streams)
+    declared: bool = True  # the duration comes from the file's headers (not from reading its packets)
 
 
 def _frame_rate(stream) -> float:
@@ -334,8 +335,8 @@ def _scan_packets(container, stream, fps: float, origin: float) -> _Timeline:
             end = float(packet.pts * tb) + (float(packet.duration * tb) if packet.duration else 1.0 / fps)
             last = end if last is None else max(last, end)
     if last is not None:
-        return _Timeline(origin, max(last - origin, 1.0 / fps), fps, False, frame_count=count)
-    return _Timeline(0.0, max(count, 1) / fps, fps, True, timed=False, frame_count=count)
+        return _Timeline(origin, max(last - origin, 1.0 / fps), fps, False, frame_count=count, declared=False)
+    return _Timeline(0.0, max(count, 1) / fps, fps, True, timed=False, frame_count=count, declared=False)
 
 
 def _video_stream(container, uri: str):
@@ -400,9 +401,11 @@ def _sample_window(source, timeline: _Timeline, start: float, end: float, num_fr
             raise MediaError("undecodable", f"decoding {uri} failed{at} ({e}): the file is corrupt; "
                                             "re-encode or re-upload it") from e
         decoded += cost
-        if not frames:
-            raise MediaError("undecodable", f"{uri} holds no decodable video frame (a header without its media "
-                                            "data, e.g. an fMP4 init segment alone?); upload the complete file")
+        if not frames:  # a header that declares a video without its data: cut short, or an fMP4 init segment
+            declared = f"although it declares {timeline.duration:.3f} s " if timeline.declared else ""
+            raise MediaError("truncated" if timeline.declared else "undecodable",
+                             f"{uri} holds no decodable video frame {declared}(a header without its media data, "
+                             "e.g. an fMP4 init segment alone?); upload the complete file")
         first, reached = sampler.first_time, sampler.end_time
         # The stream's own duration (MP4's track header) is exact; a container's covers every stream.
         slack = 2.0 / fps if timeline.exact_duration else max(2.0 / fps, 0.5, 0.05 * (end - start))
