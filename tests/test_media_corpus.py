@@ -56,7 +56,7 @@ CORPUS_TABLE = {
     "vp9-invalid-bitstream.webm": "undecodable",
 }
 # what each error message must tell the user to do
-ADVICE = {"truncated": "re-upload", "too_large": "", "unsupported_codec": "", "undecodable": "",
+ADVICE = {"truncated": "upload", "too_large": "", "unsupported_codec": "", "undecodable": "",
           "no_video_stream": "audio", "not_found": "uri"}
 
 
