@@ -64,8 +64,9 @@ DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the he
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
                      start_s: float | None = None, end_s: float | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
-                     max_memory_bytes: int | None = None) -> Decoded:
+                     max_memory_bytes: int | None = None, at_s: list[float] | None = None) -> Decoded:
     """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
+    `at_s`: instead of sampling, the frames shown at these times (a run's frame_timestamps_s).
     `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder.
     `max_memory_bytes`: the decoder process's memory limit; media that declare more are refused first."""
     try:
@@ -81,7 +82,7 @@ def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None
     with f:
         try:
             return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize,
-                               max_memory_bytes)
+                               max_memory_bytes, at_s)
         except (MediaError, OSError) as e:
             if f.error is None:
                 raise
@@ -124,7 +125,8 @@ class _WatchedFile:
 
 def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,
                 end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                video_resize: dict | None = None, max_memory_bytes: int | None = None) -> Decoded:
+                video_resize: dict | None = None, max_memory_bytes: int | None = None,
+                at_s: list[float] | None = None) -> Decoded:
     """Detect the media type of an open, seekable file from its bytes and decode it
     (the online server passes in-memory bytes here, so both paths decode alike)."""
     head = f.read(512)
@@ -138,7 +140,7 @@ def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s
     kind = detected or declared_type
     if kind == "image" or (kind is None and _is_image(f)):
         return decode_image(f, uri, max_pixels)
-    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize, max_memory_bytes)
+    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize, max_memory_bytes, at_s)
 
 
 def _is_image(f) -> bool:
@@ -352,7 +354,7 @@ def _video_stream(container, uri: str):
 
 def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
-                 max_memory_bytes: int | None = None) -> Decoded:
+                 max_memory_bytes: int | None = None, at_s: list[float] | None = None) -> Decoded:
     _check_mp4_tables(f, uri, max_memory_bytes)  # before FFmpeg builds the index in memory
     with _Source(f, uri, max_pixels) as source:
         # No frame threading: each seek flushes its pipeline of frames decoded ahead, and the
@@ -372,23 +374,26 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
             raise MediaError("invalid_clip_window", f"clip window [{start}, {end_s}] s is outside the video "
                                                     f"({timeline.duration:.3f} s long); fix start_s/end_s")
         frames, times, decoded = _sample_window(source, timeline, start, end, num_frames, max_pixels,
-                                                video_resize, max_memory_bytes)
+                                                video_resize, max_memory_bytes, at_s)
         return Decoded("video", np.stack(_same_size(frames)), source.width, source.height,
                        source.stream.codec_context.name, timestamps_s=[t - timeline.origin for t in times],
                        duration_s=timeline.duration, fps=timeline.fps, decoded_frames=decoded)
 
 
 def _sample_window(source, timeline: _Timeline, start: float, end: float, num_frames: int, max_pixels: int,
-                   video_resize: dict | None, max_memory_bytes: int | None):
-    """Sample the window; where the decodable frames span less of it than the container declares
-    (a TS segment that opens on frames referring to a keyframe it lacks, a container duration that
+                   video_resize: dict | None, max_memory_bytes: int | None, at_s: list[float] | None = None):
+    """Sample the window (or take the frames at `at_s`); where the decodable frames span less of it
+    than the container declares (a TS segment that opens on frames referring to a keyframe it lacks, a container duration that
     counts an audio tail), sample the span the frames cover instead, once."""
     import av
 
     uri, fps, decoded = source.uri, timeline.fps, 0
     origin = timeline.origin
     for _ in range(2):
-        targets = sample_targets(start, end, fps, num_frames, timeline.constant_rate) + origin
+        if at_s is not None:
+            targets = np.asarray(at_s, dtype=float) + origin
+        else:
+            targets = sample_targets(start, end, fps, num_frames, timeline.constant_rate) + origin
         sampler = _Sampler(source, timeline, max_pixels, video_resize)
         try:
             frames, times, cost = sampler.sample(targets)
@@ -406,6 +411,8 @@ def _sample_window(source, timeline: _Timeline, start: float, end: float, num_fr
             raise MediaError("truncated" if timeline.declared else "undecodable",
                              f"{uri} holds no decodable video frame {declared}(a header without its media data, "
                              "e.g. an fMP4 init segment alone?); upload the complete file")
+        if at_s is not None:
+            return frames, times, decoded
         first, reached = sampler.first_time, sampler.end_time
         # The stream's own duration (MP4's track header) is exact; a container's covers every stream.
         slack = 2.0 / fps if timeline.exact_duration else max(2.0 / fps, 0.5, 0.05 * (end - start))
