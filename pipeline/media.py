@@ -213,8 +213,8 @@ def _unreadable_image(f, uri: str) -> MediaError:
     if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
         return MediaError("unsupported_codec", f"{uri} is a HEIC/HEIF image, which has no decoder here; "
                                                "convert it to JPEG, PNG or AVIF")
-    if head.startswith(b"\xff\xd8") and any(head.find(m + b"\x00") >= 0 and head[head.find(m) + 4] == 12
-                                            for m in (b"\xff\xc1", b"\xff\xc2")):
+    sof = max(head.find(b"\xff\xc1"), head.find(b"\xff\xc2"))  # extended or progressive frame header
+    if head.startswith(b"\xff\xd8") and sof > 0 and head[sof + 4:sof + 5] == b"\x0c":  # sample precision 12
         return MediaError("unsupported_codec", f"{uri} is a 12-bit JPEG, which Pillow cannot read; "
                                                "convert it to an 8-bit JPEG or a 16-bit PNG")
     return MediaError("undecodable", f"{uri} is not an image Pillow can read (unknown or unsupported format)")
@@ -223,8 +223,6 @@ def _unreadable_image(f, uri: str) -> MediaError:
 def _check_jpeg_scan(f, uri: str, img) -> None:
     """A JPEG whose entropy-coded data is shorter than one bit per 8x8 block cannot hold its image:
     libjpeg fills what is missing with grey and only warns, so Pillow returns it as fine."""
-    if img.info.get("progression") is None and img.get_format_mimetype() != "image/jpeg":
-        return
     f.seek(0)
     data = f.read()
     f.seek(0)
@@ -281,7 +279,6 @@ class _Timeline:
     fps: float
     constant_rate: bool
     timed: bool = True  # frames carry timestamps (raw elementary streams do not)
-    frame_count: int | None = None
     exact_duration: bool = False  # the stream's own duration, not the container's (all streams)
     declared: bool = True  # the duration comes from the file's headers (not from reading its packets)
 
@@ -310,19 +307,17 @@ def _timeline(container, stream) -> _Timeline:
         origin = container.start_time / av.time_base
     else:
         origin = 0.0
-    count = stream.frames or None
     if container.format.name in _RAW_STREAM_FORMATS:
         return _Timeline(origin, None, fps, constant)  # their durations are guesses from the bit rate
     if stream.duration:
-        return _Timeline(origin, float(stream.duration * tb), fps, constant, frame_count=count, exact_duration=True)
+        return _Timeline(origin, float(stream.duration * tb), fps, constant, exact_duration=True)
     if container.duration:
         end = (container.start_time or 0) / av.time_base + container.duration / av.time_base
-        return _Timeline(origin, end - origin, fps, constant, frame_count=count)
+        return _Timeline(origin, end - origin, fps, constant)
     entries = [e.timestamp for e in stream.index_entries] if "mp4" in container.format.name else []
     if entries:  # a full sample table but zeroed header durations (some MP4 writers): the last sample ends it
-        return _Timeline(origin, float(max(entries) * tb) - origin + 1.0 / fps, fps, constant,
-                         frame_count=len(entries))
-    return _Timeline(origin, None, fps, constant, frame_count=count)
+        return _Timeline(origin, float(max(entries) * tb) - origin + 1.0 / fps, fps, constant)
+    return _Timeline(origin, None, fps, constant)
 
 
 def _scan_packets(container, stream, fps: float, origin: float) -> _Timeline:
@@ -337,8 +332,8 @@ def _scan_packets(container, stream, fps: float, origin: float) -> _Timeline:
             end = float(packet.pts * tb) + (float(packet.duration * tb) if packet.duration else 1.0 / fps)
             last = end if last is None else max(last, end)
     if last is not None:
-        return _Timeline(origin, max(last - origin, 1.0 / fps), fps, False, frame_count=count, declared=False)
-    return _Timeline(0.0, max(count, 1) / fps, fps, True, timed=False, frame_count=count, declared=False)
+        return _Timeline(origin, max(last - origin, 1.0 / fps), fps, False, declared=False)
+    return _Timeline(0.0, max(count, 1) / fps, fps, True, timed=False, declared=False)
 
 
 def _video_stream(container, uri: str):

@@ -260,3 +260,15 @@ def _error_type(path: Path, **kw) -> str:
         return OK
     except MediaError as e:
         return e.error_type
+
+
+@pytest.mark.parametrize("height", [1, 2, 3])
+def test_images_a_few_pixels_high_reach_the_model_channels_last(tiny_model, height):
+    from pipeline.preprocess import Preprocessor
+
+    red = np.zeros((height, 7, 3), np.uint8)
+    red[..., 0] = 255
+    pixels = Preprocessor(str(tiny_model)).build("image", [red], "What color?")["pixel_values"]
+    channels = pixels.reshape(-1, *pixels.shape[-3:])[0]  # (3, H, W) of the first tile
+    assert channels.shape[0] == 3
+    assert channels[0].mean() > channels[1].mean() + 1 and channels[0].mean() > channels[2].mean() + 1
