@@ -272,3 +272,13 @@ def test_images_a_few_pixels_high_reach_the_model_channels_last(tiny_model, heig
     channels = pixels.reshape(-1, *pixels.shape[-3:])[0]  # (3, H, W) of the first tile
     assert channels.shape[0] == 3
     assert channels[0].mean() > channels[1].mean() + 1 and channels[0].mean() > channels[2].mean() + 1
+
+
+def test_generated_cases_decode_right_or_get_the_right_error(tmp_path):
+    """The generated cases alone, without the job (fast): as the decoder child sees them, with its memory limit."""
+    cases = _generated(tmp_path)
+    outcomes = {name: _error_type(path, max_memory_bytes=8 * 2**30) for name, (path, _, _) in cases.items()}
+    expected = {name: e for name, (_, e, _) in cases.items()}
+    expected["resolution-change"] = OK  # within the default budget: later frames are scaled to the first's size
+    assert outcomes == expected
+    assert _error_type(tmp_path / "grow.h264", max_pixels=64 * 64) == "too_large"  # the 1080p frames, past the header
