@@ -74,6 +74,9 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--trust-remote-code", action="store_true", help=doc(f["trust_remote_code"]))
     p.add_argument("--decode-timeout-s", type=float, default=f["decode_timeout_s"].default,
                    help=doc(f["decode_timeout_s"]))
+    p.add_argument("--max-pixels", type=int, default=f["max_pixels"].default, help=doc(f["max_pixels"]))
+    p.add_argument("--decoder-memory-gb", type=float, default=f["decoder_memory_gb"].default,
+                   help=doc(f["decoder_memory_gb"]))
     p.add_argument("--decoder-module", default=f["decoder_module"].default, help=doc(f["decoder_module"]))
     p.add_argument("--allow-uri-prefix", action="append", default=[], metavar="PREFIX",
                    help=doc(f["allowed_uri_prefixes"]) + " Repeat for several; replaces the default.")
@@ -93,7 +96,8 @@ def parse_args(argv=None) -> RunConfig:
             model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
             trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,
-            decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,
+            decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module, max_pixels=a.max_pixels,
+            decoder_memory_gb=a.decoder_memory_gb,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),

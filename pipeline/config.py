@@ -59,8 +59,9 @@ class ModelSettings(BaseModel):
 
     model: str = Field(description="Model: a hub id, a local folder, or an s3:// prefix.")
     num_frames: int = Field(8, ge=1, le=256, description="Frames sampled uniformly over each video's clip window.")
-    max_pixels: int = Field(40_000_000, ge=1, description="Largest image or video frame (width x height) decoded; larger media become `too_large` rows, judged from the header.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image or video frame (width x height) decoded; larger media become `too_large` rows, judged from the header and from every decoded frame.")
     decode_timeout_s: float = Field(120.0, gt=0, description="Longest time one item may take to fetch and decode before it becomes a `timeout` row.")
+    decoder_memory_gb: float = Field(8.0, gt=0, description="Memory (heap and anonymous mappings) the isolated decoder process may use; media that need more, or whose index declares more, become `too_large` rows.")
     decoder_module: str = Field("pipeline.decoder_process", description="Module run (python -m) as the isolated decoder process; tests swap in one that injects faults.")
     batch_size: int = Field(4, ge=1, description="Model inputs per generate call.")
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")

@@ -3,7 +3,10 @@
 `DecoderProcess.decode(...)` sends the request to a long-lived child (`python -m
 pipeline.decoder_process`) and waits at most `timeout_s`; a child that dies (segfault, abort,
 out of memory) or overruns is killed and replaced, and the row gets `decoder_crashed` or `timeout`.
-Messages (pipeline/child_messages.py) go over the child's stdin/stdout.
+The child runs under a memory limit (RLIMIT_DATA: heap and anonymous mappings, `max_memory_bytes`;
+not RLIMIT_AS, which the address space torch reserves at import would eat): an allocation past it
+fails inside the child, the row gets `too_large` and the child is replaced, instead of the machine's
+OOM killer taking the worker. Messages (pipeline/child_messages.py) go over the child's stdin/stdout.
 """
 
 from __future__ import annotations
@@ -18,13 +21,23 @@ import time
 from pathlib import Path
 
 from pipeline.child_messages import HEADER_BYTES, body_length, receive, send
-from pipeline.media import Decoded, MediaError, fetch_and_decode
+from pipeline.media import Decoded, MediaError, fetch_and_decode, out_of_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MEMORY_ENV = "PIPELINE_DECODER_MAX_MEMORY_BYTES"  # the parent's limit, read by the child at start
+
+
+def _limit_memory() -> None:
+    limit = int(os.environ.get(MEMORY_ENV) or 0)
+    if limit:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
 def serve(decode=fetch_and_decode) -> None:
     """The child's loop: one request in, one reply out, until stdin closes."""
+    _limit_memory()
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the reply channel
     while (kwargs := receive(requests)) is not None:
@@ -32,18 +45,27 @@ def serve(decode=fetch_and_decode) -> None:
             send(replies, ("ok", decode(**kwargs)))
         except MediaError as e:
             send(replies, ("error", (e.error_type, str(e))))
+        except MemoryError:  # numpy, pickle or FFmpeg (ENOMEM) past the limit
+            error = out_of_memory(kwargs.get("uri"), kwargs.get("max_memory_bytes"))
+            send(replies, ("out_of_memory", (error.error_type, str(error))))
+            return  # a process that ran out may be left half-broken: the parent starts a fresh one
         except Exception as e:  # noqa: BLE001 - any decoder failure belongs to this row
             send(replies, ("error", ("undecodable", f"decoding {kwargs.get('uri')} failed: {type(e).__name__}: {e}")))
 
 
 class DecoderProcess:
-    def __init__(self, timeout_s: float, module: str = "pipeline.decoder_process"):
+    def __init__(self, timeout_s: float, module: str = "pipeline.decoder_process",
+                 max_memory_bytes: int | None = None):
         self.timeout_s = timeout_s
         self.module = module
+        self.max_memory_bytes = int(max_memory_bytes) if max_memory_bytes else None  # None: no limit
         self.proc: subprocess.Popen | None = None
 
     def _start(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        if self.max_memory_bytes:
+            # One malloc arena per thread reserves 64 MB each: keep the limit about the media's data.
+            env.update({MEMORY_ENV: str(self.max_memory_bytes), "MALLOC_ARENA_MAX": "2"})
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
 
@@ -71,7 +93,9 @@ class DecoderProcess:
         return b"".join(chunks)
 
     def decode(self, **kwargs) -> Decoded:
-        """fetch_and_decode(**kwargs) in the child process."""
+        """fetch_and_decode(**kwargs) in the child process (told the child's memory limit)."""
+        if self.max_memory_bytes:
+            kwargs.setdefault("max_memory_bytes", self.max_memory_bytes)
         if self.proc is None or self.proc.poll() is not None:
             self._start()
         uri = kwargs.get("uri")
@@ -92,7 +116,9 @@ class DecoderProcess:
             raise MediaError("decoder_crashed", f"the decoder process died ({how}) on {uri}; the file probably "
                                                 "triggers a decoder bug: re-encode it or report it")
         status, payload = pickle.loads(body)
-        if status == "error":
+        if status == "out_of_memory":  # the child exits after this reply
+            self._stop()
+        if status != "ok":
             raise MediaError(*payload)
         return payload
 

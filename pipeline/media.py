@@ -7,6 +7,8 @@ on from the current position is shorter. The whole file is never decoded just to
 
 from __future__ import annotations
 
+import bisect
+import errno
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +40,9 @@ class Decoded:
 
 # Magic numbers of the containers we expect; anything else is tried with both decoders.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV", b"\x00\x00\x01\xba", b"OggS")
+# (Matroska, FLV, MPEG-PS, Ogg, MPEG-1/2 video, raw H.264/HEVC Annex B, ASF, MXF)
+_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV", b"\x00\x00\x01\xba", b"OggS", b"\x00\x00\x01\xb3", b"\x00\x00\x00\x01",
+                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", b"\x06\x0e\x2b\x34\x02\x05\x01\x01")
 
 
 def sniff_media_type(head: bytes) -> str | None:
@@ -59,20 +63,26 @@ DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the he
 
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
                      start_s: float | None = None, end_s: float | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None) -> Decoded:
+                     max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
+                     max_memory_bytes: int | None = None, at_s: list[float] | None = None) -> Decoded:
     """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
-    `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder."""
+    `at_s`: instead of sampling, the frames shown at these times (a run's frame_timestamps_s).
+    `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder.
+    `max_memory_bytes`: the decoder process's memory limit; media that declare more are refused first."""
     try:
         f = _WatchedFile(open_binary(uri, storage))
     except FileNotFoundError as e:
         raise MediaError("not_found", f"{uri} does not exist; fix the uri or upload the file") from e
     except PermissionError as e:
         raise MediaError("access_denied", f"access to {uri} was denied; check the credentials and bucket policy") from e
+    except IsADirectoryError as e:
+        raise MediaError("not_found", f"{uri} is a folder, not a media file; give the uri of a file in it") from e
     except OSError as e:
         raise _fetch_failed(uri, e) from e
     with f:
         try:
-            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize)
+            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize,
+                               max_memory_bytes, at_s)
         except (MediaError, OSError) as e:
             if f.error is None:
                 raise
@@ -115,7 +125,8 @@ class _WatchedFile:
 
 def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,
                 end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                video_resize: dict | None = None) -> Decoded:
+                video_resize: dict | None = None, max_memory_bytes: int | None = None,
+                at_s: list[float] | None = None) -> Decoded:
     """Detect the media type of an open, seekable file from its bytes and decode it
     (the online server passes in-memory bytes here, so both paths decode alike)."""
     head = f.read(512)
@@ -129,16 +140,17 @@ def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s
     kind = detected or declared_type
     if kind == "image" or (kind is None and _is_image(f)):
         return decode_image(f, uri, max_pixels)
-    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize)
+    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize, max_memory_bytes, at_s)
 
 
 def _is_image(f) -> bool:
+    """Pillow identifies the bytes as an image it can load (its MPEG plugin only identifies video)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        Image.open(f).close()
-        return True
-    except (UnidentifiedImageError, OSError, ValueError):
+        with Image.open(f) as img:  # the context manager leaves a caller's file open; close() would not
+            return img.format != "MPEG"
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
         return False
     finally:
         f.seek(0)
@@ -147,25 +159,93 @@ def _is_image(f) -> bool:
 def _check_pixels(uri: str, width: int, height: int, max_pixels: int):
     if width * height > max_pixels:
         raise MediaError("too_large", f"{uri} is {width}x{height} = {width * height:,} pixels, over the budget of "
-                                      f"{max_pixels:,}; raise max_pixels if this is intended")
+                                      f"{max_pixels:,}; raise max_pixels (--max-pixels) if this is intended")
 
 
 def decode_image(f, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(f) as img:  # reads the header only
-            _check_pixels(uri, *img.size, max_pixels)
-            fmt = (img.format or "image").lower()
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")  # flatten transparency onto white, as a viewer would show it
-                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            rgb = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides
+            with Image.open(f) as img:  # reads the header only
+                _check_pixels(uri, *img.size, max_pixels)
+                fmt = (img.format or "image").lower()
+                img.load()  # here a file cut short raises, not later
+                if fmt in ("jpeg", "mpo"):
+                    _check_jpeg_scan(f, uri, img)
+                img = ImageOps.exif_transpose(img)
+                rgb = _rgb8(img)
+    except Image.DecompressionBombError as e:
+        raise MediaError("too_large", f"{uri} declares an image too large to decode safely ({e}); "
+                                      "the file is corrupt or crafted") from e
+    except UnidentifiedImageError as e:
+        raise _unreadable_image(f, uri) from e
+    except (OSError, ValueError, SyntaxError) as e:
+        if "truncated" in str(e):
+            raise MediaError("truncated", f"{uri} is an image cut short ({e}); re-upload it complete") from e
         raise MediaError("undecodable", f"{uri} is not a readable image ({e})") from e
     height, width = rgb.shape[:2]
     return Decoded("image", rgb[None], width, height, fmt, decoded_frames=1)
+
+
+def _rgb8(img) -> np.ndarray:
+    """8-bit RGB as a viewer shows it: transparency flattened onto white, 16-bit samples scaled
+    (Pillow's own conversion clips them: a 16-bit grey image would come out white)."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        grey = np.asarray(img).astype(np.uint32)
+        return np.repeat((np.clip(grey, 0, 65535) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("RGB"))
+
+
+def _unreadable_image(f, uri: str) -> MediaError:
+    """Pillow cannot read it: say why where we know (formats Pillow has no decoder for)."""
+    f.seek(0)
+    head = f.read(64 * 1024)
+    f.seek(0)
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
+        return MediaError("unsupported_codec", f"{uri} is a HEIC/HEIF image, which has no decoder here; "
+                                               "convert it to JPEG, PNG or AVIF")
+    sof = max(head.find(b"\xff\xc1"), head.find(b"\xff\xc2"))  # extended or progressive frame header
+    if head.startswith(b"\xff\xd8") and sof > 0 and head[sof + 4:sof + 5] == b"\x0c":  # sample precision 12
+        return MediaError("unsupported_codec", f"{uri} is a 12-bit JPEG, which Pillow cannot read; "
+                                               "convert it to an 8-bit JPEG or a 16-bit PNG")
+    return MediaError("undecodable", f"{uri} is not an image Pillow can read (unknown or unsupported format)")
+
+
+def _check_jpeg_scan(f, uri: str, img) -> None:
+    """A JPEG whose entropy-coded data is shorter than one bit per 8x8 block cannot hold its image:
+    libjpeg fills what is missing with grey and only warns, so Pillow returns it as fine."""
+    f.seek(0)
+    data = f.read()
+    f.seek(0)
+    scan, pos = 0, data.find(b"\xff\xda")
+    while pos >= 0:
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        body = pos + 2 + length
+        nxt = body
+        while True:  # the scan ends at the first marker that is not a stuffed 0xff00 or a restart
+            nxt = data.find(b"\xff", nxt)
+            if nxt < 0 or nxt + 1 >= len(data):
+                nxt = len(data)
+                break
+            if data[nxt + 1] == 0 or 0xd0 <= data[nxt + 1] <= 0xd7:
+                nxt += 2
+                continue
+            break
+        scan += nxt - body
+        pos = data.find(b"\xff\xda", nxt)
+    blocks = sum(-(-img.size[0] // 8) * -(-img.size[1] // 8) for _ in img.getbands()) // 2  # chroma subsampled
+    if scan * 8 < blocks:
+        raise MediaError("truncated", f"{uri} is a JPEG whose image data is missing ({scan} bytes for "
+                                      f"{img.size[0]}x{img.size[1]} pixels); re-upload it complete")
 
 
 def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
@@ -175,69 +255,225 @@ def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
     return np.linspace(start, last, n)
 
 
-def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None) -> Decoded:
+def card_frame_indices(total_frames: int, n: int) -> np.ndarray:
+    """The model cards' (and lmms-eval's) frame choice: np.linspace over the frame indices, truncated."""
+    return np.linspace(0, total_frames - 1, n).astype(int)
+
+
+def sample_targets(start: float, end: float, fps: float, n: int, constant_rate: bool) -> np.ndarray:
+    """The times (relative to the stream's first frame) of the frames to sample in [start, end).
+    At a constant frame rate frame k is shown at k / fps: the card's frame indices, exactly;
+    at a variable one, timestamps evenly spaced (frames are not evenly spaced in time)."""
+    if not constant_rate:
+        return uniform_targets(start, end, fps, n)
+    first = int(np.ceil(start * fps - 1e-6))
+    total = max(1, int(np.ceil(end * fps - 1e-6)) - first)  # frames shown in [start, end)
+    return (first + card_frame_indices(total, n)) / fps
+
+
+@dataclass
+class _Timeline:
+    """What the container says of the stream's time: where it starts, how long, how fast."""
+    origin: float  # seconds of the first frame (stream time)
+    duration: float | None
+    fps: float
+    constant_rate: bool
+    timed: bool = True  # frames carry timestamps (raw elementary streams do not)
+    exact_duration: bool = False  # the stream's own duration, not the container's (all streams)
+    declared: bool = True  # the duration comes from the file's headers (not from reading its packets)
+
+
+def _frame_rate(stream) -> float:
+    """average_rate, unless it is implausible (FLV reports its 1 kHz time base): then FFmpeg's guess."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate and 0 < float(rate) <= 300:
+            return float(rate)
+    return 25.0
+
+
+# FFmpeg demuxers of bare elementary streams (no container): durations they report are estimates.
+_RAW_STREAM_FORMATS = {"h264", "hevc", "vvc", "mpegvideo", "m4v", "cavsvideo", "vc1", "obu", "jpeg_pipe", "mjpeg"}
+
+
+def _timeline(container, stream) -> _Timeline:
     import av
 
-    try:
-        # No protocols for nested opens: a playlist or concat list in the input (HLS, ffconcat, ...)
-        # must not make FFmpeg read local files or URLs on the worker.
-        container = av.open(f, mode="r", options={"protocol_whitelist": "none"})
-    except (av.FFmpegError, ValueError) as e:
-        if _mp4_box_overruns(f):
-            raise MediaError("truncated", f"{uri} is an MP4/MOV file cut short (its last box runs past the end "
-                                          "of the file); re-upload it complete") from e
-        raise MediaError("undecodable", f"{uri} is neither an image nor a video FFmpeg can open ({e})") from e
-    with container:
-        if not container.streams.video:
-            raise MediaError("no_video_stream", f"{uri} has no video stream (audio only?)")
-        stream = container.streams.video[0]
-        if stream.codec_context is None:  # FFmpeg knows the container but has no decoder for the codec
-            raise MediaError("unsupported_codec", f"{uri}: FFmpeg has no decoder for its video codec; "
-                                                  "re-encode it to H.264, HEVC, VP9 or AV1")
+    tb = stream.time_base
+    fps = _frame_rate(stream)
+    constant = bool(stream.base_rate and stream.average_rate and stream.base_rate == stream.average_rate)
+    if stream.start_time is not None:
+        origin = float(stream.start_time * tb)
+    elif container.start_time is not None:
+        origin = container.start_time / av.time_base
+    else:
+        origin = 0.0
+    if container.format.name in _RAW_STREAM_FORMATS:
+        return _Timeline(origin, None, fps, constant)  # their durations are guesses from the bit rate
+    if stream.duration:
+        return _Timeline(origin, float(stream.duration * tb), fps, constant, exact_duration=True)
+    if container.duration:
+        end = (container.start_time or 0) / av.time_base + container.duration / av.time_base
+        return _Timeline(origin, end - origin, fps, constant)
+    entries = [e.timestamp for e in stream.index_entries] if "mp4" in container.format.name else []
+    if entries:  # a full sample table but zeroed header durations (some MP4 writers): the last sample ends it
+        return _Timeline(origin, float(max(entries) * tb) - origin + 1.0 / fps, fps, constant)
+    return _Timeline(origin, None, fps, constant)
+
+
+def _scan_packets(container, stream, fps: float, origin: float) -> _Timeline:
+    """No declared duration (live WebM, raw elementary streams, ...): read the packets once, without
+    decoding them, for the last timestamp or, where packets carry none, the frame count."""
+    tb, count, last = stream.time_base, 0, None
+    for packet in container.demux(stream):
+        if packet.size == 0:
+            continue
+        count += 1
+        if packet.pts is not None:
+            end = float(packet.pts * tb) + (float(packet.duration * tb) if packet.duration else 1.0 / fps)
+            last = end if last is None else max(last, end)
+    if last is not None:
+        return _Timeline(origin, max(last - origin, 1.0 / fps), fps, False, declared=False)
+    return _Timeline(0.0, max(count, 1) / fps, fps, True, timed=False, declared=False)
+
+
+def _video_stream(container, uri: str):
+    """The first video stream that is a video: a cover picture attached to audio is not one."""
+    import av
+
+    videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+    if not videos:
+        cover = " (its only picture is the cover art of an audio file)" if container.streams.video else ""
+        raise MediaError("no_video_stream", f"{uri} has no video stream{cover}: audio only?")
+    return videos[0]
+
+
+def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
+                 max_memory_bytes: int | None = None, at_s: list[float] | None = None) -> Decoded:
+    _check_mp4_tables(f, uri, max_memory_bytes)  # before FFmpeg builds the index in memory
+    with _Source(f, uri, max_pixels) as source:
         # No frame threading: each seek flushes its pipeline of frames decoded ahead, and the
         # benchmarks measured it slower here; decoders run side by side, one per worker, instead.
-        _check_pixels(uri, stream.codec_context.width, stream.codec_context.height, max_pixels)
-        _check_not_truncated(f, uri, stream)
-        tb = stream.time_base
-        origin = float(stream.start_time * tb) if stream.start_time is not None else 0.0
-        if stream.duration:
-            duration = float(stream.duration * tb)
-        elif container.duration:
-            duration = container.duration / av.time_base - origin
-        else:
-            duration = None
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        ctx = source.stream.codec_context
+        _check_pixels(uri, ctx.width, ctx.height, max_pixels)
+        if max_memory_bytes:
+            _check_frames_fit(uri, ctx.width * ctx.height, num_frames, video_resize, max_memory_bytes)
+        _check_not_truncated(f, uri, source.stream)
+        timeline = _timeline(source.container, source.stream)
+        if timeline.duration is None:
+            timeline = _scan_packets(source.container, source.stream, timeline.fps, timeline.origin)
+            source.reopen()
         start = float(start_s or 0.0)
-        end = float(end_s) if end_s is not None else duration
-        if duration is not None:
-            end = min(end, duration) if end is not None else duration
-        if end is None:
-            raise MediaError("undecodable", f"{uri} declares no duration; give end_s in the manifest")
+        end = min(float(end_s), timeline.duration) if end_s is not None else timeline.duration
         if start >= end:
-            raise MediaError("invalid_clip_window",
-                             f"clip window [{start}, {end_s}] s is outside the video ({duration:.3f} s long); fix start_s/end_s")
-        targets = uniform_targets(start, end, fps, num_frames)
-        if stream.base_rate and stream.average_rate and stream.base_rate == stream.average_rate:
-            # Constant frame rate: frame k is shown at k / fps, so the nearest frame to a target is
-            # known before decoding. Snapping the target onto it lets a target a hair before a
-            # keyframe's frame seek straight to that keyframe instead of decoding the whole GOP before.
-            targets = np.floor(targets * fps + 0.5) / fps
+            raise MediaError("invalid_clip_window", f"clip window [{start}, {end_s}] s is outside the video "
+                                                    f"({timeline.duration:.3f} s long); fix start_s/end_s")
+        frames, times, decoded = _sample_window(source, timeline, start, end, num_frames, max_pixels,
+                                                video_resize, max_memory_bytes, at_s)
+        return Decoded("video", np.stack(_same_size(frames)), source.width, source.height,
+                       source.stream.codec_context.name, timestamps_s=[t - timeline.origin for t in times],
+                       duration_s=timeline.duration, fps=timeline.fps, decoded_frames=decoded)
+
+
+def _sample_window(source, timeline: _Timeline, start: float, end: float, num_frames: int, max_pixels: int,
+                   video_resize: dict | None, max_memory_bytes: int | None, at_s: list[float] | None = None):
+    """Sample the window (or take the frames at `at_s`); where the decodable frames span less of it
+    than the container declares (a TS segment that opens on frames referring to a keyframe it lacks, a container duration that
+    counts an audio tail), sample the span the frames cover instead, once."""
+    import av
+
+    uri, fps, decoded = source.uri, timeline.fps, 0
+    origin = timeline.origin
+    for _ in range(2):
+        if at_s is not None:
+            targets = np.asarray(at_s, dtype=float) + origin
+        else:
+            targets = sample_targets(start, end, fps, num_frames, timeline.constant_rate) + origin
+        sampler = _Sampler(source, timeline, max_pixels, video_resize)
         try:
-            frames, times, decoded = _sample(container, stream, targets + origin, 1.0 / fps)
+            frames, times, cost = sampler.sample(targets)
         except av.FFmpegError as e:
-            raise MediaError("undecodable", f"decoding {uri} failed ({e})") from e
-        if len(frames) < num_frames or times[-1] < targets[-1] + origin - 2.0 / fps:
-            reached = f"{times[-1] - origin:.3f}" if times else "0"
-            raise MediaError("truncated", f"{uri} ends at {reached} s although it declares {duration} s: "
-                                          "the file is truncated; re-upload it complete")
-        video = np.stack(frames)
-        height, width = video.shape[1:3]
-        if video_resize:
-            video = resize_frames(video, **video_resize)
-        return Decoded("video", video, width, height, stream.codec_context.name,
-                       timestamps_s=[t - origin for t in times], duration_s=duration, fps=fps,
-                       decoded_frames=decoded)
+            ctx = source.stream.codec_context
+            _check_pixels(uri, ctx.width, ctx.height, max_pixels)  # FFmpeg refused a frame over the budget
+            if isinstance(e, MemoryError) or (max_memory_bytes and e.errno == errno.EAGAIN):
+                raise out_of_memory(uri, max_memory_bytes) from e  # (EAGAIN: no memory for a thread's stack)
+            at = f" at {sampler.cur[0] - origin:.3f} s" if sampler.cur else ""
+            raise MediaError("undecodable", f"decoding {uri} failed{at} ({e}): the file is corrupt; "
+                                            "re-encode or re-upload it") from e
+        decoded += cost
+        if not frames:  # a header that declares a video without its data: cut short, or an fMP4 init segment
+            declared = f"although it declares {timeline.duration:.3f} s " if timeline.declared else ""
+            raise MediaError("truncated" if timeline.declared else "undecodable",
+                             f"{uri} holds no decodable video frame {declared}(a header without its media data, "
+                             "e.g. an fMP4 init segment alone?); upload the complete file")
+        if at_s is not None:
+            return frames, times, decoded
+        first, reached = sampler.first_time, sampler.end_time
+        # The stream's own duration (MP4's track header) is exact; a container's covers every stream.
+        slack = 2.0 / fps if timeline.exact_duration else max(2.0 / fps, 0.5, 0.05 * (end - start))
+        if reached is not None and reached < origin + end - slack:
+            raise MediaError("truncated", f"{uri} ends at {reached - origin:.3f} s although it declares "
+                                          f"{timeline.duration:.3f} s: the file is truncated; re-upload it complete")
+        late_start = start == 0 and first is not None and first > origin + 2.0 / fps
+        early_end = reached is not None and targets[-1] > reached
+        if len(frames) == num_frames and not late_start and not early_end:
+            return frames, times, decoded
+        if late_start:
+            end, origin = end - (first - origin), first
+        if early_end:
+            end = reached - origin
+        source.reopen()
+    raise MediaError("truncated", f"{uri}: only {len(frames)} of {num_frames} frames could be decoded; "
+                                  "the file is truncated or corrupt: re-upload it complete")
+
+
+class _Source:
+    """The open container and its video stream; reopened to start again from the first byte
+    (containers without an index cannot seek back to their start reliably, raw streams not at all)."""
+
+    def __init__(self, f, uri: str, max_pixels: int):
+        self.f, self.uri, self.max_pixels = f, uri, max_pixels
+        self.container = self.stream = None
+        self.width = self.height = None  # of the first frame, upright, before any resize
+        self.reopen()
+
+    def reopen(self) -> None:
+        import av
+
+        self.close()
+        self.f.seek(0)
+        self.fresh = True  # nothing demuxed yet: decoding starts at the first byte
+        try:
+            # No protocols for nested opens: a playlist or concat list in the input (HLS, ffconcat, ...)
+            # must not make FFmpeg read local files or URLs on the worker.
+            self.container = av.open(self.f, mode="r", options={"protocol_whitelist": "none"})
+        except (av.FFmpegError, ValueError) as e:
+            if _mp4_box_overruns(self.f):
+                raise MediaError("truncated", f"{self.uri} is an MP4/MOV file cut short (its last box runs past "
+                                              "the end of the file); re-upload it complete") from e
+            raise MediaError("undecodable", f"{self.uri} is neither an image nor a video FFmpeg can open ({e})") from e
+        try:
+            self.stream = _video_stream(self.container, self.uri)
+            if self.stream.codec_context is None:  # FFmpeg knows the container but has no decoder for the codec
+                raise MediaError("unsupported_codec", f"{self.uri}: FFmpeg has no decoder for its video codec; "
+                                                      "re-encode it to H.264, HEVC, VP9 or AV1")
+            # FFmpeg itself refuses to allocate a frame over the budget (a stream whose size changes
+            # mid-stream): the header check cannot see those frames.
+            self.stream.codec_context.options = {"max_pixels": str(self.max_pixels)}
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 # Codecs whose FFmpeg decoders drop only frames that no other frame refers to when asked (H.264's
@@ -245,7 +481,7 @@ def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: flo
 _SKIPS_NON_REFERENCE = ("h264", "hevc")
 
 
-def _sample(container, stream, targets: np.ndarray, frame_interval: float):
+class _Sampler:
     """Frames nearest to each target time (absolute stream seconds) and how many were decoded.
 
     Seek only where it saves work: the container's index (MP4's sample table, Matroska's cues)
@@ -253,98 +489,161 @@ def _sample(container, stream, targets: np.ndarray, frame_interval: float):
     keyframe is not past the current position, decoding on is cheaper. Without an index we seek
     for every target until a seek lands behind the current position, then decode on.
 
+    A seek that yields no frame, or only frames after its target (MPEG-TS and FLV land on the
+    next keyframe, or nowhere, when none precedes the target), is retried from earlier and
+    earlier positions, and at last from the first byte; streams without timestamps (raw H.264,
+    HEVC) are decoded forward from the start, frame k shown at k / fps.
+
     On the way to a target, frames no other frame refers to (most B-frames) are not decoded
     unless they are shown within two frame intervals of it: only those can be the nearest frame.
     Where the nearest frame found is further off than that (a gap in the stream), the stretch is
     decoded again in full, so the choice is always the one a full decode would make.
     """
-    import bisect
 
-    tb = stream.time_base
-    eps = 1e-6  # seconds: float noise between a snapped target and the frame time it names
-    seconds = float(tb)  # float math: Fraction arithmetic per index entry is slow on long videos
-    keys = sorted(e.timestamp * seconds for e in stream.index_entries if e.is_keyframe)
-    seek_blind = not keys
-    margin = 2 * frame_interval
-    can_skip = stream.codec_context.name in _SKIPS_NON_REFERENCE
-    skip_before = float("-inf")  # packets shown before this time may skip non-reference frames
-    skipped = False  # some packet since the last seek was sent with skipping on
-    frames, times, decoded = [], [], 0
-    it = prev = cur = None  # decoder iterator; the last two decoded frames as (time, frame)
+    EPS = 1e-6  # seconds: float noise between a target and the frame time it names
 
-    def decode_from_here():
-        nonlocal skipped
-        ctx, skipping = stream.codec_context, None
-        for packet in container.demux(stream):
-            skip = packet.pts is not None and packet.pts * seconds < skip_before
+    def __init__(self, source: _Source, timeline: _Timeline, max_pixels: int, video_resize: dict | None):
+        self.source, self.timeline = source, timeline
+        self.max_pixels, self.video_resize = max_pixels, video_resize
+        stream = source.stream
+        self.seconds = float(stream.time_base)  # float math: Fraction arithmetic per index entry is slow
+        self.keys = sorted(e.timestamp * self.seconds for e in stream.index_entries if e.is_keyframe)
+        self.seek_blind = timeline.timed and not self.keys
+        self.margin = 2.0 / timeline.fps
+        self.can_skip = stream.codec_context.name in _SKIPS_NON_REFERENCE
+        self.skip_before = float("-inf")  # packets shown before this time may skip non-reference frames
+        self.skipped = False  # some packet since the last seek was sent with skipping on
+        self.decoded = 0
+        self.it = self.prev = self.cur = None  # decoder iterator; the last two decoded frames as (time, frame)
+        self.index = 0  # frames decoded since the first byte (the time of an untimed frame)
+        self.from_start = False  # decoding from the first byte (not from a seek)
+        self.first_time = None  # of the first frame decoded from the first byte
+        self.end_time = None  # where the last frame ends, once the stream ran out
+
+    def _decode_from_here(self):
+        self.source.fresh = False
+        ctx, skipping = self.source.stream.codec_context, None
+        for packet in self.source.container.demux(self.source.stream):
+            skip = packet.pts is not None and packet.pts * self.seconds < self.skip_before
             if skip != skipping:
                 ctx.skip_frame, skipping = ("NONREF" if skip else "DEFAULT"), skip
-            skipped |= skip
+            self.skipped |= skip
             yield from packet.decode()
 
-    def seek(target: float) -> bool:
+    def _restart(self, at: float | None) -> bool:
+        """Decode from a seek to `at` (None: from the first byte) up to the first frame."""
+        import av
+
+        self.from_start = at is None
+        if at is None:
+            if not self.source.fresh:
+                self.source.reopen()
+            self.index = 0
+        else:
+            try:
+                self.source.container.seek(int((at + self.EPS) / self.seconds), stream=self.source.stream,
+                                           backward=True, any_frame=False)
+            except av.FFmpegError:
+                return False  # e.g. FLV before its first tag: try from earlier, at last from the start
+        self.it, self.prev, self.cur, self.skipped = self._decode_from_here(), None, None, False
+        return self.advance()
+
+    def seek(self, target: float) -> bool:
         """Start decoding at or before the target's frame. A seek lands on the last keyframe
         *decoded* before the target; with B-frames that keyframe can be shown after it, and then
         the target's frame is in the interval before: back up one keyframe (or further)."""
-        nonlocal it, prev, cur, skipped
-        at, landed, step = target, None, 1.0
-        while True:
-            container.seek(max(int((at + eps) / tb), 0), stream=stream, backward=True, any_frame=False)
-            it, prev, cur, skipped = decode_from_here(), None, None, False
-            if not advance():
-                return False
-            if cur[0] <= target + eps or cur[0] == landed:
-                return True  # at or before the target, or no earlier place to start from
-            landed = cur[0]
-            if keys:
-                i = bisect.bisect_right(keys, at + eps) - 1
-                if i <= 0:
+        origin = self.timeline.origin
+        if self.timeline.timed and target > origin + self.margin:
+            at, step = target, 1.0
+            while at >= origin:
+                if self._restart(at) and self.cur[0] <= target + self.EPS:
                     return True
-                at = keys[i - 1]
-            else:
-                at, step = target - step, step * 2
+                if self.keys:
+                    i = bisect.bisect_right(self.keys, at + self.EPS) - 1
+                    if i <= 0:
+                        break
+                    at = self.keys[i - 1]
+                else:
+                    at, step = target - step, step * 2
+            if not self.keys:
+                self.seek_blind = False  # seeks here land after their targets: decode on instead
+        return self._restart(None)
 
-    def advance() -> bool:
-        nonlocal prev, cur, decoded
-        frame = next(it, None)
+    def advance(self) -> bool:
+        frame = next(self.it, None)
         if frame is None:
+            if self.cur is not None:
+                t, last = self.cur
+                shown = float(last.duration * last.time_base) if last.duration and last.time_base else 0.0
+                self.end_time = t + max(shown, 1.0 / self.timeline.fps)
             return False
-        decoded += 1
-        t = float(frame.time) if frame.time is not None else (cur[0] + 1e-6 if cur else 0.0)
-        prev, cur = cur, (t, frame)
+        self.decoded += 1
+        self.index += 1
+        if frame.width * frame.height > self.max_pixels:  # bigger than the header said
+            _check_pixels(self.source.uri, frame.width, frame.height, self.max_pixels)
+        if not self.timeline.timed:
+            t = (self.index - 1) / self.timeline.fps
+        elif frame.time is not None:
+            t = float(frame.time)
+        else:
+            t = self.cur[0] + 1e-6 if self.cur else self.timeline.origin
+        if self.index == 1 and self.from_start:
+            self.first_time = t
+        self.prev, self.cur = self.cur, (t, frame)
         return True
 
-    def nearest(target: float):
-        while cur[0] < target - eps and advance():
+    def nearest(self, target: float):
+        while self.cur[0] < target - self.EPS and self.advance():
             pass
+        prev, cur = self.prev, self.cur
         return cur if prev is None or abs(cur[0] - target) <= abs(prev[0] - target) else prev
 
-    for target in targets:
-        skip_before = target - margin if can_skip else float("-inf")
-        if it is None:
-            need_seek = True
-        elif target <= cur[0] + eps:
-            need_seek = False  # already there (targets closer together than frames)
-        elif keys:
-            i = bisect.bisect_right(keys, target + eps) - 1
-            need_seek = i >= 0 and keys[i] > cur[0]
-        else:
-            need_seek = seek_blind
-        if need_seek:
-            position = cur[0] if cur else None
-            if not seek(target):
-                break
-            if not keys and position is not None and cur[0] <= position:
-                seek_blind = False  # seeks land behind us: decode on from here
-        best = nearest(target)
-        if skipped and abs(best[0] - target) > margin:
-            skip_before = float("-inf")  # a skipped frame may have been nearer: decode it all
-            if not seek(target):
-                break
-            best = nearest(target)
-        times.append(best[0])
-        frames.append(_upright_rgb(best[1]))
-    return frames, times, decoded
+    def sample(self, targets: np.ndarray):
+        frames, times = [], []
+        for target in targets:
+            self.skip_before = target - self.margin if self.can_skip else float("-inf")
+            if self.it is None:
+                need_seek = True
+            elif target <= self.cur[0] + self.EPS:
+                need_seek = False  # already there (targets closer together than frames)
+            elif self.keys:
+                i = bisect.bisect_right(self.keys, target + self.EPS) - 1
+                need_seek = i >= 0 and self.keys[i] > self.cur[0]
+            else:
+                need_seek = self.seek_blind
+            if need_seek:
+                position = self.cur[0] if self.cur else None
+                if not self.seek(target):
+                    break
+                if not self.keys and position is not None and self.cur[0] <= position:
+                    self.seek_blind = False  # seeks land behind us: decode on from here
+            best = self.nearest(target)
+            if self.skipped and abs(best[0] - target) > self.margin:
+                self.skip_before = float("-inf")  # a skipped frame may have been nearer: decode it all
+                if not self.seek(target):
+                    break
+                best = self.nearest(target)
+            times.append(best[0])
+            frames.append(self._output(best[1]))
+        return frames, times, self.decoded
+
+    def _output(self, frame) -> np.ndarray:
+        rgb = _upright_rgb(frame)
+        if self.source.width is None:
+            self.source.height, self.source.width = rgb.shape[:2]
+        if self.video_resize:  # each frame as it comes: only small frames are ever held
+            rgb = resize_frames(rgb[None], **self.video_resize)[0]
+        return rgb
+
+
+def _same_size(frames: list[np.ndarray]) -> list[np.ndarray]:
+    """A stream whose size changes mid-stream (within the budget): later frames are scaled to the
+    first one's size, so the frames stack into one array as the processors expect."""
+    from PIL import Image
+
+    height, width = frames[0].shape[:2]
+    return [f if f.shape[:2] == (height, width)
+            else np.asarray(Image.fromarray(f).resize((width, height), Image.BILINEAR)) for f in frames]
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int, interpolation: str, antialias: bool) -> np.ndarray:
@@ -366,6 +665,84 @@ def _upright_rgb(frame) -> np.ndarray:
     rgb = frame.to_ndarray(format="rgb24")
     turns = round((frame.rotation or 0) / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
+
+
+# Bytes FFmpeg's MP4 demuxer holds per declared sample (index entry, size, timing, with headroom):
+# what a sample table costs in memory before a single frame is decoded.
+_INDEX_BYTES_PER_SAMPLE = 64
+_MP4_CONTAINERS = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
+
+
+def _mp4_boxes(f, start: int, end: int):
+    """(type, payload start, box end) of the boxes in [start, end): headers only, no payloads read."""
+    pos = start
+    while pos + 8 <= end:
+        f.seek(pos)
+        header = f.read(16)
+        if len(header) < 8:
+            return
+        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
+        body = pos + 8
+        if length == 1 and len(header) == 16:
+            length, body = int.from_bytes(header[8:16], "big"), pos + 16
+        elif length == 0:
+            length = end - pos
+        if length < body - pos:
+            return
+        yield kind, body, min(pos + length, end)
+        pos += length
+
+
+def _mp4_tables(f, start: int, end: int, found: dict, depth: int = 0) -> None:
+    """Walk the boxes under [start, end) (headers only): samples the sample tables (stsz/stz2)
+    declare, summed over the tracks, and the sample entry types (avc1, encv, ...)."""
+    for kind, body, box_end in _mp4_boxes(f, start, end):
+        if kind in _MP4_CONTAINERS and depth < 6:
+            _mp4_tables(f, body, box_end, found, depth + 1)
+        elif kind in (b"stsz", b"stz2"):
+            f.seek(body + 8)  # version/flags, then sample size (stsz) or reserved + field size (stz2)
+            found["samples"] += int.from_bytes(f.read(4), "big")
+        elif kind == b"stsd":
+            found["entries"] += [entry for entry, _, _ in _mp4_boxes(f, body + 8, box_end)]
+
+
+def _check_mp4_tables(f, uri: str, max_memory_bytes: int | None) -> None:
+    """An MP4/MOV whose sample tables declare more samples than the decoder's memory can index
+    (a few KB can declare billions) is rejected before FFmpeg allocates the index; an encrypted
+    one (CENC: FFmpeg decodes it to garbage without the key) before anything is decoded."""
+    f.seek(0)
+    head = f.read(8)
+    found = {"samples": 0, "entries": []}
+    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+        size = f.seek(0, 2)
+        for kind, body, end in _mp4_boxes(f, 0, size):
+            if kind == b"moov":
+                _mp4_tables(f, body, end, found)
+    f.seek(0)
+    if b"encv" in found["entries"]:
+        raise MediaError("unsupported_codec", f"{uri} is encrypted (CENC/DRM): its frames cannot be decoded "
+                                              "without the key; give the decrypted file")
+    needed = found["samples"] * _INDEX_BYTES_PER_SAMPLE
+    if max_memory_bytes and needed > max_memory_bytes // 2:
+        raise MediaError("too_large", f"{uri} declares {found['samples']:,} samples in its index, which alone would "
+                                      f"take {needed / 2**30:.1f} GiB of the decoder's {max_memory_bytes / 2**30:.1f} "
+                                      "GiB memory limit; the file is corrupt or crafted: re-encode it")
+
+
+def _check_frames_fit(uri: str, pixels: int, num_frames: int, video_resize: dict | None, max_memory_bytes: int):
+    """The frames asked for, held as RGB and copied once into the reply, must fit the memory limit."""
+    kept = video_resize["height"] * video_resize["width"] if video_resize else pixels
+    needed = num_frames * kept * 3 * 2 + pixels * 3 * 4  # + the frames being decoded and converted
+    if needed > max_memory_bytes:
+        raise MediaError("too_large", f"{num_frames} frames of {uri} need about {needed / 2**30:.1f} GiB, over the "
+                                      f"decoder's memory limit of {max_memory_bytes / 2**30:.1f} GiB; lower "
+                                      "num_frames or max_pixels, or raise decoder_memory_gb")
+
+
+def out_of_memory(uri: str, max_memory_bytes: int | None) -> MediaError:
+    limit = f" ({max_memory_bytes / 2**30:.1f} GiB)" if max_memory_bytes else ""
+    return MediaError("too_large", f"decoding {uri} needed more memory than the decoder's limit{limit}; the file "
+                                   "is very large or crafted: lower max_pixels or num_frames, or raise decoder_memory_gb")
 
 
 def _mp4_box_overruns(f) -> bool:

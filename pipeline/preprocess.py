@@ -42,16 +42,18 @@ class Preprocessor:
         """
         self.family.check(media_type, len(frames))
         text = self.prompt_text(media_type, prompt, len(frames))
+        # Our arrays are always (H, W, 3): said outright, or an image 1-3 pixels high is guessed channels-first.
+        layout = {"input_data_format": "channels_last"}
         if media_type == "video" and self.family.video == "native":
-            enc = self.processor(videos=[np.asarray(frames)], text=text, return_tensors="np")
+            enc = self.processor(videos=[np.asarray(frames)], text=text, return_tensors="np", **layout)
             return {"input_ids": enc["input_ids"][0], "pixel_values_videos": enc["pixel_values_videos"][0]}
         images = list(frames)
         if self.family.name == "llava_onevision":
             # Nested: the images of one prompt (several are not tiled, as the model was trained).
-            enc = self.processor(images=[images], text=[text], return_tensors="np")
+            enc = self.processor(images=[images], text=[text], return_tensors="np", **layout)
             return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"],
                     "image_sizes": np.asarray(enc["image_sizes"])}
-        enc = self.processor(images=images, text=text, return_tensors="np")
+        enc = self.processor(images=images, text=text, return_tensors="np", **layout)
         return {"input_ids": enc["input_ids"][0], "pixel_values": enc["pixel_values"]}
 
 

@@ -1,6 +1,6 @@
 """A static HTML page that shows what a run produced: for each item a strip of the frames the model
-saw (re-decoded at `frame_timestamps_s` from `uri`) beside its captions or answers, error rows
-grouped by error_type, and the run's figures (its ledger `_runs/RUN_ID.json` and counts).
+saw (re-decoded at `frame_timestamps_s` from `uri` by the pipeline's own decoder) beside its captions
+or answers, error rows grouped by error_type, and the run's figures (its ledger `_runs/RUN_ID.json` and counts).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 
 from pipeline.config import StorageConfig
 from pipeline.schemas import output_arrow_schema
-from pipeline.storage import arrow_filesystem, filesystem, join, open_binary
+from pipeline.storage import arrow_filesystem, filesystem, join
 
 THUMB_HEIGHT = 96
 MAX_FRAMES_SHOWN = 8
@@ -50,9 +50,11 @@ def _read_json(fs, path: str) -> dict:
         return json.load(f)
 
 
-def _thumbnail(image) -> str:
-    """PIL image -> data URI of a small JPEG."""
-    image = image.convert("RGB")
+def _thumbnail(rgb) -> str:
+    """(H, W, 3) uint8 -> data URI of a small JPEG."""
+    from PIL import Image
+
+    image = Image.fromarray(rgb)
     image.thumbnail((THUMB_HEIGHT * 4, THUMB_HEIGHT))
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=80)
@@ -66,33 +68,52 @@ def _shown(timestamps: list[float]) -> list[float]:
     return [timestamps[round(i * step)] for i in range(MAX_FRAMES_SHOWN)]
 
 
-def frame_thumbnails(row: dict, storage: StorageConfig) -> list[tuple[float | None, str]]:
-    """(timestamp, data URI) of the frames the model saw; the image itself for images."""
-    from PIL import Image, ImageOps
+class FrameReader:
+    """The frames a run showed the model, decoded as the run decoded them: the pipeline's media
+    code (rotation, colour, 16-bit scaling) in its isolated decoder process (a bad file costs one
+    strip, not the report), under the run's URL rules and pixel budget (from its ledger config)."""
 
-    if row.get("uris"):  # several images in one prompt: each of them
-        out = []
-        for uri in row["uris"][:MAX_FRAMES_SHOWN]:
-            with open_binary(uri, storage) as f:
-                out.append((None, _thumbnail(ImageOps.exif_transpose(Image.open(f)))))
-        return out
-    with open_binary(row["uri"], storage) as f:
+    def __init__(self, config: dict | None, storage: StorageConfig):
+        from pipeline.config import ModelSettings
+        from pipeline.decoder_process import DecoderProcess
+
+        defaults = ModelSettings.model_fields
+        config = config or {}
+        self.storage = storage
+        self.prefixes = config.get("allowed_uri_prefixes") or (
+            _default_prefixes(config["manifest"]) if config.get("manifest") else None)
+        self.max_pixels = config.get("max_pixels") or defaults["max_pixels"].default
+        self.decoder = DecoderProcess(config.get("decode_timeout_s") or defaults["decode_timeout_s"].default,
+                                      max_memory_bytes=int((config.get("decoder_memory_gb")
+                                                            or defaults["decoder_memory_gb"].default) * 2**30))
+
+    def thumbnails(self, row: dict) -> list[tuple[float | None, str]]:
+        """(timestamp, data URI) of the frames the model saw; the images themselves for images."""
+        if row.get("uris"):  # several images in one prompt: each of them
+            return [(None, _thumbnail(self._decode(uri, "image").frames[0])) for uri in row["uris"][:MAX_FRAMES_SHOWN]]
         if row["media_type"] == "image":
-            return [(None, _thumbnail(ImageOps.exif_transpose(Image.open(f))))]
-        import av
-
+            return [(None, _thumbnail(self._decode(row["uri"], "image").frames[0]))]
         wanted = _shown(row["frame_timestamps_s"] or [])
-        out = []
-        with av.open(f) as container:
-            stream = container.streams.video[0]
-            for t in wanted:
-                # seek to the keyframe before t, then decode to the frame at t (as the pipeline did)
-                container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
-                for frame in container.decode(stream):
-                    if frame.time is not None and frame.time >= t - 1e-3:
-                        out.append((t, _thumbnail(frame.to_image())))
-                        break
-        return out
+        d = self._decode(row["uri"], "video", at_s=wanted)
+        return [(t, _thumbnail(frame)) for t, frame in zip(d.timestamps_s, d.frames)]
+
+    def _decode(self, uri: str, media_type: str, at_s: list[float] | None = None):
+        from pipeline.urls import check_media_uri
+
+        if self.prefixes is None:
+            raise PermissionError("the run's URL rules are unknown (no ledger config): frames are not read")
+        check_media_uri(uri, self.prefixes)  # the file may have been swapped for a link since the run
+        return self.decoder.decode(uri=uri, storage=self.storage, declared_type=media_type,
+                                   num_frames=len(at_s) if at_s else 1, max_pixels=self.max_pixels, at_s=at_s)
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+def _default_prefixes(manifest: str) -> list[str]:
+    from pipeline.urls import default_media_prefixes
+
+    return default_media_prefixes(manifest)
 
 
 CSS = """
@@ -145,6 +166,7 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
         if r["status"] == "ok":
             by_item[(r["id"], r["uri"] or " ".join(r.get("uris") or []))].append(r)
     parts.append(f"<h2>Items ({len(by_item)})</h2>")
+    reader = FrameReader((success or {}).get("config"), storage) if frames else None
     for n, ((item_id, uri), answers) in enumerate(sorted(by_item.items(), key=lambda kv: str(kv[0][0]))):
         if n == max_items:
             parts.append(f"<p class='warn'>{len(by_item) - max_items} more items not shown (--max-items).</p>")
@@ -153,7 +175,7 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
         strip = []
         if frames:
             try:
-                for t, uri_data in frame_thumbnails(first, storage):
+                for t, uri_data in reader.thumbnails(first):
                     label = "" if t is None else f"{t:.2f} s"
                     strip.append(f"<figure><img src='{uri_data}' alt='frame {e(label)}'><figcaption>{e(label)}"
                                  "</figcaption></figure>")
@@ -166,6 +188,8 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
                      f"<div class='answers'><b>{e(str(item_id))}</b> <span class='meta'>{e(uri)} · {e(meta)}</span>"
                      f"<dl>{qa}</dl></div></div>")
 
+    if reader is not None:
+        reader.close()
     errors = defaultdict(list)
     for r in rows:
         if r["status"] == "error":

@@ -150,6 +150,22 @@ def test_a_segfault_and_a_hang_cost_one_row_each(samples, tmp_path):
     decoder.close()
 
 
+def test_past_its_memory_limit_the_decoder_answers_too_large_and_is_replaced(samples, tmp_path):
+    decoder = DecoderProcess(timeout_s=60, module="pipeline.testing.fault_decoder", max_memory_bytes=2 * 2**30)
+    (tmp_path / "hog.mp4").write_bytes((samples / "street.mp4").read_bytes())
+    request = dict(storage=STORAGE, declared_type=None, num_frames=2)
+    with pytest.raises(MediaError) as hog:
+        decoder.decode(uri=str(tmp_path / "hog.mp4"), **request)
+    assert hog.value.error_type == "too_large" and "memory" in str(hog.value)
+    assert decoder.decode(uri=str(samples / "street.mp4"), **request).frames.shape[0] == 2  # a fresh child
+    # a request for more frames than the limit holds is refused before decoding
+    with pytest.raises(MediaError) as many:
+        decoder.decode(uri=str(samples / "street.mp4"), **dict(request, num_frames=256, max_pixels=40_000_000),
+                       max_memory_bytes=2**20)
+    assert many.value.error_type == "too_large" and "num_frames" in str(many.value)
+    decoder.close()
+
+
 def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model, tmp_path):
     from pipeline.run import run
 

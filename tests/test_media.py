@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StorageConfig
-from pipeline.media import MediaError, fetch_and_decode, sniff_media_type, uniform_targets
+from pipeline.media import MediaError, fetch_and_decode, sample_targets, sniff_media_type, uniform_targets
 from pipeline.testing.samples import encode_video
 
 STORAGE = StorageConfig()
@@ -97,6 +97,16 @@ def _encode_with_b_frames(path, seconds: int, fps: int, gop: int, gap_after: int
     return path
 
 
+def _targets(path, d, n):
+    """The sampler's plan: the card's frame indices at a constant frame rate, else even timestamps."""
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        constant = bool(s.base_rate and s.average_rate and s.base_rate == s.average_rate)
+    return sample_targets(0, d.duration_s, d.fps, n, constant)
+
+
 def _reference_frames(path) -> dict:
     import av
 
@@ -124,7 +134,7 @@ def test_each_frame_is_the_nearest_and_costs_only_its_keyframe_interval(tmp_path
     reference = _reference_frames(path)
     for n in (3, 7, 16, 33, 100):
         d = fetch_and_decode(str(path), STORAGE, None, n)
-        _assert_nearest_frames(d, reference, uniform_targets(0, d.duration_s, d.fps, n))
+        _assert_nearest_frames(d, reference, _targets(path, d, n))
         # Each frame costs at most the frames from its keyframe to it (+ the decoder's reordering
         # delay): with 16 targets 3.993 s apart, the first half fall a hair before a keyframe's
         # frame, which must not cost the keyframe interval before it.
@@ -139,7 +149,7 @@ def test_frames_nobody_refers_to_are_decoded_only_near_a_target(tmp_path, monkey
     reference = _reference_frames(path)
     for n in (4, 12, 40):
         d = fetch_and_decode(str(path), STORAGE, None, n)
-        _assert_nearest_frames(d, reference, uniform_targets(0, d.duration_s, d.fps, n))
+        _assert_nearest_frames(d, reference, _targets(path, d, n))
         with monkeypatch.context() as m:
             m.setattr(media, "_SKIPS_NON_REFERENCE", ())
             full = fetch_and_decode(str(path), STORAGE, None, n)
@@ -158,7 +168,7 @@ def test_the_nearest_frame_is_found_across_a_gap_in_the_stream(tmp_path, gop, ga
     reference = _reference_frames(path)
     for n in range(2, 40):
         d = fetch_and_decode(str(path), STORAGE, None, n)
-        _assert_nearest_frames(d, reference, uniform_targets(0, d.duration_s, d.fps, n))
+        _assert_nearest_frames(d, reference, _targets(path, d, n))
 
 
 def test_frames_are_the_frames_at_their_timestamps(tmp_path):

@@ -40,9 +40,21 @@ def row(**kw) -> dict:
 @pytest.fixture(scope="module")
 def output(samples, tmp_path_factory) -> Path:
     """An output table in the job's layout, by hand (no model): Parquet files, the run's ledger, `_SUCCESS`."""
+    from test_bad_media import write_mp4
+
     out = tmp_path_factory.mktemp("report-output")
+    media = tmp_path_factory.mktemp("report-media")
+    write_mp4(media / "phone.mp4", rotation=90)  # stored 160x120, shown 120x160
+    secret = tmp_path_factory.mktemp("elsewhere") / "secret.jpg"
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(secret)
+    (media / "swapped.jpg").symlink_to(secret)  # swapped for a link to a file outside after the run
     video = dict(media_type="video", codec="h264", width=160, height=120, fps=24.0)
     rows = [
+        row(id="phone", uri=str(media / "phone.mp4"), source="m.jsonl:10", prompt="Describe this video in detail.",
+            text="CAPTION-phone", num_frames=2, frame_timestamps_s=[0.0, 1.0], duration_s=2.0, output_tokens=2,
+            **dict(video, width=120, height=160)),
+        row(id="swapped", uri=str(media / "swapped.jpg"), source="m.jsonl:11", media_type="image", codec="JPEG",
+            width=40, height=30, num_frames=1, prompt="Describe this photo.", text="CAPTION-swapped", output_tokens=2),
         row(id="street", uri=str(samples / "street.mp4"), source="m.jsonl:1", prompt="Describe this video in detail.",
             text="CAPTION-street: a white square moves over a gradient", num_frames=4,
             frame_timestamps_s=[0.0, 1.0, 2.0, 3.0], duration_s=4.0, output_tokens=9, **video),
@@ -63,7 +75,9 @@ def output(samples, tmp_path_factory) -> Path:
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=output_arrow_schema()), out / "run-1-part0.parquet")
     ledger = json.dumps({"run_id": "run-1", "items": 6, "wall_s": 12.0, "rows": 7, "files": ["run-1-part0.parquet"],
-                         "config": {"task": "caption", "num_frames": 4, "replicas": 2}})
+                         "config": {"task": "caption", "num_frames": 4, "replicas": 2,
+                                    "manifest": str(media / "m.jsonl"),
+                                    "allowed_uri_prefixes": [str(samples), str(media)]}})
     (out / "_runs").mkdir()
     (out / "_runs" / "run-1.json").write_text(ledger)
     (out / "_SUCCESS").write_text(ledger)
@@ -86,7 +100,7 @@ def test_page_has_answers_errors_by_type_and_figures(page):
     assert re.search(r"<h3 id='errors-invalid_manifest_row'>invalid_manifest_row \(1\)</h3>", text)
     assert text.index("errors-not_found") < text.index("errors-invalid_manifest_row")  # biggest group first
     assert "no such file: gone.mp4" in text and "m.jsonl:9" in text
-    assert "<td>rows</td><td>7</td>" in text and "<td>error rows</td><td>3</td>" in text
+    assert "<td>rows</td><td>9</td>" in text and "<td>error rows</td><td>3</td>" in text
     assert "12.0 s (0.50 items/s)" in text and "<td>replicas</td><td>2</td>" in text
 
 
@@ -106,6 +120,14 @@ def test_strips_hold_the_frames_the_model_saw(page):
     diff = np.abs(np.asarray(street[1].convert("RGB"), float) - np.asarray(want, float)).mean()
     other = np.abs(np.asarray(street[3].convert("RGB"), float) - np.asarray(want, float)).mean()
     assert diff < 12 < other
+
+
+def test_strips_are_decoded_by_the_pipeline_upright_and_under_the_runs_url_rules(page):
+    _, text = page
+    phone = thumbnails(text, "phone")
+    assert len(phone) == 2 and all(im.width < im.height for im in phone)  # the display rotation applied
+    swapped = text.split("id='item-swapped'")[1].split("<div class='item'")[0]
+    assert "<img" not in swapped and "frames unavailable" in swapped and "outside the allowed folders" in swapped
 
 
 def test_missing_input_fails_with_the_reason(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""An isolated decoder that injects real faults: a segfault and a hang, chosen by the file name.
+"""An isolated decoder that injects real faults: a segfault, a hang and a memory hog, chosen by the file name.
 Used as RunConfig.decoder_module = "pipeline.testing.fault_decoder"."""
 
 import ctypes
@@ -14,6 +14,9 @@ def faulty_decode(**request):
         ctypes.string_at(0)  # reads address 0: SIGSEGV, a real crash of the process
     if name.startswith("hang"):
         time.sleep(3600)
+    if name.startswith("hog"):
+        hog = bytearray(16 * 2**30)  # past the child's memory limit: MemoryError, not a dead worker
+        del hog
     return fetch_and_decode(**request)
 
 
