@@ -25,6 +25,9 @@ from pipeline.media import Decoded, MediaError, fetch_and_decode, out_of_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEMORY_ENV = "PIPELINE_DECODER_MAX_MEMORY_BYTES"  # the parent's limit, read by the child at start
+# A child's start-up (Python, PyAV, Pillow) on a loaded node can take far longer than a row's
+# decode_timeout_s; it is waited for on its own, so only the decode itself counts against a row.
+STARTUP_TIMEOUT_S = 600
 
 
 def _limit_memory() -> None:
@@ -40,6 +43,10 @@ def serve(decode=fetch_and_decode) -> None:
     _limit_memory()
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything a library prints must not corrupt the reply channel
+    import av  # noqa: F401 - the decoders' imports belong to start-up, not to the first row's time
+    import PIL.Image  # noqa: F401
+
+    send(replies, ("ready", None))
     while (kwargs := receive(requests)) is not None:
         try:
             send(replies, ("ok", decode(**kwargs)))
@@ -68,6 +75,15 @@ class DecoderProcess:
             env.update({MEMORY_ENV: str(self.max_memory_bytes), "MALLOC_ARENA_MAX": "2"})
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
+        try:
+            header = self._read(HEADER_BYTES, time.monotonic() + STARTUP_TIMEOUT_S)
+            ready = header and self._read(body_length(header), time.monotonic() + STARTUP_TIMEOUT_S)
+        except TimeoutError:
+            ready = None
+        if not ready or pickle.loads(ready)[0] != "ready":
+            code = self._stop()
+            raise MediaError("decoder_crashed", f"the decoder process did not start (exit code {code}); "
+                                                "check the node's Python environment (PyAV, Pillow)")
 
     def _stop(self) -> int | None:
         if self.proc is not None:
