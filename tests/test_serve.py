@@ -57,7 +57,7 @@ def server(ray_local, tiny_model, samples, s3_endpoint, tmp_path_factory):
                       "api_token_file": str(token_file)})
     # One request at a time, one queue slot, and a batch wait longer than the timeout: overload on demand.
     tight = build_app({**common, "batch_size": "16", "batch_wait_timeout_s": "3", "request_timeout_s": "1",
-                       "max_ongoing_requests": "1", "max_queued_requests": "1"})
+                       "max_ongoing_requests": "1", "max_queued_requests": "1", "allow_unauthenticated": "true"})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run_many([serve.RunTarget(main, name="main", route_prefix="/"),
