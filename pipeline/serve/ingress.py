@@ -8,11 +8,12 @@ Serve's logger, so they land in the replica's log.
 
 # No `from __future__ import annotations`: FastAPI must see real types (Request) in the ingress methods.
 import asyncio
+import base64
 import hmac
 import json
 import logging
+import queue
 import secrets
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,6 +51,10 @@ async def _count(request: Request, call_next):
     return response
 
 
+# A 1x1 PNG: what each decoder child decodes once at start (warm-up).
+PNG_1X1 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+
+
 def sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
@@ -73,7 +78,7 @@ class ChatIngress:
         self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage), revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
         self.pool = ThreadPoolExecutor(cfg.prepare_threads, thread_name_prefix="prepare")
-        self.decoders = threading.local()  # one decoder child per prepare thread
+        self.decoders = self.start_decoders(cfg.prepare_threads)
         self.created = int(time.time())
         log.info("serving %s (auth %s)", cfg.model_name(), "on" if self.token else "OFF")
 
@@ -217,12 +222,24 @@ class ChatIngress:
                  chat.media_type, u["prompt_tokens"], u["completion_tokens"], last["batch_size"],
                  time.monotonic() - started)
 
-    def decoder(self):
+    def start_decoders(self, n: int) -> queue.SimpleQueue:
+        """One decoder child per prepare thread, started now: a request's time limit must not pay
+        for a child's start (Python + PyAV imports, seconds on a busy node)."""
         from pipeline.decoder_process import DecoderProcess
 
-        if getattr(self.decoders, "process", None) is None:
-            self.decoders.process = DecoderProcess(self.cfg.decode_timeout_s, "pipeline.serve.media")
-        return self.decoders.process
+        decoders = [DecoderProcess(self.cfg.decode_timeout_s, "pipeline.serve.media") for _ in range(n)]
+        list(self.pool.map(self.warm_up, decoders))
+        available = queue.SimpleQueue()
+        for d in decoders:
+            available.put(d)
+        return available
+
+    def warm_up(self, decoder) -> None:
+        """(Re)start the decoder's child with a 1x1 PNG (after a kill, the next request must not wait for it)."""
+        decoder.timeout_s = 120
+        decoder.decode(uri="warm-up", url="data:image/png;base64," + base64.b64encode(PNG_1X1).decode(),
+                       storage=self.cfg.storage, max_bytes=len(PNG_1X1), declared_type="image", num_frames=1,
+                       max_pixels=1, memory_limit_mb=self.cfg.decoder_memory_mb)
 
     def prepare(self, chat: Chat, deadline: float) -> dict:
         """URL rules, fetch + decode (in the decoder child), chat template + processor (in a worker thread)."""
@@ -239,7 +256,7 @@ class ChatIngress:
                 check_uri(url, self.cfg.allowed_schemes, self.cfg.allowed_prefixes)
             except URLRejected as e:
                 raise APIError(400, f"{label} is not allowed: {e}", "url_not_allowed") from None
-            decoder = self.decoder()
+            decoder = self.decoders.get()  # as many as prepare threads: never waits
             # the child is killed past the request's own time: the work stops with the request
             decoder.timeout_s = max(min(self.cfg.decode_timeout_s, deadline - time.monotonic()), 0.01)
             try:
@@ -247,8 +264,12 @@ class ChatIngress:
                                          declared_type=chat.media_type, num_frames=self.cfg.num_frames,
                                          max_pixels=self.cfg.max_pixels, memory_limit_mb=self.cfg.decoder_memory_mb)
             except MediaError as e:
+                if e.error_type in ("timeout", "decoder_crashed"):  # the child was killed or died
+                    self.warm_up(decoder)
                 status = {"timeout": 504, "media_too_large": 413, "decoder_crashed": 400}.get(e.error_type, 400)
                 raise APIError(status, str(e), e.error_type, "server_error" if status == 504 else "invalid_request_error") from None
+            finally:
+                self.decoders.put(decoder)
             frames.extend(decoded.frames if chat.media_type == "image" else [decoded.frames])
         media = frames if chat.media_type == "image" else np.asarray(frames[0])
         try:
