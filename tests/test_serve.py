@@ -429,6 +429,7 @@ def test_command_line_arguments_become_a_validated_config():
 
 
 def test_token_comes_from_the_environment_when_no_file(monkeypatch):
+    """(With neither, the ingress refuses to start: tests/test_serve_security.py.)"""
     monkeypatch.setenv("PIPELINE_API_TOKEN", "from-env")
     assert load_token(ServeConfig(model="/m")) == "from-env"
     monkeypatch.delenv("PIPELINE_API_TOKEN")
@@ -444,4 +445,5 @@ def test_serve_deploy_config_is_valid():
         assert app["import_path"] == "pipeline.serve:build_app"
         cfg = parse_args(app["args"])
         build_app(app["args"])  # the deployments' options are accepted by Serve
-        assert cfg.device == "cuda" and cfg.max_replicas and cfg.api_token_file is None
+        # fail closed: the token comes from a mounted Secret, never from an open default
+        assert cfg.device == "cuda" and cfg.max_replicas and cfg.api_token_file and not cfg.allow_unauthenticated

@@ -57,49 +57,10 @@ def media_message(url: str, kind: str = "image_url", text: str = "Describe it.")
     return [{"role": "user", "content": [{"type": kind, kind: {"url": url}}, {"type": "text", "text": text}]}]
 
 
-def ingress_process(app: str = "guarded"):
-    """The ingress replica's process: a descendant of this one (the local Ray cluster), titled by Ray."""
-    import psutil
-
-    return next(p for p in psutil.Process().children(recursive=True)
-                if f"ServeReplica:{app}:ChatIngress" in " ".join(p.cmdline()))
-
-
 async def under_attack(server, samples: Path, attacks: list[list[dict]]) -> dict:
-    """The attack requests at once, an innocent photo request 0.5 s later; the ingress process's
-    peak RSS meanwhile, the innocent request's status and latency, the attacks' statuses."""
-    ingress = ingress_process()
-    base, peak, running = ingress.memory_info().rss, [0], True
+    from benchmarks.serve_attacks import under_attack as measure
 
-    def watch():
-        while running:
-            peak[0] = max(peak[0], ingress.memory_info().rss)
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    api = client(server)
-
-    async def status_of(messages) -> tuple[int, float]:
-        started = time.monotonic()
-        try:
-            await api.chat.completions.create(model="tiny-llava", messages=messages)
-            return 200, time.monotonic() - started
-        except openai.APIStatusError as e:
-            return e.status_code, time.monotonic() - started
-
-    try:
-        hostile = [asyncio.ensure_future(status_of(m)) for m in attacks]
-        await asyncio.sleep(0.5)
-        photo = data_url((samples / "photo.jpg").read_bytes(), "image/jpeg")
-        innocent = await status_of(media_message(photo))
-        attacked = await asyncio.gather(*hostile)
-    finally:
-        running = False
-        watcher.join()
-    return {"innocent_status": innocent[0], "innocent_s": round(innocent[1], 2),
-            "attack_statuses": [s for s, _ in attacked], "ingress_rss_mb": round(base / 2**20),
-            "ingress_peak_growth_mb": round((peak[0] - base) / 2**20)}
+    return await measure(server, TOKEN, "guarded", (samples / "photo.jpg").read_bytes(), attacks)
 
 
 # ---- fail closed --------------------------------------------------------------------------------
@@ -163,7 +124,6 @@ def test_index_bomb_mp4_costs_the_ingress_nothing(server, samples, record_proper
     assert result["ingress_peak_growth_mb"] < 300  # it was +4 GB with decoding inside the ingress
 
 
-@pytest.mark.slow
 def test_slow_one_keyframe_videos_do_not_hold_other_requests(server, samples, tmp_path, record_property):
     video = one_keyframe_video(tmp_path / "slow.mp4").read_bytes()
     assert len(video) < 600_000
