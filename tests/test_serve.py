@@ -357,21 +357,14 @@ def test_max_tokens_above_the_cap_is_clamped(server, samples):
 
 def test_serve_path_records_its_metrics(server, samples, ray_local):
     """Requests by status, time to first token, tokens, batch size and queue wait, as Prometheus sees them."""
-    import time
-    import urllib.request
+    from conftest import scrape_until
 
     client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[1]))
-    port = ray_local._private.worker.global_worker.node.metrics_export_port
-    wanted = {"ray_pipeline_serve_requests_total", "ray_pipeline_serve_time_to_first_token_seconds_count",
-              "ray_pipeline_serve_tokens_total", "ray_pipeline_serve_batch_size_count",
-              "ray_pipeline_serve_queue_wait_seconds_count"}
-    deadline, names, text = time.time() + 90, set(), ""
-    while time.time() < deadline and not wanted <= names:  # replicas report every few seconds
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_pipeline_serve_")}
-        time.sleep(3)
-    assert wanted <= names, sorted(names)
-    ok = [line for line in text.splitlines() if line.startswith("ray_pipeline_serve_requests_total")
+    lines = scrape_until(ray_local, {
+        "ray_pipeline_serve_requests_total", "ray_pipeline_serve_time_to_first_token_seconds_count",
+        "ray_pipeline_serve_tokens_total", "ray_pipeline_serve_batch_size_count",
+        "ray_pipeline_serve_queue_wait_seconds_count"})
+    ok = [line for line in lines if line.startswith("ray_pipeline_serve_requests_total")
           and 'status="200"' in line and 'route="/v1/chat/completions"' in line]
     assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
     dashboard = json.loads((REPO / "cluster" / "grafana-dashboard.json").read_text())

@@ -154,7 +154,7 @@ class ChatIngress:
                            "timeout", "server_error")
         # a seed given: reproducible; none: a fresh one (sampling differs per request, as OpenAI's)
         seed = row_seed(req.seed, chat.last_prompt) if req.seed is not None else secrets.randbits(63)
-        response = self.model.options(stream=True).generate.remote(Job(inputs, gen, seed, req.stops()))
+        response = self.model.options(stream=True).generate.remote(Job(inputs, gen, seed, req.stops(), bool(req.stream)))
         events = self.events(response, deadline)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -29,6 +29,7 @@ class Job:
     generation: GenerationConfig
     seed: int
     stop: list[str] = field(default_factory=list)
+    stream: bool = True  # False: the text comes whole in the last event (one message, not one per token)
     enqueued: float = 0.0  # monotonic, set by the replica when the request arrives
 
 
@@ -56,6 +57,8 @@ class RowStream:
             return
         if len(self.tokens) >= self.job.generation.max_new_tokens:
             self._end(text, "length", len(self.tokens))
+            return
+        if not self.job.stream:
             return
         safe = text.rstrip("\ufffd")  # an unfinished UTF-8 character
         safe = safe[: len(safe) - self.hold] if self.hold else safe
