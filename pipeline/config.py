@@ -36,6 +36,8 @@ class StorageConfig(BaseModel):
 
     max_attempts: int = Field(5, ge=1, description="Attempts per S3 request: throttling (503 SlowDown), 5xx and "
                                                  "connection errors are retried with exponential backoff.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Longest wait to connect to a store or an http(s) media host.")
+    read_timeout_s: float = Field(30.0, gt=0, description="Longest wait for the next bytes of a read from a store or an http(s) media host.")
 
     @model_validator(mode="after")
     def _endpoint_from_env(self):
@@ -48,7 +50,8 @@ class StorageConfig(BaseModel):
             return {}
         # botocore's standard mode retries throttling, 5xx and connection errors with backoff
         # (storage.filesystem turns s3fs's own retry loop off: it would multiply the attempts).
-        options = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": self.max_attempts}}}
+        options = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": self.max_attempts},
+                                     "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}}
         if self.endpoint_url:
             options["client_kwargs"] = {"endpoint_url": self.endpoint_url}
         return options

@@ -59,14 +59,15 @@ class Engine:
         self.pad_id = next(i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, min(self.eos_ids)) if i is not None)
 
     def generate(self, inputs: list[dict[str, np.ndarray]], gen: GenerationConfig,
-                 seeds: list[int] | None = None) -> list[Generated]:
-        """Generate for a batch; results are in input order."""
+                 seeds: list[int] | None = None, streamer=None) -> list[Generated]:
+        """Generate for a batch; results are in input order. `streamer` (transformers' BaseStreamer
+        interface) gets the prompt ids, then each step's new token of every row (the online server)."""
         import torch
 
         batch = self.collate(inputs)
         # Vision features once per distinct media (K questions about one item share them).
         batch["mm_encoder_outputs"] = self.vision.encoder_outputs(inputs)
-        kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=False, pad_token_id=self.pad_id)
+        kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=False, pad_token_id=self.pad_id, streamer=streamer)
         if gen.temperature > 0:
             kwargs["logits_processor"] = [PerRowSampler(gen, seeds or [gen.seed] * len(inputs), self.device)]
         with torch.inference_mode():

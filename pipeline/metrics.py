@@ -99,3 +99,53 @@ def rows_written(statuses: list[str], error_types: list[str | None]) -> None:
     """Output rows by status and error_type ("" for ok rows)."""
     for (status, error_type), n in Counter(zip(statuses, error_types)).items():
         rows_counter().inc(n, tags={"status": status, "error_type": error_type or ""})
+
+
+# --- the online server (pipeline/serve) ------------------------------------------------------------
+
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+def serve_requests_counter():
+    return _metric("counter", "pipeline_serve_requests", "Online requests answered, by route, HTTP status and stream.",
+                   ("route", "status", "stream"))
+
+
+def serve_ttft_histogram():
+    return _metric("histogram", "pipeline_serve_time_to_first_token_seconds",
+                   "Online requests: from arrival to the first generated text (streamed or not).",
+                   ("stream",), tuple(SECONDS_BOUNDARIES))
+
+
+def serve_tokens_counter():
+    return _metric("counter", "pipeline_serve_tokens", "Online tokens, by kind (prompt or output).", ("kind",))
+
+
+def serve_batch_histogram():
+    return _metric("histogram", "pipeline_serve_batch_size", "Requests per generate batch of a model replica.",
+                   (), tuple(BATCH_BOUNDARIES))
+
+
+def serve_queue_wait_histogram():
+    return _metric("histogram", "pipeline_serve_queue_wait_seconds",
+                   "Online requests: wait in a model replica until their batch starts.", (), tuple(SECONDS_BOUNDARIES))
+
+
+def serve_request(route: str, status: int, stream: bool) -> None:
+    serve_requests_counter().inc(tags={"route": route, "status": str(status), "stream": str(stream).lower()})
+
+
+def serve_first_token(seconds: float, stream: bool) -> None:
+    serve_ttft_histogram().observe(seconds, tags={"stream": str(stream).lower()})
+
+
+def serve_tokens(prompt_tokens: int, completion_tokens: int) -> None:
+    serve_tokens_counter().inc(prompt_tokens, tags={"kind": "prompt"})
+    if completion_tokens:
+        serve_tokens_counter().inc(completion_tokens, tags={"kind": "output"})
+
+
+def serve_batch(size: int, queue_waits: list[float]) -> None:
+    serve_batch_histogram().observe(size)
+    for wait in queue_waits:
+        serve_queue_wait_histogram().observe(wait)

@@ -28,20 +28,28 @@ class Preprocessor:
             return [{"type": "video"}]
         return [{"type": "image"}] * num_images  # images, or a video's frames as images
 
-    def prompt_text(self, media_type: str, prompt: str, num_images: int = 1) -> str:
-        """The chat template applied to one user turn: the media, then the instruction."""
-        conversation = [{"role": "user", "content": [*self.content(media_type, num_images),
-                                                     {"type": "text", "text": prompt}]}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True)
+    def prompt_text(self, media_type: str, prompt: str, num_images: int = 1,
+                    conversation: list[dict] | None = None) -> str:
+        """The chat template applied to one user turn (the media, then the instruction), or to a whole
+        `conversation` (chat messages whose content parts {"type": "image"} and {"type": "video"}
+        stand where the media go: one per image, one for a video)."""
+        if conversation is None:
+            media = [{"type": "video"}] if media_type == "video" else [{"type": "image"}] * num_images
+            conversation = [{"role": "user", "content": [*media, {"type": "text", "text": prompt}]}]
+        expanded = [{**m, "content": [q for part in m["content"] for q in (
+            self.content(media_type, num_images) if part["type"] == "video" else [part])]} for m in conversation]
+        return self.processor.apply_chat_template(expanded, add_generation_prompt=True)
 
-    def build(self, media_type: str, frames: np.ndarray | Sequence[np.ndarray], prompt: str) -> dict[str, np.ndarray]:
+    def build(self, media_type: str, frames: np.ndarray | Sequence[np.ndarray], prompt: str,
+              conversation: list[dict] | None = None) -> dict[str, np.ndarray]:
         """Model inputs for one (item, prompt), without the batch dimension.
 
         frames: a video's (T, H, W, 3) frames, or the images of a row (one array, or a list of
-        (H, W, 3) arrays of any sizes). Raises UnsupportedMedia when the family cannot take them.
+        (H, W, 3) arrays of any sizes). `conversation` (see prompt_text) replaces the single user
+        turn. Raises UnsupportedMedia when the family cannot take them.
         """
         self.family.check(media_type, len(frames))
-        text = self.prompt_text(media_type, prompt, len(frames))
+        text = self.prompt_text(media_type, prompt, len(frames), conversation)
         # Our arrays are always (H, W, 3): said outright, or an image 1-3 pixels high is guessed channels-first.
         layout = {"input_data_format": "channels_last"}
         if media_type == "video" and self.family.video == "native":

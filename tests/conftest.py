@@ -70,6 +70,22 @@ def ray_local():
     ray.shutdown()
 
 
+def scrape_until(ray, wanted: set[str], timeout_s: float = 90) -> list[str]:
+    """The lines of the local Ray node's Prometheus endpoint once every `wanted` metric name is
+    there (workers report every few seconds); fails the test after timeout_s."""
+    import time
+    import urllib.request
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, names, lines = time.time() + timeout_s, set(), []
+    while time.time() < deadline and not wanted <= names:
+        lines = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode().splitlines()
+        names = {line.split("{")[0] for line in lines if line.startswith("ray_pipeline_")}
+        time.sleep(3)
+    assert wanted <= names, sorted(names)
+    return lines
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-compatible HTTP endpoint (moto's server mode) on a free local port."""

@@ -706,3 +706,26 @@ def test_dashboard_filters_every_panel_by_the_cluster_variable():
             assert s.name in known, s.name
             assert any((m.name, m.value) == ("ray_io_cluster", "$Cluster") and m.op == promql_parser.MatchOp.Re
                        for m in s.matchers.matchers), target["expr"]
+
+
+def test_rayservice_runs_the_serve_yaml_arguments_with_the_gpu_and_a_token_secret():
+    """KubeRay serves what `serve deploy cluster/serve.yaml` serves: the same application arguments
+    (GPU reserved, token from a mounted Secret), and the pods that run replicas mount that Secret."""
+    from pipeline.serve import deployment_options, parse_args
+
+    (_, service), = of_kind("RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    (deployed,) = yaml.safe_load((CLUSTER / "serve.yaml").read_text())["applications"]
+    assert app["args"] == deployed["args"]
+    cfg = parse_args(app["args"])
+    model_options, _ = deployment_options(cfg)
+    assert cfg.device == "cuda" and model_options["ray_actor_options"]["num_gpus"] >= 1
+    assert cfg.api_token_file and not cfg.allow_unauthenticated
+    assert "autoscaling_config" in model_options and not any(u.startswith("data") for u in cfg.allowed_prefixes)
+    token_dir = str(Path(cfg.api_token_file).parent)
+    spec = service["spec"]["rayClusterConfig"]
+    for group in spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert mounts.get(token_dir) in secrets, f"{group['groupName']} does not mount the token Secret at {token_dir}"

@@ -98,27 +98,18 @@ def test_grafana_dashboard_queries_the_recorded_metrics():
                  "ray_pipeline_tokens_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total"):
         assert name in exprs
     made = {m for m in dir(metrics) if m.endswith(("_counter", "_histogram", "_gauge"))}
-    assert len(made) == 7
+    assert len(made) == 12  # 7 of the batch job, 5 of the online server (tests/test_serve.py checks those)
 
 
 def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, samples, tiny_model, tmp_path):
     """A real run on the local Ray node, then Prometheus' view: Ray's metrics export port."""
-    import time
-    import urllib.request
-
+    from conftest import scrape_until
     from test_job import run_job
 
     assert run_job("--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model,
                    "--max-new-tokens", 2, "--num-frames", 2) == 0
-    port = ray_local._private.worker.global_worker.node.metrics_export_port
-    wanted = {"ray_pipeline_rows_total", "ray_pipeline_decode_seconds_count", "ray_pipeline_generate_seconds_count",
-              "ray_pipeline_tokens_total"}
-    deadline, names = time.time() + 90, set()
-    while time.time() < deadline and not wanted <= names:  # workers report every few seconds
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        names = {line.split("{")[0] for line in text.splitlines() if line.startswith("ray_pipeline_")}
-        time.sleep(3)
-    assert wanted <= names, sorted(names)
-    rows = [line for line in text.splitlines() if line.startswith("ray_pipeline_rows_total")
+    lines = scrape_until(ray_local, {"ray_pipeline_rows_total", "ray_pipeline_decode_seconds_count",
+                                     "ray_pipeline_generate_seconds_count", "ray_pipeline_tokens_total"})
+    rows = [line for line in lines if line.startswith("ray_pipeline_rows_total")
             and 'error_type="not_found"' in line]
     assert rows and float(rows[0].rsplit(" ", 1)[1]) >= 1

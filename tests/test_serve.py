@@ -12,9 +12,11 @@ from collections import Counter
 from pathlib import Path
 
 import httpx2  # the openai client's own HTTP library
+import numpy as np
 import openai
 import pytest
 import yaml
+from PIL import Image
 from pydantic import ValidationError
 
 from conftest import REPO, free_port
@@ -54,10 +56,10 @@ def server(ray_local, tiny_model, samples, s3_endpoint, tmp_path_factory):
               "max_new_tokens": str(MAX_NEW_TOKENS), "frontend_num_cpus": "0.5", "model_num_cpus": "0.5"}
     main = build_app({**common, "batch_size": "8", "batch_wait_timeout_s": "0.2", "max_body_bytes": str(2**20),
                       "allowed_prefixes": "s3://media/,https://", "storage.endpoint_url": s3_endpoint,
-                      "api_token_file": str(token_file)})
+                      "api_token_file": str(token_file), "max_images_per_request": "3"})
     # One request at a time, one queue slot, and a batch wait longer than the timeout: overload on demand.
     tight = build_app({**common, "batch_size": "16", "batch_wait_timeout_s": "3", "request_timeout_s": "1",
-                       "max_ongoing_requests": "1", "max_queued_requests": "1"})
+                       "max_ongoing_requests": "1", "max_queued_requests": "1", "allow_unauthenticated": "true"})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run_many([serve.RunTarget(main, name="main", route_prefix="/"),
@@ -177,10 +179,200 @@ def test_urls_into_the_servers_network_are_refused(server, url):
     assert e.value.code == "url_not_allowed"
 
 
-def test_stream_is_refused_clearly(server, samples):
+# ---- the OpenAI protocol as clients use it ---------------------------------------------------------
+
+def image_part(samples: Path, name: str) -> dict:
+    mime = {"jpg": "image/jpeg", "png": "image/png", "gif": "image/gif"}[name.rsplit(".", 1)[1]]
+    return {"type": "image_url", "image_url": {"url": data_url(samples / name, mime)}}
+
+
+def streamed(api, **request) -> tuple[str, list, object]:
+    """(text, content chunks, the usage chunk or None) of a streamed completion."""
+    chunks = list(api.chat.completions.create(model="tiny-llava", stream=True, **request))
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    return "".join(c.choices[0].delta.content for c in content), chunks, chunks[-1].usage
+
+
+def test_stream_sends_chunks_as_sse_and_equals_the_whole_answer(server, samples):
+    api = client(server)
+    request = {"messages": messages(samples, *CASES[0])}
+    whole = api.chat.completions.create(model="tiny-llava", **request)
+    text, chunks, usage = streamed(api, stream_options={"include_usage": True}, **request)
+    assert text == whole.choices[0].message.content
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1  # token by token, not whole
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == []  # the usage chunk
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        whole.usage.prompt_tokens, whole.usage.completion_tokens, whole.usage.total_tokens)
+    # without include_usage no usage chunk; the wire format ends with [DONE]
+    _, plain, last_usage = streamed(api, **request)
+    assert last_usage is None and plain[-1].choices[0].finish_reason
+    with httpx2.stream("POST", f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                       json={"model": "tiny-llava", "stream": True, **request}, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_batched_streams_each_get_their_own_tokens_as_generated(server, samples):
+    api = client(server, cls=openai.AsyncOpenAI)
+
+    async def one(i):
+        request = {"messages": messages(samples, *CASES[i % 3])}  # the three images: different answers
+        arrivals, text = [], ""
+        async for c in await api.chat.completions.create(model="tiny-llava", stream=True, **request):
+            if c.choices and c.choices[0].delta.content:
+                arrivals.append(asyncio.get_running_loop().time())
+                text += c.choices[0].delta.content
+        whole = await api.chat.completions.with_raw_response.create(model="tiny-llava", **request)
+        return i, text, whole.parse().choices[0].message.content, arrivals
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(12)))
+
+    results = asyncio.run(all_of_them())
+    for i, text, whole, arrivals in results:
+        assert text == whole, i
+        assert len(arrivals) > 1 and arrivals[-1] > arrivals[0], i  # pieces came over time, not at once
+    assert len({text for _, text, _, _ in results}) > 1
+
+
+def test_several_images_system_message_and_history(server, samples, tiny_model):
+    from pipeline.preprocess import Preprocessor
+
+    api = client(server)
+    pre = Preprocessor(str(tiny_model))
+    images = [np.asarray(Image.open(samples / n).convert("RGB")) for n in ("photo.jpg", "logo.png")]
+    two = api.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": [
+        image_part(samples, "photo.jpg"), image_part(samples, "logo.png"), {"type": "text", "text": "Compare."}]}])
+    # both images reached the model: the prompt is the batch job's for a `uris` row of the two
+    assert two.usage.prompt_tokens == len(pre.build("image", images, "Compare.")["input_ids"])
+    history = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": [image_part(samples, "photo.jpg"), {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A photo."},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"}, image_part(samples, "logo.png")]},
+    ]
+    reply = api.chat.completions.create(model="tiny-llava", messages=history)
+    # the prompt is the checkpoint's chat template over the whole conversation, media where they were put
+    conversation = [{"role": "system", "content": [{"type": "text", "text": "Answer in one word."}]},
+                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": "A photo."}]},
+                    {"role": "user", "content": [{"type": "text", "text": "And this one?"}, {"type": "image"}]}]
+    text = pre.prompt_text("image", "", 2, conversation)
+    assert "Answer in one word." in text and "A photo." in text
+    assert reply.usage.prompt_tokens == len(pre.build("image", images, "", conversation)["input_ids"])
+    with pytest.raises(openai.BadRequestError) as e:  # above max_images_per_request (3 in the fixture)
+        api.chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": [
+            *[image_part(samples, "logo.png")] * 4, {"type": "text", "text": "Compare."}]}])
+    assert e.value.code == "too_many_images"
     with pytest.raises(openai.BadRequestError) as e:
-        client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[0]), stream=True)
-    assert e.value.code == "stream_unsupported"
+        api.chat.completions.create(model="tiny-llava", messages=[*history[:3]])  # nothing for the model to answer
+    assert e.value.code == "unsupported_messages"
+
+
+def test_llava_1_5_refuses_several_images_clearly(tiny_checkpoint, samples):
+    """The family rule the ingress answers 400 with (UnsupportedMedia), for a LLaVA-1.5 checkpoint."""
+    from pipeline.families import UnsupportedMedia
+    from pipeline.preprocess import Preprocessor
+
+    pre = Preprocessor(str(tiny_checkpoint("llava")))
+    image = np.asarray(Image.open(samples / "photo.jpg").convert("RGB"))
+    with pytest.raises(UnsupportedMedia, match="one image per prompt"):
+        pre.build("image", [image, image], "Compare.", [{"role": "user", "content": [
+            {"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}])
+
+
+def test_stop_strings_cut_the_answer_streamed_or_not(server, samples):
+    api = client(server)
+    request = {"messages": messages(samples, *CASES[0])}
+    full = api.chat.completions.create(model="tiny-llava", **request).choices[0].message.content
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    expected = full[: full.find(stop)]
+    cut = api.chat.completions.create(model="tiny-llava", stop=[stop, "never-generated"], **request)
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens < MAX_NEW_TOKENS
+    text, chunks, _ = streamed(api, stop=stop, **request)
+    assert text == expected and chunks[-1].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="tiny-llava", stop=["a", "b", "c", "d", "e"], **request)
+    assert e.value.param == "stop"
+
+
+@pytest.mark.parametrize("extra", [
+    {"logprobs": True}, {"top_logprobs": 2}, {"response_format": {"type": "json_object"}},
+    {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"presence_penalty": 0.5}, {"n": 2},
+    {"extra_body": {"no_such_field": 1}},
+])
+def test_fields_the_server_does_not_implement_are_refused_by_name(server, samples, extra):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[1]), **extra)
+    name = next(iter(extra.get("extra_body", extra)))
+    assert e.value.code == "unsupported_parameter" and e.value.param == name and name in e.value.message
+
+
+def test_neutral_defaults_are_accepted(server, samples):
+    reply = client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[1]),
+                                                   logprobs=False, presence_penalty=0, n=1, user="someone")
+    assert reply.choices[0].message.content
+
+
+def test_models_retrieve_and_every_error_in_openai_shape(server):
+    api = client(server)
+    assert api.models.retrieve("tiny-llava").id == "tiny-llava"
+    with pytest.raises(openai.NotFoundError) as e:
+        api.models.retrieve("other-model")
+    assert e.value.code == "model_not_found"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for method, path, status in [("GET", "/v1/nowhere", 404), ("DELETE", "/v1/models", 405),
+                                 ("GET", "/v1/chat/completions", 405)]:
+        r = httpx2.request(method, f"{server}{path}", headers=auth)
+        error = r.json()["error"]
+        assert r.status_code == status and set(error) == {"message", "type", "param", "code"}, r.text
+        assert error["code"] == {404: "not_found", 405: "method_not_allowed"}[status]
+
+
+def test_sampling_draws_a_fresh_seed_per_request_unless_one_is_given(server, samples):
+    api = client(server)
+    request = {"messages": messages(samples, *CASES[0]), "temperature": 1.0}
+    unseeded = {api.chat.completions.create(model="tiny-llava", **request).choices[0].message.content
+                for _ in range(4)}
+    assert len(unseeded) > 1
+    seeded = {api.chat.completions.create(model="tiny-llava", seed=7, **request).choices[0].message.content
+              for _ in range(2)}
+    assert len(seeded) == 1
+
+
+def test_max_tokens_above_the_cap_is_clamped(server, samples):
+    reply = client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[0]),
+                                                   max_tokens=4096)
+    assert reply.usage.completion_tokens <= MAX_NEW_TOKENS
+    assert reply.choices[0].finish_reason == ("length" if reply.usage.completion_tokens == MAX_NEW_TOKENS else "stop")
+    small = client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[0]),
+                                                   max_tokens=2)
+    assert small.usage.completion_tokens <= 2
+
+
+def test_serve_path_records_its_metrics(server, samples, ray_local):
+    """Requests by status, time to first token, tokens, batch size and queue wait, as Prometheus sees them."""
+    from conftest import scrape_until
+
+    client(server).chat.completions.create(model="tiny-llava", messages=messages(samples, *CASES[1]))
+    lines = scrape_until(ray_local, {
+        "ray_pipeline_serve_requests_total", "ray_pipeline_serve_time_to_first_token_seconds_count",
+        "ray_pipeline_serve_tokens_total", "ray_pipeline_serve_batch_size_count",
+        "ray_pipeline_serve_queue_wait_seconds_count"})
+    ok = [line for line in lines if line.startswith("ray_pipeline_serve_requests_total")
+          and 'status="200"' in line and 'route="/v1/chat/completions"' in line]
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1
+    dashboard = json.loads((REPO / "cluster" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    for name in ("ray_pipeline_serve_requests_total", "ray_pipeline_serve_time_to_first_token_seconds_bucket",
+                 "ray_pipeline_serve_tokens_total", "ray_pipeline_serve_batch_size_bucket",
+                 "ray_pipeline_serve_queue_wait_seconds_bucket"):
+        assert name in exprs
 
 
 def test_full_queue_answers_429_and_slow_requests_504(server, samples):
@@ -230,6 +422,7 @@ def test_command_line_arguments_become_a_validated_config():
 
 
 def test_token_comes_from_the_environment_when_no_file(monkeypatch):
+    """(With neither, the ingress refuses to start: tests/test_serve_security.py.)"""
     monkeypatch.setenv("PIPELINE_API_TOKEN", "from-env")
     assert load_token(ServeConfig(model="/m")) == "from-env"
     monkeypatch.delenv("PIPELINE_API_TOKEN")
@@ -245,4 +438,5 @@ def test_serve_deploy_config_is_valid():
         assert app["import_path"] == "pipeline.serve:build_app"
         cfg = parse_args(app["args"])
         build_app(app["args"])  # the deployments' options are accepted by Serve
-        assert cfg.device == "cuda" and cfg.max_replicas and cfg.api_token_file is None
+        # fail closed: the token comes from a mounted Secret, never from an open default
+        assert cfg.device == "cuda" and cfg.max_replicas and cfg.api_token_file and not cfg.allow_unauthenticated

@@ -1,0 +1,27 @@
+"""Online captioning and visual QA: an OpenAI-compatible chat endpoint on Ray Serve.
+
+    serve run pipeline.serve:build_app model=DIR [key=value ...]     (keys: ServeConfig's fields)
+    serve deploy cluster/serve.yaml
+
+One module per concern:
+- app: ServeConfig (the settings), the deployments' Serve options, build_app.
+- protocol: the OpenAI chat request and response shapes, what each field means here, errors.
+- ingress: ChatIngress (CPU, FastAPI): auth, limits, media + preprocessing, JSON or SSE answers.
+- model: LlavaModel (GPU when configured): one Engine; concurrent requests share generate calls,
+  each streaming its own tokens.
+- media: fetch + decode of a client's media URL, run in the isolated decoder child process.
+
+Names are imported on first use (PEP 562), so the decoder child (`python -m pipeline.serve.media`)
+does not import Ray Serve or FastAPI.
+"""
+
+_EXPORTS = {"build_app": "app", "ServeConfig": "app", "parse_args": "app", "load_token": "app",
+            "deployment_options": "app"}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

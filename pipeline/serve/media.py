@@ -1,0 +1,82 @@
+"""The server's media: a client's URL fetched and decoded in the isolated decoder child process.
+
+The ingress never parses media itself: each prepare thread owns one DecoderProcess (the batch
+job's child, pipeline.decoder_process) running `python -m pipeline.serve.media`, and waits for it
+at most the request's remaining time; an overrun kills the child, so the work stops with the
+request. Inside the child the address space is capped (`memory_limit_mb`): a file whose index
+declares millions of samples fails there instead of growing the ingress.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+from pipeline.config import StorageConfig
+from pipeline.media import Decoded, MediaError, decode_file
+
+_memory_limit = None  # the child's cap once set (bytes)
+
+
+def limit_memory(limit_mb: int | None) -> None:
+    """Cap this process's address space (Linux RLIMIT_AS); allocations past it fail (MemoryError in
+    Python, ENOMEM in FFmpeg), which the decoder reports as this item's error."""
+    global _memory_limit
+    if not limit_mb or _memory_limit == limit_mb:
+        return
+    import resource
+
+    limit = limit_mb * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    _memory_limit = limit_mb
+
+
+def open_url(url: str, label: str, storage: StorageConfig, max_bytes: int):
+    """A seekable file for an allowed URL: a data: URL decoded in memory; others opened through
+    pipeline.storage (ranged reads; http(s) pinned to the checked address, redirects refused)."""
+    from pipeline.storage import open_binary
+
+    if url.startswith("data:"):
+        header, sep, payload = url.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise MediaError("invalid_data_url", "data: URLs must be base64 (data:TYPE;base64,...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise MediaError("invalid_data_url", f"the data: URL is not valid base64 ({e})") from None
+        return io.BytesIO(data)
+    try:
+        f = open_binary(url, storage)
+    except FileNotFoundError:
+        raise MediaError("not_found", f"{label} does not exist") from None
+    except PermissionError as e:
+        raise MediaError("access_denied", f"{label} may not be read ({e})") from None
+    except OSError as e:
+        raise MediaError("fetch_failed", f"{label} could not be fetched ({type(e).__name__}: {e})") from None
+    if (getattr(f, "size", None) or 0) > max_bytes:
+        f.close()
+        raise MediaError("media_too_large", f"{label} is larger than {max_bytes} bytes")
+    return f
+
+
+def fetch_and_decode(uri: str, url: str, storage: StorageConfig, max_bytes: int, declared_type: str,
+                     num_frames: int, max_pixels: int, memory_limit_mb: int | None = None) -> Decoded:
+    """What the child runs per request (see pipeline.decoder_process.serve). `uri` is the URL's name
+    in messages (never a data: URL itself, which would echo the client's bytes)."""
+    label = uri
+    limit_memory(memory_limit_mb)
+    with open_url(url, label, storage, max_bytes) as f:
+        try:
+            return decode_file(f, label, declared_type, num_frames, max_pixels=max_pixels)
+        except MemoryError:
+            raise MediaError("too_large", f"decoding {label} needs more than the decoder's memory limit "
+                                          f"({memory_limit_mb} MB); its index or frames are too large") from None
+        except OSError as e:
+            raise MediaError("fetch_failed", f"{label} could not be read ({type(e).__name__}: {e})") from None
+
+
+if __name__ == "__main__":
+    from pipeline.decoder_process import serve
+
+    serve(decode=fetch_and_decode)
