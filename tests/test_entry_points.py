@@ -32,3 +32,25 @@ def test_help_exits_0_and_names_the_options(entry):
     assert done.stdout.startswith("usage:"), done.stdout[:500]
     missing = [o for o in ENTRY_POINTS[entry] if o not in done.stdout]
     assert not missing, f"{entry} --help does not name {missing}"
+
+
+def test_the_serve_builders_documented_arguments_are_accepted():
+    """`serve run pipeline.serve:build_app KEY=VALUE ...`: every argument the README names is a
+    ServeConfig field, and the README's example command parses."""
+    import re
+
+    from pipeline.config import GenerationConfig, StorageConfig
+    from pipeline.serve import ServeConfig, parse_args
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Serving"):]
+    section = section[:section.index("\n## ", 1)]
+    fields = set(ServeConfig.model_fields) | set(GenerationConfig.model_fields) | {
+        f"storage.{k}" for k in StorageConfig.model_fields}
+    named = set(re.findall(r"`([a-z_.]+)`", section[section.index("Arguments are"):section.index("Routes:")]))
+    protection = section[section.index("Protection"):]
+    named |= set(re.findall(r"`([a-z_.]+)`", protection[:protection.index("\n\n")])) - {"allow_unauthenticated: true"}
+    assert named and not named - fields, f"README names serve arguments that do not exist: {sorted(named - fields)}"
+    example = re.search(r"serve run pipeline\.serve:build_app (.*?)\n(.*?)\n", section)
+    args = dict(a.split("=", 1) for a in (example.group(1).rstrip(" \\") + " " + example.group(2)).split())
+    assert parse_args(args).model == "DIR_OR_HUB_ID"

@@ -24,6 +24,7 @@ from pipeline.config import GenerationConfig, RunConfig
 from pipeline.manifest import scan_manifest
 from pipeline.serve import ServeConfig, build_app, load_token, parse_args
 from pipeline.stages import Generate, Preprocess, decode_media
+from pipeline.testing.textmatch import difference, references
 from pipeline.urls import URLRejected, check_uri
 
 TOKEN = "test-token-0123456789"
@@ -76,9 +77,15 @@ def batch_texts(tiny_model, samples, tmp_path_factory):
                                 for name, _, prompt in CASES))
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_model), num_frames=NUM_FRAMES,
                     allowed_uri_prefixes=[str(samples)], generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
-    rows = Generate(cfg, device="cpu")(Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))).to_pylist()
+    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    generate = Generate(cfg, device="cpu")
+    rows = generate(requests).to_pylist()
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
-    return {r["id"]: r for r in rows}
+    # token for token, up to ties the reference cannot tell apart (pipeline/testing/textmatch.py)
+    refs = references(generate.engine.model, generate.engine.tokenizer, requests.to_pylist(), MAX_NEW_TOKENS)
+    tokenizer = generate.engine.tokenizer
+    return {r["id"]: dict(r, matches=lambda text, key=(r["id"], r["prompt"]): difference(refs[key], tokenizer, text))
+            for r in rows}
 
 
 def messages(samples: Path, name: str, transport: str, prompt: str) -> list[dict]:
@@ -104,10 +111,12 @@ def test_image_data_url_and_video_s3_url_answer_like_the_batch_job(server, sampl
     for name, transport, prompt in CASES:
         reply = api.chat.completions.create(model="tiny-llava", messages=messages(samples, name, transport, prompt))
         expected = batch_texts[name]
-        assert reply.choices[0].message.content == expected["text"], name
+        assert expected["matches"](expected["text"]) is None, name
+        assert expected["matches"](reply.choices[0].message.content) is None, name
         assert reply.usage.prompt_tokens == expected["prompt_tokens"]
-        assert reply.usage.completion_tokens == expected["output_tokens"]
-        assert reply.usage.total_tokens == expected["prompt_tokens"] + expected["output_tokens"]
+        if reply.choices[0].message.content == expected["text"]:
+            assert reply.usage.completion_tokens == expected["output_tokens"]
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert len({r["text"] for r in batch_texts.values()}) > 1  # the comparison tells inputs apart
 
 
@@ -127,7 +136,7 @@ def test_64_concurrent_requests_are_batched_and_answer_like_the_batch_job(server
     results = asyncio.run(all_of_them())
     assert len(results) == 64
     for name, text, _ in results:
-        assert text == batch_texts[name]["text"], name
+        assert batch_texts[name]["matches"](text) is None, name
     sizes = Counter(size for _, _, size in results)
     record_property("batch_sizes", dict(sizes))
     print(f"requests per observed batch size: {dict(sorted(sizes.items()))}")

@@ -45,7 +45,6 @@ class ServeConfig(ModelSettings):
     allow_unauthenticated: bool = Field(False, description="Serve without a token (any client that reaches the port is served; a warning goes to the replica log). Off: no token means no start.")
     max_images_per_request: int = Field(8, ge=1, description="Most image_url parts in one request (all messages); more get 400.")
     max_prompt_tokens: int = Field(32768, ge=1, description="Longest prompt in tokens, media tokens included; longer gets 400 prompt_too_long.")
-    decoder_memory_mb: int | None = Field(2048, ge=256, description="Address-space limit of each media decoder child process (MB); a file needing more fails alone. None: no limit.")
 
     @field_validator("allowed_schemes", "allowed_prefixes", mode="before")
     @classmethod

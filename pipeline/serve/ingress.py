@@ -227,7 +227,8 @@ class ChatIngress:
         for a child's start (Python + PyAV imports, seconds on a busy node)."""
         from pipeline.decoder_process import DecoderProcess
 
-        decoders = [DecoderProcess(self.cfg.decode_timeout_s, "pipeline.serve.media") for _ in range(n)]
+        decoders = [DecoderProcess(self.cfg.decode_timeout_s, "pipeline.serve.media", int(self.cfg.decoder_memory_gb * 2**30))
+                    for _ in range(n)]
         list(self.pool.map(self.warm_up, decoders))
         available = queue.SimpleQueue()
         for d in decoders:
@@ -239,7 +240,7 @@ class ChatIngress:
         decoder.timeout_s = 120
         decoder.decode(uri="warm-up", url="data:image/png;base64," + base64.b64encode(PNG_1X1).decode(),
                        storage=self.cfg.storage, max_bytes=len(PNG_1X1), declared_type="image", num_frames=1,
-                       max_pixels=1, memory_limit_mb=self.cfg.decoder_memory_mb)
+                       max_pixels=1)
 
     def prepare(self, chat: Chat, deadline: float) -> dict:
         """URL rules, fetch + decode (in the decoder child), chat template + processor (in a worker thread)."""
@@ -262,7 +263,7 @@ class ChatIngress:
             try:
                 decoded = decoder.decode(uri=label, url=url, storage=self.cfg.storage, max_bytes=self.cfg.max_media_bytes,
                                          declared_type=chat.media_type, num_frames=self.cfg.num_frames,
-                                         max_pixels=self.cfg.max_pixels, memory_limit_mb=self.cfg.decoder_memory_mb)
+                                         max_pixels=self.cfg.max_pixels)
             except MediaError as e:
                 if e.error_type in ("timeout", "decoder_crashed"):  # the child was killed or died
                     self.warm_up(decoder)

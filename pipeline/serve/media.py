@@ -3,8 +3,8 @@
 The ingress never parses media itself: each prepare thread owns one DecoderProcess (the batch
 job's child, pipeline.decoder_process) running `python -m pipeline.serve.media`, and waits for it
 at most the request's remaining time; an overrun kills the child, so the work stops with the
-request. Inside the child the address space is capped (`memory_limit_mb`): a file whose index
-declares millions of samples fails there instead of growing the ingress.
+request. The child runs under the decoder's memory limit (`decoder_memory_gb`, as in the batch
+job): a file whose index declares millions of samples fails there instead of growing the ingress.
 """
 
 from __future__ import annotations
@@ -15,22 +15,6 @@ import io
 
 from pipeline.config import StorageConfig
 from pipeline.media import Decoded, MediaError, decode_file
-
-_memory_limit = None  # the child's cap once set (bytes)
-
-
-def limit_memory(limit_mb: int | None) -> None:
-    """Cap this process's address space (Linux RLIMIT_AS); allocations past it fail (MemoryError in
-    Python, ENOMEM in FFmpeg), which the decoder reports as this item's error."""
-    global _memory_limit
-    if not limit_mb or _memory_limit == limit_mb:
-        return
-    import resource
-
-    limit = limit_mb * 2**20
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    _memory_limit = limit_mb
-
 
 def open_url(url: str, label: str, storage: StorageConfig, max_bytes: int):
     """A seekable file for an allowed URL: a data: URL decoded in memory; others opened through
@@ -61,17 +45,14 @@ def open_url(url: str, label: str, storage: StorageConfig, max_bytes: int):
 
 
 def fetch_and_decode(uri: str, url: str, storage: StorageConfig, max_bytes: int, declared_type: str,
-                     num_frames: int, max_pixels: int, memory_limit_mb: int | None = None) -> Decoded:
+                     num_frames: int, max_pixels: int, max_memory_bytes: int | None = None) -> Decoded:
     """What the child runs per request (see pipeline.decoder_process.serve). `uri` is the URL's name
     in messages (never a data: URL itself, which would echo the client's bytes)."""
     label = uri
-    limit_memory(memory_limit_mb)
     with open_url(url, label, storage, max_bytes) as f:
         try:
-            return decode_file(f, label, declared_type, num_frames, max_pixels=max_pixels)
-        except MemoryError:
-            raise MediaError("too_large", f"decoding {label} needs more than the decoder's memory limit "
-                                          f"({memory_limit_mb} MB); its index or frames are too large") from None
+            return decode_file(f, label, declared_type, num_frames, max_pixels=max_pixels,
+                               max_memory_bytes=max_memory_bytes)
         except OSError as e:
             raise MediaError("fetch_failed", f"{label} could not be read ({type(e).__name__}: {e})") from None
 
