@@ -75,6 +75,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--address", help=f["ray_address"].description)
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
     p.add_argument("--retry-errors", action="store_true", help=f["retry_errors"].description)
+    p.add_argument("--lease-ttl-s", type=float, default=f["lease_ttl_s"].default, help=f["lease_ttl_s"].description)
     p.add_argument("--dry-run", action="store_true", help=f["dry_run"].description)
     a = p.parse_args(argv)
     try:
@@ -86,7 +87,7 @@ def parse_args(argv=None) -> RunConfig:
             model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
             trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,
-            decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module,
+            decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module, lease_ttl_s=a.lease_ttl_s,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import sink
+from pipeline import lease, sink
 from pipeline.config import RunConfig
 from pipeline.manifest import prompts_for, scan_manifest
 from pipeline.stages import Generate, Preprocess, decode_media, format_output
@@ -87,6 +87,19 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool):
 
 
 def run(cfg: RunConfig) -> RunSummary:
+    """One run, holding the output's lease (pipeline/lease.py) from before its recovery to the end
+    of its commit: a second run on the same output stops at once, before it changes anything."""
+    problem = sink.output_overlaps_manifest(cfg)
+    if problem:
+        raise RunError(problem)
+    try:
+        with lease.held(cfg.output, cfg.storage, cfg.run_id, cfg.lease_ttl_s) as held:
+            return _run(cfg, held)
+    except (lease.LeaseHeld, lease.LeaseLost) as e:
+        raise RunError(str(e)) from e
+
+
+def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     import ray
 
     started = time.time()
@@ -120,6 +133,7 @@ def run(cfg: RunConfig) -> RunSummary:
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
                          wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows, discarded=discarded)
     replaced = superseded(done, written.ids) if cfg.retry_errors else {}
+    held.check()  # a run that lost its lease (it stalled past the TTL and another took over) commits nothing
     sink.commit(cfg, written, ledger(cfg, summary, scan), replaced)
     return summary
 

@@ -32,7 +32,7 @@ import pyarrow.dataset as pads
 
 from pipeline.config import RunConfig
 from pipeline.schemas import output_arrow_schema
-from pipeline.storage import arrow_filesystem, filesystem, join, protocol_of
+from pipeline.storage import arrow_filesystem, filesystem, is_local, join, protocol_of, put_whole
 
 log = logging.getLogger("pipeline")
 COMPLETE = "_COMPLETE.json"
@@ -125,9 +125,9 @@ def commit(cfg: RunConfig, result: WriteResult, ledger: dict, supersedes: dict |
     # Size and row count of each staged file: a moved copy is checked against them before the
     # staged file is deleted, so a copy cut short never replaces the only good one.
     checks = {n: _size_and_rows(fs, p) for n, p in zip(names, staged_paths)}
-    _put(fs, join(staged_dir, COMPLETE), json.dumps({"staged": names, "checks": checks, "ledger": ledger,
-                                                    "supersedes": supersedes or {}, "config_key": cfg.config_key()},
-                                                   indent=2, default=str))
+    point = {"staged": names, "checks": checks, "ledger": ledger, "supersedes": supersedes or {},
+             "config_key": cfg.config_key()}
+    put_whole(fs, join(staged_dir, COMPLETE), json.dumps(point, indent=2, default=str).encode())
     _finish(cfg, cfg.run_id)
 
 
@@ -153,30 +153,11 @@ def _is_whole(fs, path: str, expected: list[int] | None) -> bool:
     return expected is None or found == list(expected)
 
 
-def _put(fs, path: str, text: str) -> None:
-    """Write a small file in one step: readers see the old content or the new, never a part.
-    One PUT on object stores; locally a temporary `_` name in the same folder, then a rename."""
-    if not _is_local(fs):
-        fs.pipe_file(path, text.encode())
-        return
-    folder, name = path.rsplit("/", 1)
-    tmp = f"{folder}/_{name}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,))
-
-
 def _place(fs, src: str, dest: str, expected: list[int] | None) -> None:
     """Copy a staged file to its final name so that the final name only ever holds a whole file.
     S3 (and other object stores): a server-side copy, atomic. Local and NFS: a copy under a `_`
     temporary name in the output folder, synced and checked, then renamed within that folder."""
-    if not _is_local(fs):
+    if not is_local(fs):
         fs.copy(src, dest)
         return
     folder, name = dest.rsplit("/", 1)
@@ -218,10 +199,10 @@ def _finish(cfg: RunConfig, run_id: str) -> None:
             fs.rm(src)
     for path, ids in complete.get("supersedes", {}).items():
         _drop_error_rows(cfg, fs, path, set(ids), complete["config_key"])
-    body = json.dumps(complete["ledger"], indent=2, default=str)
+    body = json.dumps(complete["ledger"], indent=2, default=str).encode()
     fs.makedirs(join(out, "_runs"), exist_ok=True)
-    _put(fs, join(out, "_runs", f"{run_id}.json"), body)
-    _put(fs, join(out, "_SUCCESS"), body)
+    put_whole(fs, join(out, "_runs", f"{run_id}.json"), body)
+    put_whole(fs, join(out, "_SUCCESS"), body)
     fs.rm(staged_dir, recursive=True)
 
 
@@ -290,3 +271,26 @@ def recover(cfg: RunConfig) -> int:
         fs.rm(path, recursive=True)
     fs.invalidate_cache()
     return discarded
+
+
+def _location(uri: str, cfg: RunConfig) -> str:
+    """A URI as `scheme://path/`, local paths with symlinks resolved, for prefix comparisons."""
+    proto = {"s3a": "s3", "local": "file"}.get(protocol_of(uri), protocol_of(uri))
+    path = filesystem(uri, cfg.storage)[1]
+    if proto == "file":
+        path = os.path.realpath(path)
+    return f"{proto}://{path.rstrip('/')}/"
+
+
+def output_overlaps_manifest(cfg: RunConfig) -> str | None:
+    """Why --output and --manifest may not be used together, or None. An output inside the manifest
+    prefix would be scanned as manifest rows by the next run (its ledgers, its Parquet files);
+    a manifest inside the output would be read as committed rows."""
+    output, manifest = _location(cfg.output, cfg), _location(cfg.manifest, cfg)
+    if output.startswith(manifest):
+        return (f"--output {cfg.output} is inside the manifest prefix {cfg.manifest}: the next run would read "
+                "the output's own files as manifest rows. Write the output outside the manifest prefix.")
+    if manifest.startswith(output):
+        return (f"--manifest {cfg.manifest} is inside --output {cfg.output}: the run would read it as committed "
+                "output. Keep manifests outside the output prefix.")
+    return None
