@@ -80,6 +80,8 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool):
     # One actor per model replica, holding all its devices: Ray places it on one node, and with
     # tp > 1 it starts one rank process per device there (pipeline/tensor_parallel.py).
     model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
+    if cfg.model_resources:
+        model_resources["resources"] = dict(cfg.model_resources)
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
