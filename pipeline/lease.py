@@ -32,11 +32,15 @@ log = logging.getLogger("pipeline")
 FOLDER = "_lease"
 
 
-class LeaseHeld(Exception):
+class LeaseError(Exception):
+    """The run may not write to the output now; the message says why."""
+
+
+class LeaseHeld(LeaseError):
     """Another live run holds the output's lease; the message names it and when it expires."""
 
 
-class LeaseLost(Exception):
+class LeaseLost(LeaseError):
     """This run's lease expired or was taken over: it must not commit."""
 
 
@@ -84,7 +88,14 @@ class Lease:
             return None
 
     def acquire(self) -> None:
-        """Take the lease, or raise LeaseHeld naming the live holder."""
+        """Take the lease, or raise LeaseHeld naming the live holder (LeaseError if the store refuses)."""
+        try:
+            self._acquire()
+        except OSError as e:
+            raise LeaseError(f"cannot take the lease on {self.output} ({type(e).__name__}: {e}): check the output "
+                             "path, the credentials and write access") from e
+
+    def _acquire(self) -> None:
         fs, folder = self._fs
         fs.makedirs(folder, exist_ok=True)
         for _ in range(5):  # the holder may release or a contender win between list and create
