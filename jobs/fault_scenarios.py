@@ -113,10 +113,13 @@ class RayHead:
         """The process sessions of this cluster's nodes (each node runs in its own)."""
         return {p.pid for p in [self.proc, *(n.proc for n in self.nodes)] if p is not None}
 
-    def alive_nodes(self) -> int:
-        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); print(sum(n['Alive'] for n in ray.nodes()))"],
+    def alive_ports(self) -> set[int]:
+        """The node-manager ports of the cluster's live nodes (a killed node stays listed as alive
+        until the head misses its heartbeats, so nodes are told apart by port, not counted)."""
+        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); "
+                                "print(*[n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])"],
                                env=self.env, capture_output=True, text=True)
-        return int(probe.stdout.split()[-1]) if probe.returncode == 0 and probe.stdout.split() else 0
+        return {int(p) for p in probe.stdout.split()[-8:] if p.isdigit()} if probe.returncode == 0 else set()
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -138,17 +141,17 @@ class WorkerNode:
         self.head, self.num_cpus, self.resources, self.proc = head, num_cpus, resources or {}, None
 
     def start(self) -> "WorkerNode":
-        before = self.head.alive_nodes()
+        port = free_port()
         self.proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", f"--address={self.head.env['RAY_ADDRESS']}",
              f"--num-cpus={self.num_cpus}", f"--resources={json.dumps(self.resources)}", "--disable-usage-stats",
-             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+             f"--node-manager-port={port}", f"--object-manager-port={free_port()}",
              f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
              f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
             env=self.head.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.head.nodes.append(self)
         deadline = time.time() + 180
-        while self.head.alive_nodes() <= before:
+        while port not in self.head.alive_ports():
             if time.time() > deadline:
                 raise RuntimeError("a worker node did not join in 180 s")
             time.sleep(1)

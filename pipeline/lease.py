@@ -104,6 +104,8 @@ class Lease:
             holder = self._read(top) if top is not None else None
             if top is not None and holder is None:
                 continue  # released meanwhile
+            if holder and holder["token"] == self.token:
+                break  # ours: a create retried after its response was lost found its own file
             if holder and holder["expires"] > time.time():
                 raise LeaseHeld(
                     f"output {self.output} is being written by run {holder['run_id']} on host {holder['host']} "
@@ -118,13 +120,14 @@ class Lease:
             if holder:
                 log.info("took over the expired lease of run %s (host %s) on %s", holder["run_id"],
                          holder["host"], self.output)
-            for old in generations:  # expired generations: nobody holds them
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm(self._path(old))
-            log.info("holding the lease on %s until %s (renewed every %.0f s)", self.output, _when(self.expires),
-                     self.ttl_s / 3)
-            return
-        raise LeaseHeld(f"could not take the lease on {self.output}: other runs keep taking it; retry later")
+            break
+        else:
+            raise LeaseHeld(f"could not take the lease on {self.output}: other runs keep taking it; retry later")
+        for old in (g for g in generations if g < self.generation):  # expired generations: nobody holds them
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(self._path(old))
+        log.info("holding the lease on %s until %s (renewed every %.0f s)", self.output, _when(self.expires),
+                 self.ttl_s / 3)
 
     def check(self) -> None:
         """Raise LeaseLost unless this run still holds the lease (before anything irreversible)."""
