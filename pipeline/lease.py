@@ -8,7 +8,9 @@ the file is written under a temporary name, then hard-linked to its final name, 
 that name exists), so of two runs that try at once exactly one wins. Generation 0 is taken when
 there is none; generation N+1 only when N has expired (its holder died: it stopped renewing).
 The holder renews its file every ttl/3 and checks, before it commits, that it still holds the
-lease; it deletes its file at the end. Expiry times come from the holder's clock: the hosts that
+lease (one that expired unrenewed, say while its driver was starved of CPU, is taken again by the
+same exclusive create of the next generation, unless another run took it first); it deletes its
+file at the end. Expiry times come from the holder's clock: the hosts that
 run jobs on one output need clocks that agree to well within the TTL (NTP does).
 """
 
@@ -136,8 +138,21 @@ class Lease:
         if not mine or mine["token"] != self.token or newer:
             raise LeaseLost(f"run {self.run_id} lost its lease on {self.output} to another run")
         if time.time() >= self.expires:
-            raise LeaseLost(f"run {self.run_id}'s lease on {self.output} expired at {_when(self.expires)} "
-                            "without being renewed (the storage may have been unreachable)")
+            self._retake()
+
+    def _retake(self) -> None:
+        """Expired without renewal (a stalled driver, an unreachable store): take the next generation
+        exclusively, as any other run would. If another run took it first, the lease is lost."""
+        fs, _ = self._fs
+        expired, self.generation = self.generation, self.generation + 1
+        try:
+            create_whole(fs, self._path(self.generation), self._body())
+        except FileExistsError:
+            raise LeaseLost(f"run {self.run_id}'s lease on {self.output} expired without being renewed and "
+                            "another run took it over") from None
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(self._path(expired))
+        log.warning("the lease on %s expired without being renewed; no other run took it: taken again", self.output)
 
     def renew(self) -> None:
         self.check()

@@ -118,3 +118,13 @@ def test_the_lease_file_says_who_holds_it(tmp_path):
     with lease.held(str(tmp_path / "out"), StorageConfig(), "named-run", ttl_s=30) as held:
         body = json.loads((tmp_path / "out" / "_lease" / f"{held.generation:08d}.json").read_text())
     assert body["run_id"] == "named-run" and body["host"] == socket.gethostname() and body["expires"] > time.time()
+
+
+def test_a_lease_that_expired_unrenewed_is_taken_again_only_if_no_other_run_took_it(output):
+    out, storage = output
+    stalled = lease.Lease(out, storage, "stalled-run", ttl_s=2)
+    stalled.acquire()
+    time.sleep(2.2)  # its renewals did not run (a driver starved of CPU)
+    stalled.check()  # nobody took it over: taken again, the run may commit
+    with pytest.raises(lease.LeaseHeld, match="stalled-run"):
+        lease.Lease(out, storage, "other", ttl_s=2).acquire()
