@@ -84,6 +84,10 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--address", help=doc(f["ray_address"]))
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
     p.add_argument("--retry-errors", action="store_true", help=doc(f["retry_errors"]))
+    p.add_argument("--model-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help=doc(f["model_resources"]) + " Repeat for several.")
+    p.add_argument("--trace-dir", help=doc(f["trace_dir"]))
+    p.add_argument("--lease-ttl-s", type=float, default=f["lease_ttl_s"].default, help=doc(f["lease_ttl_s"]))
     p.add_argument("--dry-run", action="store_true", help=doc(f["dry_run"]))
     a = p.parse_args(argv)
     try:
@@ -97,7 +101,8 @@ def parse_args(argv=None) -> RunConfig:
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
             trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module, max_pixels=a.max_pixels,
-            decoder_memory_gb=a.decoder_memory_gb,
+            decoder_memory_gb=a.decoder_memory_gb, lease_ttl_s=a.lease_ttl_s,
+            model_resources=dict(_resource(r, p) for r in a.model_resource), trace_dir=a.trace_dir,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),
@@ -105,6 +110,14 @@ def parse_args(argv=None) -> RunConfig:
         )
     except ValidationError as e:
         p.error(str(e))
+
+
+def _resource(text: str, p: argparse.ArgumentParser) -> tuple[str, float]:
+    name, _, amount = text.partition("=")
+    try:
+        return name, float(amount)
+    except ValueError:
+        p.error(f"--model-resource {text!r}: expected NAME=AMOUNT, e.g. llava_node=1")
 
 
 def main(argv=None) -> int:

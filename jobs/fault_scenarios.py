@@ -11,8 +11,17 @@ run completes, and checks the committed output against the manifest:
     rows expected   (id, prompt) pairs the manifest asks for
     rows lost       expected pairs missing from the output
     duplicates      output rows beyond one per (id, prompt)
-    recomputed      rows staged by killed runs (thrown away by the rerun, computed again) / rows expected
+    recomputed      rows generated more than once (the model actors' traces, or rows staged by killed runs,
+                    thrown away and computed again, whichever is more) / rows expected
     parent crashes  driver runs that failed by themselves, and workers Ray reports dead that the scenario did not kill
+    refused         runs that found the output's lease held by another live run and stopped at once
+    by itself       whether the run that met the fault completed without a rerun
+                    (Ray Data retrying the lost work), or needed the rerun
+
+Node-loss scenarios run on their own local multi-node cluster: a head with no CPUs and worker nodes
+started with `ray start --address` as separate process groups, each with its own CPUs; the model
+actor asks for a custom resource (`--model-resource model_node=1`) that only some nodes have. A lost
+node is SIGKILLed as a whole (raylet and workers) and a replacement joins, as a cloud autoscaler's would.
 
 Exit code 0 when no scenario lost or duplicated a row and nothing crashed unexpectedly.
 """
@@ -40,6 +49,8 @@ BIN = Path(sys.executable).parent
 MEDIA = ["street.mp4", "beach.webm", "photo.jpg", "logo.png", "palette.gif", "long_gop.mp4"]
 ACTORS = ("Preprocess", "Generate")  # the job's actor classes (Ray titles them ray::MapWorker(...))
 WORKER_DIED = b"A worker died or was killed while executing a task"  # the raylet's message in the driver log
+REFUSED = b"is being written by run"  # the job's message when another live run holds the output's lease
+LEASE_TTL_S = 6  # short, so a rerun after a killed driver waits little for its lease to expire
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -60,6 +71,8 @@ class Result:
     parent_crashes: int
     driver_runs: int
     wall_s: float
+    refused_runs: int = 0
+    finished_by_itself: bool | None = None  # None: no fault met a running driver
 
     @property
     def passed(self) -> bool:
@@ -72,6 +85,7 @@ class RayHead:
     def __init__(self, num_cpus: int = 4):
         self.num_cpus = num_cpus
         self.proc = None
+        self.nodes: list[WorkerNode] = []
         self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token",
                         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", HF_HUB_OFFLINE="1",
                         RAY_DATA_DISABLE_PROGRESS_BARS="1", **S3_CREDENTIALS)  # workers take the head's env
@@ -95,13 +109,61 @@ class RayHead:
             time.sleep(1)
         raise RuntimeError("the Ray head did not start in 180 s")
 
+    def sessions(self) -> set[int]:
+        """The process sessions of this cluster's nodes (each node runs in its own)."""
+        return {p.pid for p in [self.proc, *(n.proc for n in self.nodes)] if p is not None}
+
+    def alive_ports(self) -> set[int]:
+        """The node-manager ports of the cluster's live nodes (a killed node stays listed as alive
+        until the head misses its heartbeats, so nodes are told apart by port, not counted)."""
+        probe = subprocess.run([sys.executable, "-c", "import ray; ray.init(); "
+                                "print(*[n['NodeManagerPort'] for n in ray.nodes() if n['Alive']])"],
+                               env=self.env, capture_output=True, text=True)
+        return {int(p) for p in probe.stdout.split()[-8:] if p.isdigit()} if probe.returncode == 0 else set()
+
     def stop(self) -> None:
+        for node in self.nodes:
+            node.kill()
+        self.nodes = []
         if self.proc is not None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the whole head at once, as a lost node would
             self.proc.wait()
             self.proc = None
             subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class WorkerNode:
+    """`ray start --address HEAD --block` in its own session: a worker node with its own CPUs and
+    custom resources, on its own ports."""
+
+    def __init__(self, head: RayHead, num_cpus: int, resources: dict | None = None):
+        self.head, self.num_cpus, self.resources, self.proc = head, num_cpus, resources or {}, None
+
+    def start(self) -> "WorkerNode":
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", f"--address={self.head.env['RAY_ADDRESS']}",
+             f"--num-cpus={self.num_cpus}", f"--resources={json.dumps(self.resources)}", "--disable-usage-stats",
+             f"--node-manager-port={port}", f"--object-manager-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+            env=self.head.env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.head.nodes.append(self)
+        deadline = time.time() + 180
+        while port not in self.head.alive_ports():
+            if time.time() > deadline:
+                raise RuntimeError("a worker node did not join in 180 s")
+            time.sleep(1)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole node at once: its raylet, object store and workers (a lost spot node)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
 
 
 class Workspace:
@@ -119,16 +181,22 @@ class Workspace:
         rows = [{"id": f"item-{i:03d}", "uri": MEDIA[i % len(MEDIA)]} for i in range(items)]
         self.manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
         self.expected = {r["id"] for r in rows}  # one caption row per item
+        self.trace = root / "trace"  # one line per generate call, from every model actor of every run
+        self.trace.mkdir(parents=True, exist_ok=True)
 
     def command(self, output: str, *extra: str) -> list[str]:
         return [sys.executable, str(REPO / "jobs" / "caption_videos.py"), "--manifest", str(self.manifest),
                 "--output", output, "--model", str(self.model), "--num-frames", "2", "--max-new-tokens", "4",
-                "--batch-size", "2", *extra]
+                "--batch-size", "2", "--lease-ttl-s", str(LEASE_TTL_S), "--trace-dir", str(self.trace), *extra]
+
+    def generated_rows(self) -> int:
+        return sum(json.loads(line)["rows"] for f in self.trace.glob("*.jsonl") for line in f.read_text().splitlines())
 
 
-def actor_pids(head: "RayHead") -> dict[int, str]:
-    """The job's live actor processes on this head (pid -> class), found by the titles Ray gives them.
-    Only processes in the head's session count: other Ray instances may run on the machine."""
+def actor_pids(head: "RayHead", node: "WorkerNode | None" = None) -> dict[int, str]:
+    """The job's live actor processes on this cluster, or on one node of it (pid -> class), found by
+    the titles Ray gives them. Only processes in the cluster's sessions count: other Ray instances
+    may run on the machine."""
     import psutil
 
     found = {}
@@ -136,7 +204,7 @@ def actor_pids(head: "RayHead") -> dict[int, str]:
         title = " ".join(p.info["cmdline"] or [])
         if title.startswith("ray::MapWorker(") and any(a in title for a in ACTORS):
             try:
-                if os.getsid(p.info["pid"]) == head.proc.pid:
+                if os.getsid(p.info["pid"]) in ({node.proc.pid} if node else head.sessions()):
                     found[p.info["pid"]] = next(a for a in ACTORS if a in title)
             except (ProcessLookupError, AttributeError):
                 pass
@@ -155,6 +223,8 @@ class Run:
         self.worker_deaths = 0  # workers Ray saw die in runs that were not killed
         self.discarded = 0  # rows staged by killed runs
         self.killed_actors = 0
+        self.refused = 0  # runs that found the lease held and stopped at once
+        self.by_itself: bool | None = None
 
     def drive(self, cmd: list[str] | None = None, env: dict | None = None, kill_when=None, on_tick=None,
               timeout_s: float = 600) -> int | None:
@@ -179,17 +249,22 @@ class Run:
         code = proc.returncode if code == "running" else None
         if code is None:  # what the killed run staged is thrown away by the next run and computed again
             self.discarded += staged_rows(Path(self.output, "_staging"))
+            time.sleep(LEASE_TTL_S + 1)  # its lease stays until it expires: the rerun would be refused
         else:  # Ray reports each worker that died under a task in the driver's log
             with open(self.log, "rb") as log:
                 log.seek(log_start)
-                self.worker_deaths += log.read().count(WORKER_DIED)
+                text = log.read()
+            self.worker_deaths += text.count(WORKER_DIED)
+            if code != 0 and REFUSED in text:
+                self.refused += 1
+                code = "refused"
         self.exits.append(code)
         return code
 
     def until_completed(self, cmd: list[str] | None = None) -> None:
         """Rerun the same command until a run exits 0 (at most 4 more runs)."""
         for _ in range(4):
-            if self.exits and self.exits[-1] == 0:
+            if 0 in self.exits:
                 return
             self.drive(cmd)
 
@@ -200,11 +275,15 @@ class Run:
         keys = [(r["id"], r["prompt"]) for r in table]
         lost = len(self.ws.expected - {i for i, _ in keys})
         # a driver that exited non-zero by itself, or an actor that died without our kill
-        crashes = sum(1 for c in self.exits if c not in (0, None)) + max(0, self.worker_deaths - self.killed_actors)
+        crashes = sum(1 for c in self.exits if c not in (0, None, "refused")) \
+            + max(0, self.worker_deaths - self.killed_actors)
         n = len(self.ws.expected)
         injected = sum(1 for c in self.exits if c is None) + self.killed_actors
-        return Result(self.name, injected, n, lost, len(keys) - len(set(keys)), round(self.discarded / n, 3), crashes,
-                      len(self.exits), round(time.time() - started, 1))
+        ok = sum(1 for r in pads.dataset(self.output, format="parquet").to_table(columns=["status"]).to_pylist()
+                 if r["status"] == "ok")
+        recomputed = max(self.discarded, self.ws.generated_rows() - ok)
+        return Result(self.name, injected, n, lost, len(keys) - len(set(keys)), round(recomputed / n, 3), crashes,
+                      len(self.exits), round(time.time() - started, 1), self.refused, self.by_itself)
 
 
 def staged_rows(staging: Path) -> int:
@@ -374,8 +453,86 @@ def s3_faults(run: Run):
         run.until_completed(cmd)
 
 
+def overlapping_runs(run: Run):
+    """Two drivers started at once on one output, and a third once the first one's actors are up
+    (a manual rerun during the nightly job): one completes, the others stop at once."""
+    cmd, procs = run.ws.command(run.output), []
+
+    def start(tag: str):
+        log = open(run.log.with_name(f"driver-{tag}.log"), "wb")
+        procs.append((subprocess.Popen(cmd, env=run.head.env, cwd=REPO, start_new_session=True, stdout=log,
+                                       stderr=subprocess.STDOUT), log))
+
+    start("a")
+    start("b")
+    deadline = time.time() + 300
+    while not actor_pids(run.head) and time.time() < deadline and any(p.poll() is None for p, _ in procs):
+        time.sleep(0.2)
+    start("c")  # mid-run
+    for proc, log in procs:
+        code = proc.wait(timeout=600)
+        log.close()
+        refused = code != 0 and REFUSED in Path(log.name).read_bytes()
+        run.refused += refused
+        run.exits.append("refused" if refused else code)
+
+
+@contextlib.contextmanager
+def multi_node_cluster(run: Run, model_cpus: int = 1, cpu_cpus: int = 3):
+    """A head with no CPUs, a model node (its CPUs and the `model_node` resource the model actor asks
+    for) and a CPU node, each its own `ray start` process group. The run drives on this cluster."""
+    head = RayHead(num_cpus=0)
+    saved = run.head
+    try:
+        head.start()
+        model = WorkerNode(head, model_cpus, {"model_node": 1}).start()
+        cpu = WorkerNode(head, cpu_cpus).start()
+        run.head = head
+        yield head, model, cpu
+    finally:
+        run.head = saved
+        head.stop()
+
+
+def node_lost(which: str):
+    """SIGKILL a whole worker node mid-run, once the model has answered a batch: the node holding the
+    model actor (`model`), or the one holding only CPU stages (`cpu`); a replacement node with the
+    same resources joins 2 s later. Rerun if the run that lost the node did not complete by itself."""
+
+    def inject(run: Run):
+        with multi_node_cluster(run) as (head, model_node, cpu_node):
+            cmd = run.ws.command(run.output, "--model-resource", "model_node=1")
+            victim, state = (model_node if which == "model" else cpu_node), {}
+
+            def on_tick(run: Run, elapsed: float):
+                if "killed" not in state:
+                    on_victim = actor_pids(head, victim)
+                    wanted = "Generate" in on_victim.values() if which == "model" else bool(on_victim)
+                    if wanted and run.ws.generated_rows() >= 2:
+                        run.killed_actors += len(on_victim)
+                        victim.kill()
+                        head.nodes.remove(victim)
+                        state["killed"] = time.time()
+                elif "replaced" not in state and time.time() - state["killed"] > 2:
+                    state["replaced"] = True
+                    WorkerNode(head, victim.num_cpus, victim.resources).start()
+
+            code = run.drive(cmd, on_tick=on_tick, timeout_s=420)
+            if "killed" not in state:
+                print(f"  node_lost_{which}: the run ended before the node was killed")
+            else:
+                run.by_itself = code == 0
+                if code != 0 and run.exits[-1] is not None:
+                    run.exits[-1] = None  # its failure was the injected fault
+            run.until_completed(cmd)
+
+    return inject
+
+
 S3_SCENARIOS = ("driver_sigkill_in_commit", "s3_faults")
-SCENARIOS = ["driver_sigkill", "driver_sigkill_in_commit", "actor_sigkill", "head_restart", "bad_media", "s3_faults"]
+NODE_SCENARIOS = ("node_lost_model", "node_lost_cpu")
+SCENARIOS = ["driver_sigkill", "driver_sigkill_in_commit", "actor_sigkill", "head_restart", "bad_media", "s3_faults",
+             "overlapping_runs", *NODE_SCENARIOS]
 
 
 def main(argv=None) -> int:
@@ -388,7 +545,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     faults = {"driver_sigkill": driver_sigkill(a.kills, a.seed), "driver_sigkill_in_commit": driver_sigkill_in_commit,
               "actor_sigkill": actor_sigkill, "head_restart": head_restart, "bad_media": bad_media,
-              "s3_faults": s3_faults}
+              "s3_faults": s3_faults, "overlapping_runs": overlapping_runs,
+              "node_lost_model": node_lost("model"), "node_lost_cpu": node_lost("cpu")}
     work = Path(tempfile.mkdtemp(prefix="fault-scenarios-"))
     head = RayHead()
     results = []
@@ -399,17 +557,18 @@ def main(argv=None) -> int:
             started = time.time()
             run = Run(name, Workspace(work / f"{name}-data", a.items), head, work)
             faults[name](run)
-            if name not in S3_SCENARIOS:  # those rerun inside, while their store is up
+            if name not in S3_SCENARIOS + NODE_SCENARIOS:  # those rerun inside, while their store or cluster is up
                 run.until_completed()
             results.append(run.result(started))
     finally:
         head.stop()
     header = f"{'scenario':<26}{'faults':>7}{'rows expected':>14}{'rows lost':>10}{'duplicates':>11}{'recomputed':>11}" \
-             f"{'parent crashes':>15}{'driver runs':>12}{'wall s':>8}"
+             f"{'parent crashes':>15}{'driver runs':>12}{'refused':>8}{'by itself':>10}{'wall s':>8}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
+        by_itself = {True: "yes", False: "rerun", None: "-"}[r.finished_by_itself]
         print(f"{r.scenario:<26}{r.faults_injected:>7}{r.rows_expected:>14}{r.rows_lost:>10}{r.duplicates:>11}{r.recomputed_fraction:>11.3f}"
-              f"{r.parent_crashes:>15}{r.driver_runs:>12}{r.wall_s:>8.1f}")
+              f"{r.parent_crashes:>15}{r.driver_runs:>12}{r.refused_runs:>8}{by_itself:>10}{r.wall_s:>8.1f}")
     print(f"\nlogs: {work}")
     if a.json:
         Path(a.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

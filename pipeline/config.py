@@ -116,6 +116,8 @@ class RunConfig(ModelSettings):
     resize_in_decoder: bool = Field(True, description="Resize video frames to the video processor's size inside the decoder process, with the processor's own resize (bit-identical model inputs): only small frames travel to the preprocess stage.")
     model_cpu_threads: int = Field(0, ge=0, description="Torch threads of each model actor when the model runs on the CPU; 0: as Ray sets them (one per CPU the actor holds). More threads help on an otherwise idle CPU node (+58 % measured) and hurt badly when its cores are oversubscribed.")
     ray_address: str | None = Field(None, description="Ray cluster to join (e.g. ray://head:10001 or head:6379). Default: RAY_ADDRESS (set by `ray job submit`), else a new local cluster; a cluster merely running on this machine is never joined.")
+    model_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes started with `ray start --resources` naming them.")
+    lease_ttl_s: float = Field(60.0, ge=2, description="Lifetime of the output's lease (pipeline/lease.py), renewed every third of it while the run runs: a run whose driver died blocks other runs on its output for at most this long.")
     trace_dir: str | None = Field(None, description="Local folder where each model actor appends one JSON line per generate call (start, end, rows); for benchmarks and profiling.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],

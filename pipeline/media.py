@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.config import StorageConfig
-from pipeline.storage import open_binary
+from pipeline.storage import open_binary, protocol_of
 
 
 class MediaError(Exception):
@@ -64,13 +64,23 @@ DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the he
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
                      start_s: float | None = None, end_s: float | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
-                     max_memory_bytes: int | None = None, at_s: list[float] | None = None) -> Decoded:
+                     max_memory_bytes: int | None = None, at_s: list[float] | None = None,
+                     allowed_prefixes: list[str] | None = None) -> Decoded:
     """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
     `at_s`: instead of sampling, the frames shown at these times (a run's frame_timestamps_s).
     `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder.
-    `max_memory_bytes`: the decoder process's memory limit; media that declare more are refused first."""
+    `max_memory_bytes`: the decoder process's memory limit; media that declare more are refused first.
+    `allowed_prefixes`: a local file is checked again once open (the driver checked its name)."""
+    from pipeline.urls import URLRejected, open_local_checked
+
     try:
-        f = _WatchedFile(open_binary(uri, storage))
+        if allowed_prefixes is not None and protocol_of(uri) == "file":
+            f = _WatchedFile(open_local_checked(uri.removeprefix("file://"), allowed_prefixes))
+        else:
+            f = _WatchedFile(open_binary(uri, storage))
+    except URLRejected as e:
+        raise MediaError("uri_not_allowed", f"{uri} is not allowed once opened: {e}; if this source is trusted, "
+                                            "pass --allow-uri-prefix with its folder") from e
     except FileNotFoundError as e:
         raise MediaError("not_found", f"{uri} does not exist; fix the uri or upload the file") from e
     except PermissionError as e:

@@ -61,7 +61,11 @@ def check_model(cfg: RunConfig) -> str:
 
 def preflight(cfg: RunConfig) -> PreflightReport:
     from pipeline.manifest import ManifestError, scan_manifest
+    from pipeline.sink import output_overlaps_manifest
 
+    problem = output_overlaps_manifest(cfg)
+    if problem:
+        raise PreflightError(problem)
     try:
         scan = scan_manifest(cfg)
     except ManifestError as e:

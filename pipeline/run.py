@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import sink
+from pipeline import lease, sink
 from pipeline.config import RunConfig
 from pipeline.manifest import prompts_for, scan_manifest
 from pipeline.stages import Generate, Preprocess, decode_media, format_output, video_resize
@@ -84,6 +84,8 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool, resize: dict | None = 
     model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
     if cfg.accelerator_type:  # only nodes of that type: 7B actors stay off (and do not scale up) 8-GPU nodes
         model_resources["accelerator_type"] = cfg.accelerator_type
+    if cfg.model_resources:
+        model_resources["resources"] = dict(cfg.model_resources)
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
                         batch_format="pyarrow", batch_size=cfg.batch_size,
                         compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
@@ -91,6 +93,19 @@ def build_dataset(cfg: RunConfig, records, use_gpu: bool, resize: dict | None = 
 
 
 def run(cfg: RunConfig) -> RunSummary:
+    """One run, holding the output's lease (pipeline/lease.py) from before its recovery to the end
+    of its commit: a second run on the same output stops at once, before it changes anything."""
+    problem = sink.output_overlaps_manifest(cfg)
+    if problem:
+        raise RunError(problem)
+    try:
+        with lease.held(cfg.output, cfg.storage, cfg.run_id, cfg.lease_ttl_s) as held:
+            return _run(cfg, held)
+    except (lease.LeaseError, sink.CommitError) as e:
+        raise RunError(str(e)) from e
+
+
+def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     import ray
 
     started = time.time()
@@ -124,6 +139,7 @@ def run(cfg: RunConfig) -> RunSummary:
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
                          wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows, discarded=discarded)
     replaced = superseded(done, written.ids) if cfg.retry_errors else {}
+    held.check()  # a run that lost its lease (it stalled past the TTL and another took over) commits nothing
     sink.commit(cfg, written, ledger(cfg, summary, scan), replaced)
     return summary
 

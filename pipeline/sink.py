@@ -6,18 +6,24 @@
     OUTPUT/_staging/RUN_ID/          a run in flight (readers skip names starting with `_`)
 
 A run streams its rows into its staging folder. When every manifest row has output there, the
-driver writes `_staging/RUN_ID/_COMPLETE.json` (one atomic PUT: the commit point), then moves each
-file into place (a copy then a delete on S3) and writes the ledger. A run that finds a completed
-staging folder finishes that commit first (a crash between copy and delete is finished, not redone);
-a staging folder without `_COMPLETE.json` belongs to a run that died and is removed. Items already
-committed are skipped, so a rerun adds only what is missing, and nothing is ever deleted from
-the committed output. One run at a time may write to an output.
+driver writes `_staging/RUN_ID/_COMPLETE.json` (the commit point, written in one step: one PUT, or
+locally a rename), then moves each file into place and writes the ledger. A move never leaves a
+part of a file under a final name: on S3 a server-side copy (atomic), locally a copy under a `_`
+temporary name in the output folder, synced, then renamed. The staged file is deleted only after
+its copy is checked against the size and row count recorded in the commit point. A run that finds
+a completed staging folder finishes that commit first (a crash mid-move is finished, not redone);
+a staging folder without a whole `_COMPLETE.json` belongs to a run that died and is removed. Items
+already committed are skipped, so a rerun adds only what is missing, and nothing is ever deleted
+from the committed output. One run at a time writes to an output: it holds the output's lease
+(pipeline/lease.py) from before its recovery to the end of its commit.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,7 +32,7 @@ import pyarrow.dataset as pads
 
 from pipeline.config import RunConfig
 from pipeline.schemas import output_arrow_schema
-from pipeline.storage import arrow_filesystem, filesystem, join, protocol_of
+from pipeline.storage import arrow_filesystem, filesystem, is_local, join, protocol_of, put_whole
 
 log = logging.getLogger("pipeline")
 COMPLETE = "_COMPLETE.json"
@@ -110,38 +116,93 @@ def commit(cfg: RunConfig, result: WriteResult, ledger: dict, supersedes: dict |
     """Mark the staged run complete (the commit point), then move its files into place.
     `supersedes` ({committed file: [ids]}) names error rows that this run's rows replace."""
     fs, _ = filesystem(cfg.output, cfg.storage)
-    names = [filesystem(f, cfg.storage)[1].rsplit("/", 1)[-1] for f in result.files]
+    staged_paths = [filesystem(f, cfg.storage)[1] for f in result.files]
+    names = [p.rsplit("/", 1)[-1] for p in staged_paths]
     ledger = dict(ledger, rows=result.rows, by_status=dict(result.by_status),
                   by_error_type=dict(result.by_error_type), files=[f"part-{cfg.run_id}-{n}" for n in names])
     staged_dir = filesystem(staging_uri(cfg), cfg.storage)[1]
     fs.makedirs(staged_dir, exist_ok=True)  # a run with nothing to write still leaves its ledger
-    with fs.open(join(staged_dir, COMPLETE), "w") as f:
-        json.dump({"staged": names, "ledger": ledger, "supersedes": supersedes or {},
-                   "config_key": cfg.config_key()}, f, indent=2, default=str)
+    # Size and row count of each staged file: a moved copy is checked against them before the
+    # staged file is deleted, so a copy cut short never replaces the only good one.
+    checks = {n: _size_and_rows(fs, p) for n, p in zip(names, staged_paths)}
+    point = {"staged": names, "checks": checks, "ledger": ledger, "supersedes": supersedes or {},
+             "config_key": cfg.config_key()}
+    put_whole(fs, join(staged_dir, COMPLETE), json.dumps(point, indent=2, default=str).encode())
     _finish(cfg, cfg.run_id)
 
 
+class CommitError(RuntimeError):
+    """An interrupted commit cannot be finished; the message says what is missing."""
+
+
+def _size_and_rows(fs, path: str) -> list[int]:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        return [fs.size(path), pq.ParquetFile(f).metadata.num_rows]
+
+
+def _is_whole(fs, path: str, expected: list[int] | None) -> bool:
+    """The file exists with a readable Parquet footer and, when known, the staged file's size and rows."""
+    try:
+        if not fs.exists(path):
+            return False
+        found = _size_and_rows(fs, path)
+    except Exception:  # noqa: BLE001 - no footer: a file cut short
+        return False
+    return expected is None or found == list(expected)
+
+
+def _place(fs, src: str, dest: str, expected: list[int] | None) -> None:
+    """Copy a staged file to its final name so that the final name only ever holds a whole file.
+    S3 (and other object stores): a server-side copy, atomic. Local and NFS: a copy under a `_`
+    temporary name in the output folder, synced and checked, then renamed within that folder."""
+    if not is_local(fs):
+        fs.copy(src, dest)
+        return
+    folder, name = dest.rsplit("/", 1)
+    tmp = f"{folder}/_{name}.tmp"
+    with open(src, "rb") as i, open(tmp, "wb") as o:
+        shutil.copyfileobj(i, o, 1 << 20)
+        o.flush()
+        os.fsync(o.fileno())
+    if not _is_whole(fs, tmp, expected):
+        raise CommitError(f"the copy {tmp} of {src} does not match it; the staged file is kept, rerun to retry")
+    os.replace(tmp, dest)
+
+
 def _finish(cfg: RunConfig, run_id: str) -> None:
-    """Idempotently move a completed staging folder's files into place and write its ledger."""
+    """Idempotently move a completed staging folder's files into place and write its ledger.
+    A staged file is deleted only once its copy under the final name is checked whole."""
     fs, out = filesystem(cfg.output, cfg.storage)
+    fs.invalidate_cache()
     staged_dir = filesystem(staging_uri(cfg, run_id), cfg.storage)[1]
     with fs.open(join(staged_dir, COMPLETE)) as f:
         complete = json.load(f)
     fs.makedirs(out, exist_ok=True)
+    checks = complete.get("checks", {})  # absent in commit points written before checks existed
     for name, final in zip(complete["staged"], complete["ledger"]["files"]):
         src, dest = join(staged_dir, name), join(out, final)
-        if not fs.exists(dest):
-            fs.copy(src, dest)
-        if fs.exists(src):
+        has_src = fs.exists(src)
+        expected = checks.get(name) or (_size_and_rows(fs, src) if has_src else None)
+        if not _is_whole(fs, dest, expected):
+            if not has_src:
+                raise CommitError(f"cannot finish the commit of run {run_id}: {dest} is missing or incomplete "
+                                  f"and its staged copy {src} is gone; restore it from a backup or remove "
+                                  f"{join(cfg.output, '_staging', run_id)} and rerun to compute its rows again")
+            _place(fs, src, dest, expected)
+            fs.invalidate_cache()
+            if not _is_whole(fs, dest, expected):
+                raise CommitError(f"the committed copy {dest} of {src} does not match it; the staged file is "
+                                  "kept, rerun to retry")
+        if has_src:
             fs.rm(src)
     for path, ids in complete.get("supersedes", {}).items():
         _drop_error_rows(cfg, fs, path, set(ids), complete["config_key"])
-    body = json.dumps(complete["ledger"], indent=2, default=str)
+    body = json.dumps(complete["ledger"], indent=2, default=str).encode()
     fs.makedirs(join(out, "_runs"), exist_ok=True)
-    with fs.open(join(out, "_runs", f"{run_id}.json"), "w") as f:
-        f.write(body)
-    with fs.open(join(out, "_SUCCESS"), "w") as f:
-        f.write(body)
+    put_whole(fs, join(out, "_runs", f"{run_id}.json"), body)
+    put_whole(fs, join(out, "_SUCCESS"), body)
     fs.rm(staged_dir, recursive=True)
 
 
@@ -172,6 +233,16 @@ def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str) -> None:
     log.info("replaced %d retried error rows in %s", table.num_rows - kept.num_rows, path)
 
 
+def _is_commit_point(fs, path: str) -> bool:
+    """A whole `_COMPLETE.json`. One cut short (written by a version that wrote it in place) means
+    the crash came before the commit point, so no file was moved yet: the run did not commit."""
+    try:
+        with fs.open(path) as f:
+            return "ledger" in json.load(f)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def recover(cfg: RunConfig) -> int:
     """Finish commits that a crash interrupted; drop staging folders of runs that never completed.
     Returns how many rows those dropped folders held: work done by runs that died, done again now."""
@@ -185,7 +256,7 @@ def recover(cfg: RunConfig) -> int:
         return discarded
     for path in fs.ls(root, detail=False):
         run_id = path.rstrip("/").rsplit("/", 1)[-1]
-        if fs.exists(join(path, COMPLETE)):
+        if _is_commit_point(fs, join(path, COMPLETE)):
             log.info("finishing the interrupted commit of run %s", run_id)
             _finish(cfg, run_id)
             continue
@@ -200,3 +271,26 @@ def recover(cfg: RunConfig) -> int:
         fs.rm(path, recursive=True)
     fs.invalidate_cache()
     return discarded
+
+
+def _location(uri: str, cfg: RunConfig) -> str:
+    """A URI as `scheme://path/`, local paths with symlinks resolved, for prefix comparisons."""
+    proto = {"s3a": "s3", "local": "file"}.get(protocol_of(uri), protocol_of(uri))
+    path = filesystem(uri, cfg.storage)[1]
+    if proto == "file":
+        path = os.path.realpath(path)
+    return f"{proto}://{path.rstrip('/')}/"
+
+
+def output_overlaps_manifest(cfg: RunConfig) -> str | None:
+    """Why --output and --manifest may not be used together, or None. An output inside the manifest
+    prefix would be scanned as manifest rows by the next run (its ledgers, its Parquet files);
+    a manifest inside the output would be read as committed rows."""
+    output, manifest = _location(cfg.output, cfg), _location(cfg.manifest, cfg)
+    if output.startswith(manifest):
+        return (f"--output {cfg.output} is inside the manifest prefix {cfg.manifest}: the next run would read "
+                "the output's own files as manifest rows. Write the output outside the manifest prefix.")
+    if manifest.startswith(output):
+        return (f"--manifest {cfg.manifest} is inside --output {cfg.output}: the run would read it as committed "
+                "output. Keep manifests outside the output prefix.")
+    return None

@@ -106,7 +106,8 @@ def decode_media(records: pa.Table, cfg: RunConfig, resize: dict | None = None) 
                 else:
                     d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
                                              num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
-                                             max_pixels=cfg.max_pixels, video_resize=resize)
+                                             max_pixels=cfg.max_pixels, video_resize=resize,
+                                             allowed_prefixes=cfg.media_prefixes())
                     item.update(_media_fields(d), num_frames=len(d.frames), frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
@@ -125,7 +126,7 @@ def _media_fields(d) -> dict:
 def _decode_images(item: dict, uris: list[str], cfg: RunConfig) -> None:
     """The images of a `uris` row, each decoded alone; the row's media fields are the first image's."""
     images = [_decoder(cfg).decode(uri=uri, storage=cfg.storage, declared_type="image", num_frames=1,
-                                   max_pixels=cfg.max_pixels) for uri in uris]
+                                   max_pixels=cfg.max_pixels, allowed_prefixes=cfg.media_prefixes()) for uri in uris]
     item.update(_media_fields(images[0]), num_frames=len(images),
                 frames=pack({f"image_{i}": d.frames[0] for i, d in enumerate(images)}))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+
 from fsspec.core import url_to_fs
 
 from pipeline.config import StorageConfig
@@ -43,3 +46,43 @@ def arrow_filesystem(uri: str, storage: StorageConfig):
 
 def join(prefix: str, *parts: str) -> str:
     return "/".join([prefix.rstrip("/"), *parts])
+
+
+def is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def put_whole(fs, path: str, data: bytes) -> None:
+    """Write a file in one step: readers see the old content or the new, never a part.
+    Object stores: one PUT. Local and NFS: a temporary `_` name in the same folder, then a rename."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/_{name}.{uuid.uuid4().hex[:8]}.tmp"
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+
+
+def create_whole(fs, path: str, data: bytes) -> None:
+    """Create a file in one step, or raise FileExistsError if the name exists: of several writers
+    exactly one succeeds. S3: a PUT with If-None-Match: *. Local and NFS: written under a
+    temporary name, then hard-linked to the final one (link fails on an existing name)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data, mode="create")
+        return
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/_{name}.{uuid.uuid4().hex[:8]}.tmp"
+    _write_synced(tmp, data)
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)

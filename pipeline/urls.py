@@ -127,3 +127,25 @@ def _local_roots(prefixes: tuple[str, ...]) -> list[str]:
 
     return [os.path.realpath(p.removeprefix("file://")).rstrip("/") + "/"
             for p in prefixes if p.startswith(("/", "file://"))]
+
+
+def open_local_checked(path: str, allowed_prefixes: Iterable[str]):
+    """Open a local media file for reading and check the file that was opened, not the name: a
+    symlink swapped after check_media_uri (on the driver) cannot lead the worker outside the
+    allowed folders. Raises URLRejected (the file is closed again) when the opened file is outside."""
+    import os
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        proc_link = f"/proc/self/fd/{fd}"
+        if os.path.islink(proc_link):  # Linux: the path of the open file itself
+            opened = os.readlink(proc_link)
+        else:  # elsewhere: the resolved name must still be the very file that was opened
+            opened = os.path.realpath(path)
+            if not os.path.samestat(os.fstat(fd), os.stat(opened)):
+                raise URLRejected("the file changed while it was opened")
+        check_media_uri(opened, allowed_prefixes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")

@@ -133,3 +133,78 @@ def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, sample
     fs, path = filesystem(str(out), cfg.storage)
     fs.invalidate_cache()
     assert fs.exists(join(path, "_runs", f"{cfg.run_id}.json")) and not fs.exists(join(path, "_staging", cfg.run_id))
+
+
+def copy_output(src: str, dest: str, s3_client) -> None:
+    """A fresh copy of an output folder (a staged run in it) on the same store."""
+    import shutil
+
+    if "://" not in src:
+        shutil.copytree(src, dest)
+        return
+    bucket, prefix = src.removeprefix("s3://").split("/", 1)
+    for obj in s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/").get("Contents", []):
+        key = dest.removeprefix(f"s3://{bucket}/") + obj["Key"].removeprefix(prefix)
+        s3_client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": obj["Key"]})
+
+
+def read_output(out: str, cfg) -> pd.DataFrame:
+    fs, path = filesystem(out, cfg.storage)
+    fs.invalidate_cache()
+    if "://" not in out:
+        return pd.read_parquet(out)
+    s3 = pafs.S3FileSystem(endpoint_override=cfg.storage.endpoint_url, scheme="http")
+    return pads.dataset(path, format="parquet", filesystem=s3).to_table().to_pandas()
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, samples, tiny_model, tmp_path, store,
+                                                                   s3_endpoint, s3_client):
+    """Kill the commit before each of its writes in turn (a local file being written is cut in
+    half); after each kill the next run leaves a readable output with every row exactly once."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from pipeline.manifest import scan_manifest
+    from pipeline.run import build_dataset, pending
+
+    if store == "s3":
+        s3_client.create_bucket(Bucket="kills")
+        root = "s3://kills"
+    else:
+        root = str(tmp_path)
+    cfg = config(samples / "manifest.jsonl", f"{root}/staged", tiny_model, batch_size=2)
+    cfg.storage.endpoint_url = s3_endpoint
+    records = pending(scan_manifest(cfg).records, sink.Committed(), cfg)
+    sink.write(build_dataset(cfg, records, use_gpu=False).repartition(3), cfg)
+    assert len(sink.staged(cfg).files) == 3
+
+    outcomes = []
+    for step in range(1, 40):
+        out = f"{root}/kill-{step}"
+        copy_output(f"{root}/staged", out, s3_client)
+        killed = cfg.model_copy(update={"output": out})
+        (tmp_path / "cfg.json").write_text(killed.model_dump_json())
+        code = subprocess.run([sys.executable, "-m", "pipeline.testing.kill_commit", str(tmp_path / "cfg.json"),
+                               str(step)], cwd=REPO, capture_output=True, text=True)
+        if code.returncode == 0:
+            break  # the commit needed fewer writes than `step`: every step has been killed once
+        assert code.returncode == 137, code.stderr
+        fs, path = filesystem(out, cfg.storage)
+        fs.invalidate_cache()
+        ledger = join(path, "_runs", f"{cfg.run_id}.json")
+        if not sink._is_commit_point(fs, join(path, "_staging", cfg.run_id, sink.COMPLETE)) and not fs.exists(ledger):
+            # killed before the commit point: nothing is committed; the next run computes it all
+            assert sink.recover(killed) == 7 and not fs.glob(join(path, "*.parquet")), step
+            outcomes.append("redone")
+            continue
+        rerun = run(config(samples / "manifest.jsonl", out, tiny_model, storage=cfg.storage))
+        assert rerun.items == 0 and rerun.skipped == 7, step  # finished, not redone
+        df = read_output(out, cfg)
+        assert len(df) == 7 and not df.duplicated(["id", "prompt"]).any() and set(df.run_id) == {cfg.run_id}, step
+        assert fs.exists(ledger) and not fs.exists(join(path, "_staging", cfg.run_id))
+        outcomes.append("finished")
+    else:
+        pytest.fail("the commit never completed")
+    assert "redone" in outcomes and outcomes.count("finished") >= 7, outcomes  # every move and ledger write was hit

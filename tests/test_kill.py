@@ -33,6 +33,23 @@ def test_driver_killed_actors_killed_and_head_lost_then_rerun(tmp_path):
     assert code == 0
 
 
+def test_of_overlapping_runs_on_one_output_one_completes_and_the_others_stop_at_once(tmp_path):
+    code, table = scenarios(tmp_path, "overlapping_runs")
+    r = table["overlapping_runs"]
+    assert (r["rows_lost"], r["duplicates"], r["parent_crashes"]) == (0, 0, 0), r
+    assert r["driver_runs"] == 3 and r["refused_runs"] == 2, r  # two at once, one mid-run: one completes
+    assert code == 0
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_loses_and_doubles_nothing(tmp_path):
+    code, table = scenarios(tmp_path, "node_lost_model", "node_lost_cpu")
+    for name, r in table.items():
+        assert (r["rows_lost"], r["duplicates"], r["parent_crashes"]) == (0, 0, 0), r
+        assert r["faults_injected"] >= 1 and r["finished_by_itself"] is not None, r  # the node was lost mid-run
+    assert code == 0
+
+
 @pytest.mark.slow
 def test_every_fault_scenario(tmp_path):
     code, table = scenarios(tmp_path, *fault_scenarios.SCENARIOS, items=12, kills=3)

@@ -248,3 +248,28 @@ def test_missing_file_is_not_found(tmp_path):
     with pytest.raises(MediaError) as e:
         fetch_and_decode(str(tmp_path / "nope.mp4"), STORAGE, None, 4)
     assert e.value.error_type == "not_found" and "does not exist" in str(e.value)
+
+
+def test_a_symlink_swapped_after_the_drivers_check_is_refused_when_the_worker_opens_it(tmp_path, samples):
+    import shutil
+
+    from pipeline.urls import check_media_uri
+
+    allowed, outside = tmp_path / "media", tmp_path / "secret"
+    (allowed / "day").mkdir(parents=True)
+    outside.mkdir()
+    for folder in (allowed, allowed / "day", outside):
+        shutil.copy(samples / "photo.jpg", folder / "photo.jpg")
+    link, prefixes = allowed / "link.jpg", [str(allowed)]
+    link.symlink_to(allowed / "photo.jpg")
+    for uri in (str(link), str(allowed / "day" / "photo.jpg")):
+        check_media_uri(uri, prefixes)  # the driver's check, on the manifest scan
+        assert fetch_and_decode(uri, StorageConfig(), None, 1, allowed_prefixes=prefixes).media_type == "image"
+    link.unlink()
+    link.symlink_to(outside / "photo.jpg")  # swapped between the driver's check and the worker's open
+    shutil.rmtree(allowed / "day")
+    (allowed / "day").symlink_to(outside)  # a folder on the path swapped for a link out
+    for uri in (str(link), f"file://{allowed}/day/photo.jpg"):
+        with pytest.raises(MediaError) as e:
+            fetch_and_decode(uri, StorageConfig(), None, 1, allowed_prefixes=prefixes)
+        assert e.value.error_type == "uri_not_allowed" and "not allowed once opened" in str(e.value)
