@@ -41,6 +41,7 @@ class ServeConfig(ModelSettings):
     allowed_schemes: list[str] = Field(["data", "s3", "gs", "https"], description="URL schemes clients may name (file: and chained URLs never).")
     allowed_prefixes: list[str] = Field([], description="Prefixes non-data URLs must start with, e.g. s3://bucket/media/ or https:// (none: data: only).")
     decode_timeout_s: float = Field(10.0, gt=0, description="Longest fetch + decode of one media URL; the decoder child is then killed and the request gets 504. Below request_timeout_s, so media that decode slowly cannot hold the prepare threads for other requests' whole time.")
+    decoder_memory_gb: float = Field(2.0, gt=0, description="Memory (heap and anonymous mappings) each media decoder child may use (one per prepare thread); a file that needs more, or whose index declares more, is refused alone (400).")
     api_token_file: str | None = Field(None, description=f"File holding the bearer token (a mounted secret); default: ${TOKEN_ENV}; neither: the server refuses to start unless allow_unauthenticated.")
     allow_unauthenticated: bool = Field(False, description="Serve without a token (any client that reaches the port is served; a warning goes to the replica log). Off: no token means no start.")
     max_images_per_request: int = Field(8, ge=1, description="Most image_url parts in one request (all messages); more get 400.")
