@@ -672,7 +672,8 @@ def selectors(expr: str) -> list:
     return found
 
 
-RAY_METRICS = {"ray_node_gram_used", "ray_node_gram_available", "ray_node_gpus_utilization"}
+RAY_METRICS = {"ray_node_gram_used", "ray_node_gram_available", "ray_node_gpus_utilization",
+               "ray_serve_num_http_error_requests_total"}  # Ray's own (node and Serve proxy metrics)
 
 
 def test_alert_rules_parse_and_cover_errors_stalls_restarts_and_gpu_memory():
