@@ -49,6 +49,11 @@ for attempt in $(seq 60); do
         --max-new-tokens 16 > "$WORK/submit.log" 2>&1; then
     break
   fi
+  if ! kill -0 "$HEAD_PID" 2>/dev/null; then
+    tail -5 "$WORK/ray-head.log" >&2
+    echo "quickstart: the local Ray head stopped (above; its whole log is $WORK/ray-head.log)" >&2
+    exit 1
+  fi
   if [ "$attempt" = 60 ] || ! grep -q -e "No available agent" -e "Failed to connect" -e "Connection refused" "$WORK/submit.log"; then
     cat "$WORK/submit.log" >&2
     echo "quickstart: the job could not be submitted (above); the head's log is $WORK/ray-head.log" >&2
