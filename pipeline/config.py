@@ -7,7 +7,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 DEFAULT_PROMPTS = {
     "video": "Describe this video in detail.",
@@ -123,6 +123,14 @@ class RunConfig(ModelSettings):
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row.",
     )
+
+    @field_validator("manifest", "output")
+    @classmethod
+    def _local_paths_absolute(cls, v: str) -> str:
+        # Workers run in other folders than the driver: a relative local path means the driver's.
+        import os
+
+        return os.path.abspath(v) if "://" not in v else v
 
     def config_key(self) -> str:
         """Identifies the settings that shape the text: a rerun with the same key skips committed rows."""
