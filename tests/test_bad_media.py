@@ -209,4 +209,4 @@ def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model,
         "zero/error": "undecodable", "random/error": "undecodable", "html/error": "undecodable",
         "truncated/error": "truncated", "audio/error": "no_video_stream", "segfault/error": "decoder_crashed",
         "hang/error": "timeout", "missing/error": "not_found", "ok-video/error": "duplicate_id",
-    }
+    }, dict(zip(df.id, df.error))  # the messages, to tell what went wrong
