@@ -76,8 +76,7 @@ class DecoderProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
         try:
-            header = self._read(HEADER_BYTES, time.monotonic() + STARTUP_TIMEOUT_S)
-            ready = header and self._read(body_length(header), time.monotonic() + STARTUP_TIMEOUT_S)
+            ready = self._receive(time.monotonic() + STARTUP_TIMEOUT_S)
         except TimeoutError:
             ready = None
         if not ready or pickle.loads(ready)[0] != "ready":
@@ -93,6 +92,11 @@ class DecoderProcess:
             code, self.proc = self.proc.returncode, None
             return code
         return None
+
+    def _receive(self, deadline: float) -> bytes | None:
+        """One message's body from the child, None on EOF; raises TimeoutError at the deadline."""
+        header = self._read(HEADER_BYTES, deadline)
+        return header and self._read(body_length(header), deadline)
 
     def _read(self, n: int, deadline: float) -> bytes | None:
         """n bytes from the child, None on EOF; raises TimeoutError at the deadline."""
@@ -118,8 +122,7 @@ class DecoderProcess:
         deadline = time.monotonic() + self.timeout_s
         try:
             send(self.proc.stdin, kwargs)
-            header = self._read(HEADER_BYTES, deadline)
-            body = header and self._read(body_length(header), deadline)
+            body = self._receive(deadline)
         except TimeoutError:
             self._stop()
             raise MediaError("timeout", f"decoding {uri} took over {self.timeout_s:g} s and was stopped; "

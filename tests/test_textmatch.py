@@ -6,6 +6,7 @@ import json
 import tempfile
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -72,7 +73,7 @@ def batched_texts(engine, cfg, requests) -> dict:
 def test_the_pipelines_batched_text_matches(rows):
     cfg, requests, engine, refs = rows
     assert mismatches(refs, engine.tokenizer, batched_texts(engine, cfg, requests)) == {}
-    staged = {(r["id"], r["prompt"]): r["text"] for r in Generate(cfg, device="cpu")(__import__("pyarrow").Table.from_pylist(requests)).to_pylist()}
+    staged = {(r["id"], r["prompt"]): r["text"] for r in Generate(cfg, device="cpu")(pa.Table.from_pylist(requests)).to_pylist()}
     assert mismatches(refs, engine.tokenizer, staged) == {}
     assert len(set(staged.values())) == len(staged)  # the texts differ from row to row: the check has teeth
 
