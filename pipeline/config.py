@@ -112,6 +112,8 @@ class RunConfig(ModelSettings):
                     "or for a local manifest its folder.")
     retry_errors: bool = Field(False, description="Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old error rows.")
     accelerator_type: str | None = Field(None, description="Run the model stage only on nodes with this accelerator (Ray's accelerator_type, e.g. L40S, A100, H100: the `accelerator_type:NAME` resource Ray gives GPU nodes): keeps a model's replicas, and the autoscaling they cause, on the node group meant for it.")
+    output_file_rows: int = Field(100_000, ge=1, description="Rows per output Parquet file (about: the last file of a run is smaller): a million rows are ten files, not thousands, whatever the decode parallelism.")
+    output_row_group_rows: int = Field(10_000, ge=1, description="Rows per Parquet row group in the output files: the unit in which readers (pandas, DuckDB, Spark) read and skip a file.")
     preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
     resize_in_decoder: bool = Field(True, description="Resize video frames to the video processor's size inside the decoder process, with the processor's own resize (bit-identical model inputs): only small frames travel to the preprocess stage.")
     model_cpu_threads: int = Field(0, ge=0, description="Torch threads of each model actor when the model runs on the CPU; 0: as Ray sets them (one per CPU the actor holds). More threads help on an otherwise idle CPU node (+58 % measured) and hurt badly when its cores are oversubscribed.")

@@ -1,7 +1,12 @@
 """Read + validate the manifest: files under a URI -> one record per item, invalid rows as error records.
 
-Validation happens on the driver while the manifest is scanned: rows are small, the scan keeps
-the file and line of every row for error messages, and duplicate ids need one global view.
+A file is read in chunks (JSONL: blocks of whole lines; CSV, Parquet: record batches), each chunk
+parsed and checked for the whole table at once with pyarrow: nearly every row of a real manifest
+is plain, and the rows that are not (bad JSON, a wrong type, a URI that needs a closer look) go
+through the per-row functions below, which also word the message. Every record keeps its file and
+line (`source`, and `_order` for the manifest's order). A run reads the files in Ray tasks and
+finds repeated ids by id partition (pipeline/plan.py); scan_manifest does the same in one
+process, for small manifests and tests.
 """
 
 from __future__ import annotations
@@ -85,41 +90,6 @@ def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
     return found
 
 
-def _iter_raw_rows(uri: str, cfg: RunConfig) -> Iterator[tuple[str, dict | Exception]]:
-    """(source, row) for every row of one file; a row that cannot be parsed comes as an exception."""
-    from fsspec.core import OpenFile
-    from fsspec.utils import infer_compression
-
-    fmt = manifest_format(uri)
-    fs, path = filesystem(uri, cfg.storage)
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fs.open(path, "rb") as f:
-            n = 0
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-                for row in batch.to_pylist():
-                    n += 1
-                    yield f"{uri}:row {n}", row
-        return
-    # utf-8-sig: spreadsheet programs start CSV (and some editors JSONL) with a byte-order mark
-    with OpenFile(fs, path, "rt", compression=infer_compression(path), encoding="utf-8-sig", newline="") as f:
-        if fmt == "csv":
-            for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield f"{uri}:line {n}", _coerce_csv_row(row)
-            return
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-                yield f"{uri}:line {n}", row
-            except ValueError as e:
-                yield f"{uri}:line {n}", e
-
-
 def _coerce_csv_row(row: dict) -> dict:
     """CSV cells are strings: empty means absent, numbers and the questions list are parsed."""
     out = {}
@@ -192,52 +162,372 @@ def _record(row: dict, source: str, error: str | None = None, error_type: str | 
     return rec
 
 
-def scan_manifest(cfg: RunConfig) -> ManifestScan:
-    """Read every manifest row; invalid rows and repeated ids become error records (never a crash).
+MANIFEST_COLUMNS = ["id", "uri", "uris", "media_type", "prompt", "questions", "start_s", "end_s"]
+RAW_SCHEMA = pa.schema([RECORD_SCHEMA.field(c) for c in MANIFEST_COLUMNS])
+# `_order`: file index << ROW_BITS | line (or row) number, the manifest's order across files
+SCAN_SCHEMA = RECORD_SCHEMA.append(pa.field("_order", pa.int64()))
+ROW_BITS = 40
+SCAN_CHUNK_BYTES = 4 << 20  # JSONL bytes (CSV block) parsed at once: bounds a scan task's memory on a huge file
+SCAN_BATCH_ROWS = 50_000  # Parquet rows parsed at once
 
-    Duplicate-id policy: the first occurrence of an id is processed; every later row with that id
-    becomes an error record of type `duplicate_id` (with no prompt), so nothing disappears silently.
-    """
+
+@dataclass
+class Chunk:
+    """Rows of one manifest file, parsed by pyarrow (`table`) or, where pyarrow could not parse
+    them, one by one as before (`rows`: a dict, or the reason the row is not one); `numbers`:
+    each row's line (Parquet: row) number."""
+
+    numbers: "np.ndarray"
+    table: pa.Table | None = None
+    rows: list | None = None
+
+
+def _file_chunks(uri: str, fmt: str, cfg: RunConfig) -> Iterator[Chunk]:
+    from fsspec.core import OpenFile
+    from fsspec.utils import infer_compression
+
+    fs, path = filesystem(uri, cfg.storage)
+
+    def open_binary():
+        return OpenFile(fs, path, "rb", compression=infer_compression(path))
+
+    if fmt == "parquet":
+        yield from _parquet_chunks(open_binary)
+    elif fmt == "csv":
+        yield from _csv_chunks(open_binary)
+    else:
+        yield from _jsonl_chunks(open_binary)
+
+
+def _parquet_chunks(open_binary) -> Iterator[Chunk]:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    with open_binary() as f:
+        pf = pq.ParquetFile(f)
+        columns = [c for c in MANIFEST_COLUMNS if c in pf.schema_arrow.names]
+        n = 1
+        for batch in pf.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns):
+            yield Chunk(np.arange(n, n + batch.num_rows), table=pa.Table.from_batches([batch]))
+            n += batch.num_rows
+
+
+def _jsonl_chunks(open_binary) -> Iterator[Chunk]:
+    """Blocks of whole lines; the byte-order mark some editors write is dropped."""
+    line, carry = 1, b""
+    with open_binary() as f:
+        first = True
+        while True:
+            block = f.read(SCAN_CHUNK_BYTES)
+            data = carry + block
+            if first:
+                data, first = data.removeprefix(b"\xef\xbb\xbf"), False
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            if cut:
+                yield _jsonl_chunk(data[:cut], line)
+                line += data.count(b"\n", 0, cut)
+            carry = data[cut:]
+            if not block:
+                return
+
+
+def _jsonl_chunk(data: bytes, first_line: int) -> Chunk:
+    """Parsed by pyarrow when that is certain to give one row per non-blank line (each starts with
+    `{` and ends with `}`: pyarrow would also take two objects on a line, or one over two lines);
+    else line by line with json, as a JSONL reader must."""
+    import numpy as np
+    import pyarrow.json as pajson
+
+    buf = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    if not len(buf) or buf[-1] != 10:
+        ends = np.append(ends, len(buf))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    content = np.flatnonzero((buf != 32) & (buf != 9) & (buf != 13) & (buf != 10))
+    first, last = np.searchsorted(content, starts), np.searchsorted(content, ends) - 1
+    nonblank = first <= last
+    numbers = first_line + np.flatnonzero(nonblank)
+    if len(numbers) and (buf[content[first[nonblank]]] == ord("{")).all() and (buf[content[last[nonblank]]] == ord("}")).all():
+        try:
+            table = pajson.read_json(pa.py_buffer(data), read_options=pajson.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 16)),
+                                     parse_options=pajson.ParseOptions(explicit_schema=RAW_SCHEMA, unexpected_field_behavior="ignore"))
+            if table.num_rows == len(numbers):
+                return Chunk(numbers, table=table)
+        except pa.ArrowInvalid:
+            pass  # a row pyarrow cannot type (an id that is a number, a bad line): json words it
+    rows = []
+    for n, line in enumerate(data.decode("utf-8").split("\n"), start=first_line):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+        except ValueError as e:
+            rows.append((n, e))
+    return Chunk(np.array([n for n, _ in rows], dtype=np.int64), rows=[r for _, r in rows])
+
+
+def _csv_chunks(open_binary) -> Iterator[Chunk]:
+    """pyarrow's CSV reader (cells as strings, empty cells absent); a file it cannot read (a row
+    with more cells than the header) is read on with Python's csv module, as before. Line numbers
+    count records after the header, as csv.DictReader does."""
+    import numpy as np
+    import pyarrow.csv as pacsv
+
+    done = 0
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in MANIFEST_COLUMNS}, include_columns=MANIFEST_COLUMNS,
+                                   include_missing_columns=True, null_values=[""], strings_can_be_null=True,
+                                   quoted_strings_can_be_null=True)
+    try:
+        with open_binary() as f:
+            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=SCAN_CHUNK_BYTES, use_threads=False),
+                                    parse_options=pacsv.ParseOptions(newlines_in_values=True), convert_options=convert)
+            for batch in reader:
+                yield Chunk(np.arange(done + 2, done + 2 + batch.num_rows), table=pa.Table.from_batches([batch]))
+                done += batch.num_rows
+        return
+    except pa.ArrowInvalid:
+        pass
+    # utf-8-sig: spreadsheet programs start CSV with a byte-order mark
+    with open_binary() as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
+        rows, numbers = [], []
+        for n, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+            if n - 2 < done:
+                continue
+            rows.append(_coerce_csv_row(row))
+            numbers.append(n)
+            if len(rows) >= SCAN_BATCH_ROWS:
+                yield Chunk(np.array(numbers), rows=rows)
+                rows, numbers = [], []
+        if rows:
+            yield Chunk(np.array(numbers), rows=rows)
+
+
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"  # what float() reads that pyarrow's cast reads alike
+
+
+def _conform(table: pa.Table, fmt: str) -> tuple[pa.Table, "np.ndarray"]:
+    """The manifest's columns in RAW_SCHEMA types, and a mask of the rows that need the per-row
+    path: a value of another type (an integer id is fine), or in CSV a JSON list or a number
+    pyarrow would read differently than Python."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    slow = np.zeros(table.num_rows, dtype=bool)
+    columns = {}
+    for field in RAW_SCHEMA:
+        if field.name not in table.column_names:
+            columns[field.name] = pa.nulls(table.num_rows, field.type)
+            continue
+        col = table[field.name].combine_chunks()
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        present = col.is_valid().to_numpy(zero_copy_only=False)
+        value, odd = None, np.zeros(table.num_rows, dtype=bool)
+        if fmt == "csv" and pa.types.is_string(col.type) and field.type != pa.string():
+            if pa.types.is_list(field.type):  # one value, or a JSON list (the per-row path parses it)
+                odd = pc.fill_null(pc.starts_with(pc.utf8_ltrim_whitespace(col), "["), False).to_numpy(zero_copy_only=False)
+                offsets = np.concatenate(([0], np.cumsum(present))).astype(np.int32)
+                value = pa.ListArray.from_arrays(pa.array(offsets), col.drop_null(), mask=pc.invert(col.is_valid()))
+            else:
+                odd = ~pc.fill_null(pc.match_substring_regex(col, _NUMBER), True).to_numpy(zero_copy_only=False)
+                value = pc.cast(pc.if_else(pa.array(odd), pa.scalar(None, pa.string()), col), pa.float64())
+        elif col.type == field.type or (pa.types.is_large_string(col.type) and field.type == pa.string()) or (
+                pa.types.is_floating(field.type) and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type))) or (
+                field.name == "id" and pa.types.is_integer(col.type)):
+            value = pc.cast(col, field.type)
+        elif pa.types.is_list(field.type) and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) and (
+                pa.types.is_string(col.type.value_type) or pa.types.is_large_string(col.type.value_type)):
+            value = pc.cast(col, field.type)
+        if value is None:
+            odd = present
+            value = pa.nulls(table.num_rows, field.type)
+        if pa.types.is_floating(field.type):  # NaN: pandas' absent value; the per-row path drops it too
+            value = pc.if_else(pc.fill_null(pc.is_nan(value), False), pa.scalar(None, field.type), value)
+        slow |= odd & present
+        columns[field.name] = value
+    return pa.table(columns, schema=RAW_SCHEMA), slow
+
+
+def _list_items_ok(col) -> "np.ndarray":
+    """Rows of a list<string> column that hold at least one item, each a non-empty string (or are null)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    bad_item = pc.fill_null(pc.equal(pc.utf8_length(col.flatten()), 0), True).to_numpy(zero_copy_only=False)
+    ok = pc.fill_null(pc.list_value_length(col), 1).to_numpy(zero_copy_only=False) >= 1
+    ok[_parents(col)[bad_item]] = False
+    return ok
+
+
+def _parents(lists) -> "np.ndarray":
+    """The row of each item of lists.flatten() (which skips null lists, whatever their offsets say)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    return np.repeat(np.arange(len(lengths)), lengths)
+
+
+def _plain_rows(t: pa.Table, cfg: RunConfig) -> "np.ndarray":
+    """Rows that validate_row accepts for certain (the schema and the checks after it), for the
+    whole table at once; the others go through validate_row, which words what is wrong."""
+    import pyarrow.compute as pc
+
+    def mask(expr):
+        return pc.fill_null(expr, False).to_numpy(zero_copy_only=False)
+
+    def absent(name):
+        return pc.is_null(t[name]).to_numpy(zero_copy_only=False)
+
+    def nonempty(name):
+        return mask(pc.greater(pc.utf8_length(t[name]), 0))
+
+    has_uri, has_uris = ~absent("uri"), ~absent("uris")
+    ok = nonempty("id") & (has_uri != has_uris) & (~has_uri | nonempty("uri")) & _list_items_ok(t["uris"])
+    ok &= absent("media_type") | mask(pc.is_in(t["media_type"], pa.array(["video", "image"])))
+    ok &= ~has_uris | absent("media_type") | mask(pc.equal(t["media_type"], "image"))
+    ok &= (absent("prompt") | nonempty("prompt")) & _list_items_ok(t["questions"])
+    ok &= (absent("start_s") | mask(pc.greater_equal(t["start_s"], 0))) & (absent("end_s") | mask(pc.greater(t["end_s"], 0)))
+    ok &= absent("start_s") | absent("end_s") | mask(pc.greater(t["end_s"], t["start_s"]))
+    if cfg.task == "qa" and not cfg.prompt:
+        ok &= ~absent("questions") | ~absent("prompt")
+    return ok
+
+
+def _resolved(uris, manifest_file: str):
+    """_resolve_relative for a whole string array."""
+    import pyarrow.compute as pc
+
+    folder = manifest_file.rsplit("/", 1)[0] + "/"
+    relative = pc.invert(pc.or_(pc.match_substring(uris, ":"), pc.starts_with(uris, "/")))
+    return pc.if_else(relative, pc.binary_join_element_wise(folder, uris, ""), uris)
+
+
+def _fast_records(t: pa.Table, numbers, uri: str, index: int, label: str, prefixes: list[str]):
+    """Records of plain rows, built for the whole table at once; and the rows whose media URIs need
+    the per-row check after all."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.urls import media_uris_surely_allowed
+
+    single = _resolved(t["uri"], uri)
+    lists = t["uris"].combine_chunks() if isinstance(t["uris"], pa.ChunkedArray) else t["uris"]
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    offsets = pa.array(np.concatenate(([0], np.cumsum(lengths))).astype(np.int32))
+    many = pa.ListArray.from_arrays(offsets, _resolved(lists.flatten(), uri), mask=pc.is_null(lists))
+    sure = media_uris_surely_allowed(pc.fill_null(single, ""), prefixes) | pc.is_null(single).to_numpy(zero_copy_only=False)
+    flat_sure = media_uris_surely_allowed(many.flatten(), prefixes)
+    sure[_parents(many)[~flat_sure]] = False
+    n = t.num_rows
+    source = pc.binary_join_element_wise(f"{uri}:{label} ", pc.cast(pa.array(numbers), pa.string()), "")
+    nothing = pa.nulls(n, pa.string())
+    records = pa.table({
+        "id": t["id"], "uri": single, "uris": many, "media_type": t["media_type"], "prompt": t["prompt"],
+        "questions": t["questions"], "start_s": t["start_s"], "end_s": t["end_s"], "source": source,
+        "status": pa.repeat(pa.scalar("ok"), n), "error_type": nothing, "error": nothing,
+        "done_prompts": pa.nulls(n, pa.list_(pa.string())),
+        "_order": pa.array((index << ROW_BITS) | np.asarray(numbers, dtype=np.int64)),
+    }, schema=SCAN_SCHEMA)
+    return records.filter(pa.array(sure)), ~sure
+
+
+def _scan_row(source: str, row: dict | Exception, manifest_file: str, prefixes: list[str], cfg: RunConfig) -> dict:
+    """One manifest row -> its record: ok, invalid_manifest_row or uri_not_allowed (repeated ids
+    are marked by mark_duplicates, once all rows of an id are together)."""
     from pipeline.urls import URLRejected, check_media_uri
 
+    if isinstance(row, Exception):
+        return _record({}, source, f"not valid JSON ({row})")
+    row = _normalize(row)
+    problem = validate_row(row)
+    if not problem and cfg.task == "qa" and not (row.get("questions") or row.get("prompt") or cfg.prompt):
+        problem = "--task qa needs questions: add a 'questions' list (or a 'prompt') to the row, or pass --prompt"
+    if problem:
+        return _record(row, source, problem)
+    if "uris" in row:
+        row["uris"] = [_resolve_relative(u, manifest_file) for u in row["uris"]]
+    else:
+        row["uri"] = _resolve_relative(row["uri"], manifest_file)
+    try:
+        for media in row.get("uris") or [row["uri"]]:
+            check_media_uri(media, prefixes)
+    except URLRejected as e:
+        return _record(row, source, f"uri {media!r} is not allowed: {e}; if this source is trusted, "
+                                    "pass --allow-uri-prefix with its prefix", "uri_not_allowed")
+    return _record(row, source)
+
+
+def scan_file(uri: str, index: int, prefixes: list[str], cfg: RunConfig) -> Iterator[pa.Table]:
+    """The records (SCAN_SCHEMA) of the `index`-th manifest file, one table per chunk; repeated ids
+    are not marked yet. ManifestError when the file cannot be read at all."""
+    import numpy as np
+
+    fmt = manifest_format(uri)
+    label = "row" if fmt == "parquet" else "line"
+    try:
+        for chunk in _file_chunks(uri, fmt, cfg):
+            parts, rows, numbers = [], chunk.rows or [], chunk.numbers
+            if chunk.table is not None:
+                table, slow = _conform(chunk.table, fmt)
+                slow |= ~_plain_rows(table, cfg)
+                plain = np.flatnonzero(~slow)
+                fast, unsure = _fast_records(table.take(plain), numbers[plain], uri, index, label, prefixes)
+                parts.append(fast)
+                pick = np.sort(np.concatenate([np.flatnonzero(slow), plain[unsure]]))
+                rows = chunk.table.take(pa.array(pick, pa.int64())).to_pylist()
+                if fmt == "csv":
+                    rows = [_coerce_csv_row(r) for r in rows]
+                numbers = numbers[pick]
+            if rows:
+                records = [dict(_scan_row(f"{uri}:{label} {n}", row, uri, prefixes, cfg), _order=(index << ROW_BITS) | int(n))
+                           for n, row in zip(numbers, rows)]
+                parts.append(pa.Table.from_pylist(records, schema=SCAN_SCHEMA))
+            yield pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+    except (OSError, UnicodeDecodeError, pa.ArrowInvalid, csv.Error) as e:
+        raise ManifestError(f"cannot read manifest file {uri}: {e}") from e
+
+
+def claims_id(records: pa.Table):
+    """Rows that take their id: a later row with it is a duplicate (valid rows and rows refused by
+    the URI policy; a row invalid for another reason does not take its id)."""
+    import pyarrow.compute as pc
+
+    return pc.and_(pc.is_valid(records["id"]),
+                   pc.or_kleene(pc.is_null(records["error_type"]), pc.equal(records["error_type"], "uri_not_allowed")))
+
+
+def mark_duplicates(records: pa.Table) -> pa.Table:
+    """Duplicate-id policy, for a table (SCAN_SCHEMA) that holds every row of each of its ids: the
+    first row of an id (by file, then line) is processed; each later valid row with that id becomes
+    a `duplicate_id` error record (with no prompt), so nothing disappears silently."""
+    import pyarrow.compute as pc
+
+    claims = records.filter(claims_id(records))
+    firsts = claims.group_by("id", use_threads=False).aggregate([("_order", "min")])
+    first = pc.take(firsts["_order_min"], pc.index_in(records["id"], firsts["id"]))
+    dup = pc.fill_null(pc.and_(pc.equal(records["status"], "ok"), pc.not_equal(records["_order"], first)), False)
+    if not pc.any(dup).as_py():
+        return records
+    marked = [dict(_record(r, r["source"], f"id {r['id']!r} appeared earlier in the manifest; only its first row "
+                                           "is processed", "duplicate_id"), _order=r["_order"])
+              for r in records.filter(dup).to_pylist()]
+    return pa.concat_tables([records.filter(pc.invert(dup)), pa.Table.from_pylist(marked, schema=SCAN_SCHEMA)])
+
+
+def scan_manifest(cfg: RunConfig) -> ManifestScan:
+    """Every manifest row read in this process (small manifests, tests), in the manifest's order:
+    invalid rows and repeated ids become error records (never a crash). A run reads the manifest
+    in Ray tasks instead (pipeline/plan.py), through the same functions."""
     files = list_manifest_files(cfg.manifest, cfg)
     prefixes = cfg.media_prefixes()
-    records, seen = [], set()
-    for uri in files:
-        try:
-            for source, row in _iter_raw_rows(uri, cfg):
-                if isinstance(row, Exception):
-                    records.append(_record({}, source, f"not valid JSON ({row})"))
-                    continue
-                row = _normalize(row)
-                problem = validate_row(row)
-                if not problem and cfg.task == "qa" and not (row.get("questions") or row.get("prompt") or cfg.prompt):
-                    problem = "--task qa needs questions: add a 'questions' list (or a 'prompt') to the row, or pass --prompt"
-                if problem:
-                    records.append(_record(row, source, problem))
-                    continue
-                if "uris" in row:
-                    row["uris"] = [_resolve_relative(u, uri) for u in row["uris"]]
-                else:
-                    row["uri"] = _resolve_relative(row["uri"], uri)
-                try:
-                    for media in row.get("uris") or [row["uri"]]:
-                        check_media_uri(media, prefixes)
-                except URLRejected as e:
-                    problem = (f"uri {media!r} is not allowed: {e}; if this source is trusted, "
-                               "pass --allow-uri-prefix with its prefix")
-                    records.append(_record(row, source, problem, "uri_not_allowed"))
-                    seen.add(row["id"])  # its id is taken: a later row with it is a duplicate
-                    continue
-                if row["id"] in seen:
-                    records.append(_record(row, source, f"id {row['id']!r} appeared earlier in the manifest; "
-                                           "only its first row is processed", "duplicate_id"))
-                else:
-                    seen.add(row["id"])
-                    records.append(_record(row, source))
-        except (OSError, UnicodeDecodeError, pa.ArrowInvalid, csv.Error) as e:
-            raise ManifestError(f"cannot read manifest file {uri}: {e}") from e
-    return ManifestScan(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), files)
+    tables = [t for i, uri in enumerate(files) for t in scan_file(uri, i, prefixes, cfg)]
+    records = mark_duplicates(pa.concat_tables([SCAN_SCHEMA.empty_table(), *tables])).sort_by("_order")
+    return ManifestScan(records.drop_columns(["_order"]), files)
 
 
 def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[str | None]:

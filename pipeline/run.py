@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from pipeline import lease, sink
 from pipeline.config import RunConfig
-from pipeline.manifest import prompts_for, scan_manifest
+from pipeline.manifest import list_manifest_files
+from pipeline.plan import Plan, plan_run
 from pipeline.stages import Generate, Preprocess, decode_media, format_output, video_resize
 
 log = logging.getLogger("pipeline")
@@ -63,16 +64,19 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
     ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))
 
 
-def build_dataset(cfg: RunConfig, records, use_gpu: bool, resize: dict | None = None):
-    """The Ray Data plan. Nothing runs until the dataset is written. `resize`: the video resize
-    the decoders apply (stages.video_resize, read once on the driver)."""
+def build_dataset(cfg: RunConfig, records, rows: int, use_gpu: bool, resize: dict | None = None):
+    """The Ray Data plan over `records` (a dataset of `rows` records). Nothing runs until the
+    dataset is written. `resize`: the video resize the decoders apply (stages.video_resize, read
+    once on the driver)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    # Small input blocks: a decode task handles one block, so block size bounds decode parallelism.
-    rows_per_block = max(1, min(64, math.ceil(records.num_rows / 64)))
-    blocks = [records.slice(i, rows_per_block) for i in range(0, records.num_rows, rows_per_block)]
-    ds = ray.data.from_arrow(blocks or [records])
+    if isinstance(records, ray.data.Dataset):  # the plan's partitions: large blocks
+        ds = records
+    else:
+        ds = ray.data.from_arrow(records)
+    # Small blocks: a decode task handles one block, so block size bounds decode parallelism.
+    ds = ds.repartition(target_num_rows_per_block=max(1, min(64, math.ceil(rows / 64))))
     # Ray Data fuses decode into the preprocess actors (same CPUs, no full-resolution frames through
     # the object store); the pool grows to preprocess_workers while the model stage keeps up.
     ds = ds.map_batches(decode_media, fn_kwargs={"cfg": cfg, "resize": resize}, batch_format="pyarrow", batch_size=1,
@@ -110,12 +114,11 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
 
     started = time.time()
     connect_ray(cfg.ray_address)
-    scan = scan_manifest(cfg)
-    log.info("manifest: %d items from %d file(s)", scan.num_items, len(scan.files))
+    files = list_manifest_files(cfg.manifest, cfg)
     discarded = sink.recover(cfg)
-    done = sink.committed(cfg)
-    todo = pending(scan.records, done, cfg)
-    log.info("%d items already committed in %s; %d to do", scan.num_items - todo.num_rows, cfg.output, todo.num_rows)
+    plan = plan_run(cfg, files)
+    log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
+             plan.committed, cfg.output, plan.todo)
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and not gpus:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
@@ -123,24 +126,25 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     if cfg.quantization and not use_gpu:
         raise RunError(f"--quantization {cfg.quantization} needs GPUs (bitsandbytes) but the Ray cluster has none; "
                        "add GPU nodes or drop --quantization")
-    if todo.num_rows:
+    if plan.todo:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)
-        sink.write(build_dataset(cfg, todo, use_gpu, video_resize(cfg)), cfg)
+        sink.write(build_dataset(cfg, plan.pending(), plan.todo, use_gpu, video_resize(cfg)), cfg)
     written = sink.staged(cfg)
     # Every pending manifest row must have produced output (by its file:line) before the commit:
     # an incomplete run fails loudly, commits nothing, and a rerun redoes only what is missing.
-    missing = set(todo.column("source").to_pylist()) - written.sources
-    if missing:
-        raise RunError(f"{len(missing)} manifest rows have no output row (for example {sorted(missing)[:3]}); "
-                       f"the run is incomplete and nothing was committed. Rerun the same command.")
+    if plan.todo:
+        missing, examples = plan.missing(sink.read_staged(cfg, written.files, ["source"]) if written.files else None)
+        if missing:
+            raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
+                           f"the run is incomplete and nothing was committed. Rerun the same command.")
     wall = time.time() - started
-    summary = RunSummary(run_id=cfg.run_id, items=todo.num_rows, rows=written.rows, ok=written.by_status["ok"],
+    summary = RunSummary(run_id=cfg.run_id, items=plan.todo, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
-                         wall_s=wall, output=cfg.output, skipped=scan.num_items - todo.num_rows, discarded=discarded)
-    replaced = superseded(done, written.ids) if cfg.retry_errors else {}
+                         wall_s=wall, output=cfg.output, skipped=plan.committed, discarded=discarded)
+    replaced = plan.superseded() if cfg.retry_errors and plan.todo else {}
     held.check()  # a run that lost its lease (it stalled past the TTL and another took over) commits nothing
-    sink.commit(cfg, written, ledger(cfg, summary, scan), replaced)
+    sink.commit(cfg, written, ledger(cfg, summary, plan), replaced)
     return summary
 
 
@@ -187,40 +191,7 @@ def gpu_memory_gb(timeout_s: float = 60, accelerator_type: str | None = None) ->
         return None
 
 
-def pending(records, done: sink.Committed, cfg: RunConfig):
-    """The manifest records with prompts not yet committed under this run's settings, each with
-    the prompts it already has (`done_prompts`, not generated again). With --retry-errors only ok
-    rows count as done."""
-    import pyarrow as pa
-
-    keep, done_prompts = [], []
-    for rec in records.select(["id", "source", "media_type", "prompt", "questions", "error_type"]).to_pylist():
-        if rec["id"] is None:
-            keep.append(rec["source"] not in done.sources)
-            done_prompts.append(None)
-            continue
-        rows = done.rows.get(rec["id"], {})
-        finished = {p for p, (status, _, _) in rows.items() if status == "ok" or not cfg.retry_errors}
-        media = next((m for _, m, _ in rows.values() if m), rec["media_type"])
-        expected = prompts_for(rec, media, cfg)
-        keep.append(not finished.issuperset(expected))
-        done_prompts.append(sorted(p for p in finished if p is not None) or None)
-    table = records.set_column(records.schema.get_field_index("done_prompts"), "done_prompts",
-                               pa.array(done_prompts, pa.list_(pa.string())))
-    return table.filter(pa.array(keep, pa.bool_()))
-
-
-def superseded(done: sink.Committed, staged_ids: set) -> dict[str, list[str]]:
-    """Committed error rows that this run's new rows replace (--retry-errors): {file: [ids]}."""
-    out: dict[str, set] = {}
-    for i in staged_ids & done.rows.keys():
-        for status, _, path in done.rows[i].values():
-            if status == "error":
-                out.setdefault(path, set()).add(i)
-    return {path: sorted(ids) for path, ids in out.items()}
-
-
-def ledger(cfg: RunConfig, summary: RunSummary, scan) -> dict:
+def ledger(cfg: RunConfig, summary: RunSummary, plan: Plan) -> dict:
     """What the run did, with what, beside its output: `_runs/RUN_ID.json`."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -230,7 +201,7 @@ def ledger(cfg: RunConfig, summary: RunSummary, scan) -> dict:
             versions[package] = version(package)
         except PackageNotFoundError:
             pass
-    return {"run_id": cfg.run_id, "manifest_files": scan.files, "manifest_items": scan.num_items,
+    return {"run_id": cfg.run_id, "manifest_files": plan.files, "manifest_items": plan.items,
             "items": summary.items, "skipped_already_committed": summary.skipped,
             "discarded_rows_of_failed_runs": summary.discarded,
             "wall_s": round(summary.wall_s, 3), "items_per_s": round(summary.items_per_s, 3),

@@ -28,7 +28,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from pipeline.config import RunConfig
 from pipeline.schemas import output_arrow_schema
@@ -44,8 +43,6 @@ class WriteResult:
     rows: int = 0
     by_status: Counter = field(default_factory=Counter)
     by_error_type: Counter = field(default_factory=Counter)
-    sources: set = field(default_factory=set)  # manifest rows (file:line) that have output rows
-    ids: set = field(default_factory=set)
 
 
 def staging_uri(cfg: RunConfig, run_id: str | None = None) -> str:
@@ -53,9 +50,11 @@ def staging_uri(cfg: RunConfig, run_id: str | None = None) -> str:
 
 
 def write(ds, cfg: RunConfig) -> None:
-    """Stream the dataset into the staging folder (this is what executes the pipeline)."""
+    """Stream the dataset into the staging folder (this is what executes the pipeline), in files of
+    about --output-file-rows rows (Ray Data gathers the small blocks the decode stage works on), in
+    row groups that readers read and skip on their own."""
     fs, path = arrow_filesystem(staging_uri(cfg), cfg.storage)
-    ds.write_parquet(path, filesystem=fs)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=cfg.output_file_rows, row_group_size=cfg.output_row_group_rows)
 
 
 def _uri(fs_path: str, like: str) -> str:
@@ -63,53 +62,81 @@ def _uri(fs_path: str, like: str) -> str:
     return fs_path if proto == "file" else f"{proto}://{fs_path}"
 
 
-def _read(paths: list[str], cfg: RunConfig, columns: list[str]):
-    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
-    return pads.dataset(paths, schema=output_arrow_schema(), format="parquet", filesystem=afs).to_table(columns=columns)
+NO_ID = "\x00source:"  # the key of a row without an id: its manifest file and line (no id starts with NUL)
+COMMITTED_COLUMNS = ["id", "prompt", "status", "media_type", "source", "config_key"]
 
 
 @dataclass
-class Committed:
-    """What the committed output holds for this run's settings (its config_key)."""
+class CommittedKeys:
+    """The committed output's rows as a Ray dataset of compact keys (plan.COMMITTED_SCHEMA), and
+    the size of the files they come from."""
 
-    rows: dict = field(default_factory=dict)  # id -> {prompt: (status, media_type, file)}
-    sources: set = field(default_factory=set)  # manifest rows (file:line) of id-less error rows
+    keys: object
+    bytes: int
 
 
-def committed(cfg: RunConfig) -> Committed:
-    """The committed rows made with this run's settings; rows of other settings do not count."""
+def committed_keys(cfg: RunConfig) -> CommittedKeys | None:
+    """The committed rows made with this run's settings (rows of other settings do not count), read
+    by Ray Data tasks: per row its key (the id, or NO_ID + file:line), prompt, status, media type,
+    and for an error row the file holding it. None when nothing is committed."""
+    import ray
+
     fs, out = filesystem(cfg.output, cfg.storage)
     fs.invalidate_cache()
-    done = Committed()
     if not fs.exists(out):
-        return done
-    key = cfg.config_key()
-    for path in sorted(p for p in fs.ls(out, detail=False) if p.endswith(".parquet")):
-        t = _read([path], cfg, ["id", "prompt", "status", "media_type", "source", "config_key"]).to_pydict()
-        for i, prompt, status, media, source, k in zip(*t.values()):
-            if k != key:
-                continue
-            if i is None:
-                done.sources.add(source)
-            else:
-                done.rows.setdefault(i, {})[prompt] = (status, media, path)
-    return done
+        return None
+    files = {i["name"]: i["size"] for i in fs.ls(out, detail=True) if i["type"] == "file"
+             and i["name"].endswith(".parquet") and not i["name"].rsplit("/", 1)[-1].startswith(("_", "."))}
+    if not files:
+        return None
+    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
+    ds = ray.data.read_parquet(sorted(files), filesystem=afs, include_paths=True,
+                               schema=pa.schema([output_arrow_schema().field(c) for c in COMMITTED_COLUMNS]))
+    keys = ds.map_batches(_committed_keys, fn_kwargs={"config_key": cfg.config_key()}, batch_format="pyarrow")
+    return CommittedKeys(keys=keys, bytes=sum(files.values()))
+
+
+def _committed_keys(rows: pa.Table, config_key: str) -> pa.Table:
+    import pyarrow.compute as pc
+
+    rows = rows.filter(pc.fill_null(pc.equal(rows["config_key"], config_key), False))
+    key = pc.coalesce(rows["id"], pc.binary_join_element_wise(NO_ID, rows["source"], ""))
+    rows, key = rows.filter(pc.is_valid(key)), key.filter(pc.is_valid(key))
+    error_file = pc.if_else(pc.fill_null(pc.equal(rows["status"], "error"), False), rows["path"], pa.scalar(None, pa.string()))
+    return pa.table({"c_key": key, "c_prompt": rows["prompt"], "c_status": rows["status"], "c_media": rows["media_type"],
+                     "c_path": error_file})
+
+
+def read_staged(cfg: RunConfig, files: list[str], columns: list[str]):
+    """This run's staged rows as a Ray dataset (for the distributed checks before the commit)."""
+    import ray
+
+    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
+    paths = [filesystem(f, cfg.storage)[1] for f in files]
+    return ray.data.read_parquet(paths, filesystem=afs, schema=pa.schema([output_arrow_schema().field(c) for c in columns]))
 
 
 def staged(cfg: RunConfig) -> WriteResult:
-    """What this run wrote to staging: files, row counts by status and error type, sources."""
+    """What this run wrote to staging: files and row counts by status and error type (counted from
+    each file's rows by Ray Data tasks; the driver lists the files and adds up a few counts)."""
     fs, staged_dir = filesystem(staging_uri(cfg), cfg.storage)
     fs.invalidate_cache()  # the files were written by other processes: never trust a cached listing
     files = sorted(p for p in fs.find(staged_dir) if p.endswith(".parquet")) if fs.exists(staged_dir) else []
     result = WriteResult(files=[_uri(p, cfg.output) for p in files])
     if files:
-        table = _read(files, cfg, ["id", "status", "error_type", "source"])
-        result.rows = table.num_rows
-        result.by_status.update(table.column("status").to_pylist())
-        result.by_error_type.update(e for e in table.column("error_type").to_pylist() if e)
-        result.sources.update(table.column("source").to_pylist())
-        result.ids.update(i for i in table.column("id").to_pylist() if i is not None)
+        counts = read_staged(cfg, result.files, ["status", "error_type"]).map_batches(
+            _count_by_status, batch_format="pyarrow", batch_size=None).take_all()  # a few rows per block
+        for row in counts:
+            result.rows += row["n"]
+            result.by_status[row["status"]] += row["n"]
+            if row["error_type"]:
+                result.by_error_type[row["error_type"]] += row["n"]
     return result
+
+
+def _count_by_status(rows: pa.Table) -> pa.Table:
+    counts = rows.group_by(["status", "error_type"], use_threads=False).aggregate([([], "count_all")])
+    return counts.rename_columns({"count_all": "n"})
 
 
 def commit(cfg: RunConfig, result: WriteResult, ledger: dict, supersedes: dict | None = None) -> None:

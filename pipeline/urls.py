@@ -23,6 +23,8 @@ FORBIDDEN_SCHEMES = frozenset({"file", "local", "concat", "subfile", "pipe", "fd
 # fsspec chains URLs with "::" anywhere (simplecache::s3://..., s3://a::local-path); a bracketed
 # IPv6 host ([::1]) is the only "::" allowed.
 _IPV6_HOST = re.compile(r"^[A-Za-z][\w+.-]*://\[[0-9A-Fa-f:.%]*\]")
+_CONTROL = "[\x00-\x1f\x7f]"
+_CONTROL_RE = re.compile(_CONTROL)  # one regex search, not a Python loop per character: the scan calls it per row
 
 
 class URLRejected(ValueError):
@@ -46,7 +48,7 @@ def is_public_address(address: str) -> bool:
 def _split(uri: str):
     """urlsplit, with malformed URIs (NUL and other control characters, an unbalanced '[') refused
     as URLRejected instead of the ValueError that would end the run or answer 500."""
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
+    if _CONTROL_RE.search(uri):
         raise URLRejected("the URI holds a control character (NUL, newline, ...); fix the URI")
     try:
         parts = urlsplit(uri)
@@ -113,11 +115,80 @@ def check_media_uri(uri: str, allowed_prefixes: Iterable[str], resolve: Callable
         path = uri.removeprefix("file://")
         if not os.path.isabs(path):
             raise URLRejected("local paths must be absolute")
-        if not any(os.path.realpath(path).startswith(root) for root in local_roots):
+        if not _under_local_root(path, local_roots):
             raise URLRejected(f"the local path is outside the allowed folders ({', '.join(local_roots) or 'none'})")
         return
     remote = [p for p in prefixes if "://" in p and not p.startswith("file://")]
     check_uri(uri, {p.split("://", 1)[0] for p in remote}, remote, resolve)
+
+
+def _under_local_root(path: str, roots: list[str]) -> bool:
+    """The path, symlinks and `..` resolved, lies under a root. The folder's real path is looked up
+    once per folder (a manifest names millions of files in few folders); the file itself is
+    checked each time. A folder swapped for a link later is refused where the file is opened
+    (open_local_checked)."""
+    import os
+
+    folder, name = os.path.split(path)
+    if name in ("", ".", "..") or os.path.islink(path):
+        real = os.path.realpath(path)
+    else:
+        real = os.path.join(_real_folder(folder), name)
+    return any(real.startswith(root) for root in roots)
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    import os
+
+    return os.path.realpath(folder)
+
+
+def media_uris_surely_allowed(uris, allowed_prefixes: Iterable[str]):
+    """A boolean numpy mask over a pyarrow string array: True where check_media_uri accepts the URI
+    for certain, decided for the whole array at once (the manifest scan's fast path). Only plain
+    cases pass: no control character and no "::", and either under a remote prefix that names its
+    host (not http(s): those need a DNS lookup) or an absolute local path without `.`/`..`/`//`
+    that the folder check admits. Everything else goes through check_media_uri one by one, which
+    also words the reason."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    prefixes = tuple(allowed_prefixes)
+    n = len(uris)
+    plain = pc.invert(pc.or_(pc.match_substring_regex(uris, _CONTROL), pc.match_substring(uris, "::")))
+    plain = pc.fill_null(plain, False)
+    sure = np.zeros(n, dtype=bool)
+    for prefix in _host_prefixes(prefixes):
+        sure |= pc.fill_null(pc.and_(plain, pc.starts_with(uris, prefix)), False).to_numpy(zero_copy_only=False)
+    roots = _local_roots(prefixes)
+    if roots:
+        paths = pc.if_else(pc.starts_with(uris, "file://"), pc.utf8_slice_codeunits(uris, 7), uris)
+        local = pc.and_(plain, pc.or_(pc.starts_with(uris, "/"), pc.starts_with(uris, "file:///")))
+        local = pc.and_(local, pc.invert(pc.match_substring_regex(paths, r"//|/\.\.?(/|$)")))
+        local = pc.fill_null(local, False).to_numpy(zero_copy_only=False)
+        todo = np.flatnonzero(local & ~sure)
+        for i, path in zip(todo, pc.take(paths, todo).to_pylist()):
+            sure[i] = _under_local_root(path, roots)
+    return sure
+
+
+@functools.lru_cache(maxsize=32)
+def _host_prefixes(prefixes: tuple[str, ...]) -> list[str]:
+    """The allowed remote prefixes that fix the URI's scheme and host (s3://bucket/...), not
+    http(s), that check_media_uri itself admits: a URI under one needs no per-URI parsing."""
+    out = []
+    for p in prefixes:
+        p = p if p.endswith("/") else p + "/"
+        scheme, sep, rest = p.partition("://")
+        if not sep or scheme.lower() in ("http", "https", "file") or not rest.split("/", 1)[0]:
+            continue
+        try:
+            check_media_uri(p + "x", prefixes, resolve=lambda *a, **k: [])
+        except URLRejected:
+            continue
+        out.append(p)
+    return out
 
 
 @functools.lru_cache(maxsize=32)

@@ -107,18 +107,18 @@ def interrupted_commit(cfg, files_moved: int):
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, samples, tiny_model, tmp_path, store,
                                                                s3_endpoint, s3_client):
-    from pipeline.run import build_dataset, pending
     from pipeline.manifest import scan_manifest
+    from pipeline.run import build_dataset
 
     if store == "s3":
         s3_client.create_bucket(Bucket="commits")
         out = "s3://commits/out"
     else:
         out = tmp_path / "out"
-    cfg = config(samples / "manifest.jsonl", out, tiny_model, batch_size=2)
+    cfg = config(samples / "manifest.jsonl", out, tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
-    records = pending(scan_manifest(cfg).records, sink.Committed(), cfg)
-    sink.write(build_dataset(cfg, records, use_gpu=False).repartition(3), cfg)
+    records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
+    sink.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
     staged = interrupted_commit(cfg, files_moved=2)
     assert len(staged.files) == 3 and staged.rows == 7
 
@@ -167,17 +167,17 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
 
     from conftest import REPO
     from pipeline.manifest import scan_manifest
-    from pipeline.run import build_dataset, pending
+    from pipeline.run import build_dataset
 
     if store == "s3":
         s3_client.create_bucket(Bucket="kills")
         root = "s3://kills"
     else:
         root = str(tmp_path)
-    cfg = config(samples / "manifest.jsonl", f"{root}/staged", tiny_model, batch_size=2)
+    cfg = config(samples / "manifest.jsonl", f"{root}/staged", tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
-    records = pending(scan_manifest(cfg).records, sink.Committed(), cfg)
-    sink.write(build_dataset(cfg, records, use_gpu=False).repartition(3), cfg)
+    records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
+    sink.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
     assert len(sink.staged(cfg).files) == 3
 
     outcomes = []

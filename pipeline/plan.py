@@ -1,0 +1,237 @@
+"""Plan a run on Ray Data: the manifest's records, repeated ids marked, set against what the output
+already holds under the run's settings -> the records still to do.
+
+    manifest files --(a task per file: scan_file)--> records ----------+
+                                                                       +--> by id partition: plan_partition
+    committed part files --(read_parquet: sink.committed_keys)--> keys -+    (duplicates, still to do, prompts done)
+
+Every row of an id, from the manifest and from the output, lands in the same partition (a hash of
+the id), where pyarrow handles the partition as one table. The driver lists files and reads a few
+counts per partition; no row passes through it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline import sink
+from pipeline.config import DEFAULT_PROMPTS, RunConfig
+from pipeline.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, mark_duplicates, scan_file
+
+# The committed side's columns (sink.committed_keys); null on manifest rows, as the records' are on these.
+COMMITTED_SCHEMA = pa.schema([("c_key", pa.string()), ("c_prompt", pa.string()), ("c_status", pa.string()),
+                              ("c_media", pa.string()), ("c_path", pa.string())])
+PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.field("_part", pa.int32())])
+# `_todo`: the record has a prompt still to do; `_replaces`: committed files holding error rows of
+# its id that its new rows replace (--retry-errors)
+PLANNED_SCHEMA = pa.schema(list(SCAN_SCHEMA) + [pa.field("_todo", pa.bool_()), pa.field("_replaces", pa.list_(pa.string()))])
+PARTITION_BYTES = 128 << 20  # manifest bytes per partition (about a million rows of JSONL)
+NO_PROMPT = "\x00"  # stands for "no prompt" in joins (null never matches); no prompt is a NUL
+
+
+def _todo_expr():
+    from ray.data.expressions import col
+
+    return col("_todo")
+
+
+@dataclass
+class Plan:
+    """What a run will do: `records` (materialized; PLANNED_SCHEMA) and its counts."""
+
+    records: object
+    files: list[str]
+    items: int
+    todo: int
+    invalid: int
+    partitions: int
+
+    @property
+    def committed(self) -> int:
+        return self.items - self.todo
+
+    def line(self) -> str:
+        """For scripts: key=value pairs."""
+        return (f"plan: items={self.items} committed={self.committed} todo={self.todo} invalid={self.invalid} "
+                f"manifest_files={len(self.files)}")
+
+    def pending(self):
+        """The records still to do, as the pipeline takes them (RECORD_SCHEMA)."""
+        return self.records.filter(expr=_todo_expr()).select_columns(RECORD_SCHEMA.names)
+
+    def superseded(self) -> dict[str, list[str]]:
+        """Committed error rows that this run's new rows replace (--retry-errors): {file: [ids]}.
+        One row per retried item reaches the driver."""
+        out: dict[str, set] = {}
+        rows = self.records.filter(expr=_todo_expr()).map_batches(_replacing, batch_format="pyarrow", batch_size=None)
+        for row in rows.iter_rows():
+            for path in row["_replaces"]:
+                out.setdefault(path, set()).add(row["id"])
+        return {path: sorted(ids) for path, ids in out.items()}
+
+    def missing(self, staged_sources) -> tuple[int, list[str]]:
+        """Records still to do that have no row among the staged rows (a dataset of `source`), by
+        a distributed anti-join: how many, and a few of their sources."""
+        todo = self.records.filter(expr=_todo_expr()).select_columns(["source"])
+        if staged_sources is None:
+            return self.todo, [r["source"] for r in todo.take(3)]
+        gone = todo.join(staged_sources, "left_anti", num_partitions=self.partitions, on=("source",)).materialize()
+        return gone.count(), sorted(r["source"] for r in gone.take(3))
+
+
+def _replacing(rows: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return rows.filter(pc.is_valid(rows["_replaces"])).select(["id", "_replaces"])
+
+
+def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
+    """The plan of a run over these manifest files, computed by Ray Data and materialized."""
+    import ray
+
+    from pipeline.storage import filesystem
+
+    fs, _ = filesystem(files[0], cfg.storage)
+    manifest_bytes = sum(fs.size(filesystem(f, cfg.storage)[1]) for f in files)
+    committed = sink.committed_keys(cfg)
+    committed_bytes = committed.bytes if committed else 0
+    # the output's Parquet holds a row in fewer bytes than JSONL: weigh it up
+    parts = max(1, min(64, math.ceil((manifest_bytes + 4 * committed_bytes) / PARTITION_BYTES)))
+    prefixes = cfg.media_prefixes()  # here: a relative --manifest resolves against this process's folder
+    tasks = ray.data.from_items([{"uri": uri, "index": i} for i, uri in enumerate(files)], override_num_blocks=len(files))
+    inputs = tasks.map_batches(_scan_files, fn_kwargs={"prefixes": prefixes, "cfg": cfg, "parts": parts}, batch_size=1,
+                               batch_format="pyarrow")
+    if committed:
+        inputs = inputs.union(committed.keys.map_batches(_committed_rows, fn_kwargs={"parts": parts}, batch_format="pyarrow"))
+    grouped = inputs.groupby("_part", num_partitions=parts) if parts > 1 else inputs.groupby(None)
+    planned = grouped.map_groups(plan_partition, fn_kwargs={"cfg": cfg}, batch_format="pyarrow")
+    try:
+        planned = planned.materialize()
+    except Exception as e:  # a task's ManifestError arrives wrapped in Ray's errors: raise it as itself
+        cause = e
+        while cause is not None and not isinstance(cause, ManifestError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        raise (ManifestError(str(cause)) if cause else e) from e
+    counts = planned.map_batches(_counts, batch_format="pyarrow", batch_size=None).take_all()  # a row per block
+    return Plan(records=planned, files=files, items=sum(c["items"] for c in counts), todo=sum(c["todo"] for c in counts),
+                invalid=sum(c["invalid"] for c in counts), partitions=parts)
+
+
+def _scan_files(batch: pa.Table, prefixes: list[str], cfg: RunConfig, parts: int):
+    for uri, index in zip(batch["uri"].to_pylist(), batch["index"].to_pylist()):
+        for records in scan_file(uri, index, prefixes, cfg):
+            n = records.num_rows
+            yield pa.Table.from_arrays([*records.columns, *(pa.nulls(n, f.type) for f in COMMITTED_SCHEMA),
+                                        _partition_of(_key(records), parts)], schema=PLAN_INPUT_SCHEMA)
+
+
+def _committed_rows(keys: pa.Table, parts: int) -> pa.Table:
+    n = keys.num_rows
+    return pa.Table.from_arrays([*(pa.nulls(n, f.type) for f in SCAN_SCHEMA), *(keys[f.name] for f in COMMITTED_SCHEMA),
+                                 _partition_of(keys["c_key"], parts)], schema=PLAN_INPUT_SCHEMA)
+
+
+def _key(records: pa.Table):
+    """An item's key in the output: its id, or for a row without one its manifest file:line."""
+    import pyarrow.compute as pc
+
+    return pc.coalesce(records["id"], pc.binary_join_element_wise(sink.NO_ID, records["source"], ""))
+
+
+def _partition_of(keys, parts: int):
+    """The partition of each key: the same key, the same partition, in every task of the run."""
+    if parts == 1:
+        return pa.repeat(pa.scalar(0, pa.int32()), len(keys))
+    import polars as pl
+
+    hashed = pl.Series(pa.chunked_array(keys) if isinstance(keys, pa.Array) else keys).hash(seed=0) % parts
+    return hashed.cast(pl.Int32).to_arrow()
+
+
+def plan_partition(rows: pa.Table, cfg: RunConfig) -> pa.Table:
+    """One partition: every manifest row and committed row of its ids. Repeated ids are marked,
+    then each record is set against the committed rows of its key: it is to do unless every
+    prompt it expects is committed (with --retry-errors: committed ok), and it carries the
+    prompts it has (`done_prompts`, not generated again)."""
+    import pyarrow.compute as pc
+
+    side = pc.is_valid(rows["c_key"])
+    records = mark_duplicates(rows.filter(pc.invert(side)).select(SCAN_SCHEMA.names))
+    committed = rows.filter(side).select(COMMITTED_SCHEMA.names)
+    return still_to_do(records, committed, cfg).sort_by("_order")
+
+
+def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Table:
+    """`records` (SCAN_SCHEMA, repeated ids marked) with `_todo`, `done_prompts` and `_replaces`,
+    given the committed rows (COMMITTED_SCHEMA) of their keys."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = records.num_rows
+    key = _key(records)
+    # a finished committed row: ok, or any row without --retry-errors; a row without an id is done once committed
+    finished = committed.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
+                                                    pc.starts_with(committed["c_key"], sink.NO_ID)), False))
+    by_key = committed.group_by("c_key", use_threads=False).aggregate([("c_media", "max")])
+    where = pc.index_in(key, by_key["c_key"])
+    media = pc.coalesce(pc.take(by_key["c_media_max"], where), records["media_type"])
+    expected = _expected_prompts(records, media, cfg)
+    lengths = pc.list_value_length(expected).to_numpy(zero_copy_only=False)
+    row_of = np.repeat(np.arange(n), lengths)
+    wanted = pa.table({"c_key": pc.take(key, pa.array(row_of)), "p": pc.fill_null(expected.flatten(), NO_PROMPT),
+                       "row": pa.array(row_of)})
+    have = finished.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
+    have = pa.table({"c_key": have["c_key"], "p": pc.fill_null(have["c_prompt"], NO_PROMPT)})
+    found = wanted.join(have, keys=["c_key", "p"], join_type="left semi", use_threads=False)
+    found_per_row = np.bincount(found["row"].to_numpy(), minlength=n) if n else np.zeros(0, dtype=np.int64)
+    todo = found_per_row < lengths
+    # the prompts each record has: its key's finished prompts, sorted
+    prompts = (finished.filter(pc.is_valid(finished["c_prompt"])).select(["c_key", "c_prompt"])
+               .group_by(["c_key", "c_prompt"], use_threads=False).aggregate([]).sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
+               .group_by("c_key", use_threads=False).aggregate([("c_prompt", "list")]))
+    done_prompts = pc.take(prompts["c_prompt_list"], pc.index_in(key, prompts["c_key"]))
+    records = records.set_column(records.schema.get_field_index("done_prompts"), "done_prompts", done_prompts)
+    records = records.append_column("_todo", pa.array(todo))
+    errors = committed.filter(pc.fill_null(pc.and_(pc.equal(committed["c_status"], "error"), pc.is_valid(committed["c_path"])), False))
+    replaces = pa.nulls(n, pa.list_(pa.string()))
+    if cfg.retry_errors and errors.num_rows:
+        files = errors.group_by("c_key", use_threads=False).aggregate([("c_path", "distinct")])
+        replaces = pc.take(files["c_path_distinct"], pc.index_in(key, files["c_key"]))
+        replaces = pc.if_else(pa.array(todo & pc.is_valid(records["id"]).to_numpy(zero_copy_only=False)), replaces, pa.scalar(None, replaces.type))
+    return records.append_column("_replaces", replaces).cast(PLANNED_SCHEMA)
+
+
+def _expected_prompts(records: pa.Table, media, cfg: RunConfig):
+    """manifest.prompts_for for a whole table: a list of prompts per record (null: no prompt)."""
+    import pyarrow.compute as pc
+
+    if cfg.prompt:
+        default = pa.repeat(pa.scalar(cfg.prompt), records.num_rows)
+    else:
+        several = pc.fill_null(pc.greater(pc.list_value_length(records["uris"]), 1), False)
+        kind = pc.if_else(several, "images", pc.fill_null(media, "video"))
+        default = pc.fill_null(pc.if_else(pc.equal(kind, "images"), DEFAULT_PROMPTS["images"],
+                                          pc.if_else(pc.equal(kind, "image"), DEFAULT_PROMPTS["image"], DEFAULT_PROMPTS["video"])),
+                               DEFAULT_PROMPTS["video"])
+    one = pc.coalesce(records["prompt"], default)
+    singles = pa.ListArray.from_arrays(pa.array(range(0, records.num_rows + 1), pa.int32()), one.combine_chunks()
+                                       if isinstance(one, pa.ChunkedArray) else one)
+    no_item = pc.fill_null(pc.is_in(records["error_type"], pa.array(["invalid_manifest_row", "duplicate_id"])), False)
+    nothing = pa.ListArray.from_arrays(pa.array(range(0, records.num_rows + 1), pa.int32()), pa.nulls(records.num_rows, pa.string()))
+    expected = pc.if_else(no_item, nothing, singles)
+    if cfg.task == "qa":
+        questions = records["questions"].combine_chunks() if isinstance(records["questions"], pa.ChunkedArray) else records["questions"]
+        expected = pc.if_else(pc.and_(pc.invert(no_item), pc.is_valid(questions)), questions, expected)
+    return expected.combine_chunks() if isinstance(expected, pa.ChunkedArray) else expected
+
+
+def _counts(rows: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    invalid = pc.sum(pc.cast(pc.is_valid(rows["error_type"]), pa.int64())).as_py() or 0
+    todo = pc.sum(pc.cast(rows["_todo"], pa.int64())).as_py() or 0
+    return pa.table({"items": [rows.num_rows], "todo": [todo], "invalid": [invalid]})
+
