@@ -16,7 +16,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow as pa
 
@@ -180,6 +180,7 @@ class Chunk:
     numbers: "np.ndarray"
     table: pa.Table | None = None
     rows: list | None = None
+    reread: Callable[[list[int]], list] | None = None  # the table's rows at these positions, as the per-row path reads them
 
 
 def _file_chunks(uri: str, fmt: str, cfg: RunConfig) -> Iterator[Chunk]:
@@ -224,49 +225,84 @@ def _jsonl_chunks(open_binary) -> Iterator[Chunk]:
                 data, first = data.removeprefix(b"\xef\xbb\xbf"), False
             cut = data.rfind(b"\n") + 1 if block else len(data)
             if cut:
-                yield _jsonl_chunk(data[:cut], line)
+                yield from _jsonl_chunk(data[:cut], line)
                 line += data.count(b"\n", 0, cut)
             carry = data[cut:]
             if not block:
                 return
 
 
-def _jsonl_chunk(data: bytes, first_line: int) -> Chunk:
-    """Parsed by pyarrow when that is certain to give one row per non-blank line (each starts with
-    `{` and ends with `}`: pyarrow would also take two objects on a line, or one over two lines);
-    else line by line with json, as a JSONL reader must."""
+def _jsonl_chunk(data: bytes, first_line: int) -> Iterator[Chunk]:
+    """The non-blank lines of a block of whole lines, parsed by pyarrow where that is certain to
+    give one row per line (each starts with `{` and ends with `}`: pyarrow would also take two
+    objects on a line, or one over two lines), else line by line with json."""
     import numpy as np
-    import pyarrow.json as pajson
 
     buf = np.frombuffer(data, np.uint8)
     ends = np.flatnonzero(buf == 10)
     if not len(buf) or buf[-1] != 10:
         ends = np.append(ends, len(buf))
-    starts = np.concatenate(([0], ends[:-1] + 1))
+    starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
     content = np.flatnonzero((buf != 32) & (buf != 9) & (buf != 13) & (buf != 10))
     first, last = np.searchsorted(content, starts), np.searchsorted(content, ends) - 1
-    nonblank = first <= last
-    numbers = first_line + np.flatnonzero(nonblank)
-    if len(numbers) and (buf[content[first[nonblank]]] == ord("{")).all() and (buf[content[last[nonblank]]] == ord("}")).all():
+    lines = np.flatnonzero(first <= last)
+    shaped = np.zeros(len(starts), dtype=bool)
+    shaped[lines] = (buf[content[first[lines]]] == ord("{")) & (buf[content[last[lines]]] == ord("}"))
+    yield from _jsonl_lines(data, starts, ends, lines, shaped, first_line)
+
+
+def _jsonl_lines(data: bytes, starts, ends, lines, shaped, first_line: int) -> Iterator[Chunk]:
+    """Lines `lines` of the block: all at once by pyarrow, or halved until the lines pyarrow cannot
+    take (a wrong type, bad JSON) are in small groups read line by line: a bad row slows down a
+    few of its neighbours, not its whole block."""
+    import numpy as np
+
+    if not len(lines):
+        return
+    if shaped[lines].all():
+        table = _read_json(data[starts[lines[0]]:ends[lines[-1]]])
+        if table is not None and table.num_rows == len(lines):
+            # rows that need the per-row path are read again by json (pyarrow makes 1 a float, 1.0)
+            yield Chunk(first_line + lines, table=table,
+                        reread=lambda positions: [_json_row(data[starts[lines[p]]:ends[lines[p]]]) for p in positions])
+            return
+    if len(lines) <= 16:
+        yield Chunk(first_line + lines, rows=[_json_row(data[starts[i]:ends[i]]) for i in lines])
+        return
+    half = len(lines) // 2
+    yield from _jsonl_lines(data, starts, ends, lines[:half], shaped, first_line)
+    yield from _jsonl_lines(data, starts, ends, lines[half:], shaped, first_line)
+
+
+# ids may be numbers in JSONL (they become strings); pyarrow types a column one way per read
+_RAW_SCHEMA_NUMBER_IDS = RAW_SCHEMA.set(0, pa.field("id", pa.int64()))
+
+
+def _read_json(data: bytes) -> pa.Table | None:
+    import pyarrow.json as pajson
+
+    read = pajson.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 16))
+    for schema in (RAW_SCHEMA, _RAW_SCHEMA_NUMBER_IDS):
         try:
-            table = pajson.read_json(pa.py_buffer(data), read_options=pajson.ReadOptions(use_threads=False, block_size=max(len(data), 1 << 16)),
-                                     parse_options=pajson.ParseOptions(explicit_schema=RAW_SCHEMA, unexpected_field_behavior="ignore"))
-            if table.num_rows == len(numbers):
-                return Chunk(numbers, table=table)
-        except pa.ArrowInvalid:
-            pass  # a row pyarrow cannot type (an id that is a number, a bad line): json words it
-    rows = []
-    for n, line in enumerate(data.decode("utf-8").split("\n"), start=first_line):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
-        except ValueError as e:
-            rows.append((n, e))
-    return Chunk(np.array([n for n, _ in rows], dtype=np.int64), rows=[r for _, r in rows])
+            return pajson.read_json(pa.py_buffer(data), read_options=read,
+                                    parse_options=pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+        except pa.ArrowInvalid as e:
+            if "Column(/id)" not in str(e):
+                return None
+    return None
+
+
+def _json_row(line: bytes) -> dict | Exception:
+    """One line as json reads it: a dict, or why it is not a JSON object."""
+    try:
+        row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError: the file is not UTF-8 (ManifestError)
+        if not isinstance(row, dict):
+            raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        return row
+    except UnicodeDecodeError:
+        raise
+    except ValueError as e:
+        return e
 
 
 def _csv_chunks(open_binary) -> Iterator[Chunk]:
@@ -305,7 +341,7 @@ def _csv_chunks(open_binary) -> Iterator[Chunk]:
             yield Chunk(np.array(numbers), rows=rows)
 
 
-_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"  # what float() reads that pyarrow's cast reads alike
+_NUMBER = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"  # what float() reads that pyarrow's cast reads alike
 
 
 def _conform(table: pa.Table, fmt: str) -> tuple[pa.Table, "np.ndarray"]:
@@ -479,7 +515,7 @@ def scan_file(uri: str, index: int, prefixes: list[str], cfg: RunConfig) -> Iter
                 fast, unsure = _fast_records(table.take(plain), numbers[plain], uri, index, label, prefixes)
                 parts.append(fast)
                 pick = np.sort(np.concatenate([np.flatnonzero(slow), plain[unsure]]))
-                rows = chunk.table.take(pa.array(pick, pa.int64())).to_pylist()
+                rows = chunk.reread(pick) if chunk.reread else chunk.table.take(pa.array(pick, pa.int64())).to_pylist()
                 if fmt == "csv":
                     rows = [_coerce_csv_row(r) for r in rows]
                 numbers = numbers[pick]

@@ -73,13 +73,31 @@ class Plan:
         return {path: sorted(ids) for path, ids in out.items()}
 
     def missing(self, staged_sources) -> tuple[int, list[str]]:
-        """Records still to do that have no row among the staged rows (a dataset of `source`), by
-        a distributed anti-join: how many, and a few of their sources."""
+        """Records still to do that have no row among the staged rows (a dataset of `source`), found
+        by source partition as the plan finds ids: how many, and a few of their sources."""
         todo = self.records.filter(expr=_todo_expr()).select_columns(["source"])
         if staged_sources is None:
-            return self.todo, [r["source"] for r in todo.take(3)]
-        gone = todo.join(staged_sources, "left_anti", num_partitions=self.partitions, on=("source",)).materialize()
+            return self.todo, sorted(r["source"] for r in todo.take(3))
+        sided = [ds.map_batches(_by_source, fn_kwargs={"staged": staged, "parts": self.partitions}, batch_format="pyarrow")
+                 for ds, staged in ((todo, False), (staged_sources, True))]
+        both = sided[0].union(sided[1])
+        grouped = both.groupby("_part", num_partitions=self.partitions) if self.partitions > 1 else both.groupby(None)
+        gone = grouped.map_groups(_unmatched, batch_format="pyarrow").materialize()
         return gone.count(), sorted(r["source"] for r in gone.take(3))
+
+
+def _by_source(rows: pa.Table, staged: bool, parts: int) -> pa.Table:
+    return pa.table({"source": rows["source"], "_staged": pa.repeat(pa.scalar(staged), rows.num_rows),
+                     "_part": _partition_of(rows["source"], parts)})
+
+
+def _unmatched(rows: pa.Table) -> pa.Table:
+    """The sources to do (not `_staged`) that no staged row has."""
+    import pyarrow.compute as pc
+
+    staged = rows.filter(rows["_staged"])["source"]
+    todo = rows.filter(pc.invert(rows["_staged"]))["source"]
+    return pa.table({"source": todo.filter(pc.invert(pc.is_in(todo, value_set=staged.combine_chunks())))})
 
 
 def _replacing(rows: pa.Table) -> pa.Table:

@@ -1,7 +1,10 @@
 """`--dry-run`: check a run's config, manifest and output before any cluster time is spent.
 
-No model is loaded and no pipeline runs: a scheduled job that would fail on a typo in a URI or a
-missing permission fails here, in seconds, with the reason.
+No model is loaded and no media is read: a scheduled job that would fail on a typo in a URI or a
+missing permission fails here, in seconds, with the reason. The manifest is planned as the run
+would plan it (pipeline/plan.py, on Ray: the local cluster this starts, or --address), so the
+report also says how many items the output already holds under these settings and how many a
+run would do now, in a `plan: key=value ...` line for scripts.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ class PreflightReport:
     manifest_files: list[str] = field(default_factory=list)
     model: str = ""
     sizing: list[str] = field(default_factory=list)
+    plan: str = ""
 
     def line(self) -> str:
         return "\n".join([f"dry run OK: manifest {len(self.manifest_files)} file(s), {self.items} items "
                           f"({self.invalid_rows} invalid rows would become error rows); output writable; "
-                          f"model: {self.model}", *self.sizing])
+                          f"model: {self.model}", *self.sizing, self.plan])
 
 
 def check_output_writable(cfg: RunConfig) -> None:
@@ -60,21 +64,28 @@ def check_model(cfg: RunConfig) -> str:
 
 
 def preflight(cfg: RunConfig) -> PreflightReport:
-    from pipeline.manifest import ManifestError, scan_manifest
+    from pipeline.manifest import ManifestError, list_manifest_files
+    from pipeline.plan import plan_run
+    from pipeline.run import connect_ray
     from pipeline.sink import output_overlaps_manifest
 
     problem = output_overlaps_manifest(cfg)
     if problem:
         raise PreflightError(problem)
     try:
-        scan = scan_manifest(cfg)
+        files = list_manifest_files(cfg.manifest, cfg)
     except ManifestError as e:
         raise PreflightError(str(e)) from e
-    invalid = sum(1 for t in scan.records.column("error_type").to_pylist() if t)
     check_output_writable(cfg)
     model = check_model(cfg)
-    return PreflightReport(items=scan.num_items, invalid_rows=invalid, manifest_files=list(scan.files),
-                           model=model, sizing=check_sizing(cfg))
+    sizing = check_sizing(cfg)
+    connect_ray(cfg.ray_address)  # the checks that need no cluster came first
+    try:
+        plan = plan_run(cfg, files)
+    except ManifestError as e:
+        raise PreflightError(str(e)) from e
+    return PreflightReport(items=plan.items, invalid_rows=plan.invalid, manifest_files=files, model=model,
+                           sizing=sizing, plan=plan.line())
 
 
 def check_sizing(cfg: RunConfig) -> list[str]:

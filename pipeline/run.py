@@ -134,7 +134,7 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     # Every pending manifest row must have produced output (by its file:line) before the commit:
     # an incomplete run fails loudly, commits nothing, and a rerun redoes only what is missing.
     if plan.todo:
-        missing, examples = plan.missing(sink.read_staged(cfg, written.files, ["source"]) if written.files else None)
+        missing, examples = plan.missing(sink.staged_sources(cfg, written.files) if written.files else None)
         if missing:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")

@@ -63,7 +63,6 @@ def _uri(fs_path: str, like: str) -> str:
 
 
 NO_ID = "\x00source:"  # the key of a row without an id: its manifest file and line (no id starts with NUL)
-COMMITTED_COLUMNS = ["id", "prompt", "status", "media_type", "source", "config_key"]
 
 
 @dataclass
@@ -77,10 +76,8 @@ class CommittedKeys:
 
 def committed_keys(cfg: RunConfig) -> CommittedKeys | None:
     """The committed rows made with this run's settings (rows of other settings do not count), read
-    by Ray Data tasks: per row its key (the id, or NO_ID + file:line), prompt, status, media type,
-    and for an error row the file holding it. None when nothing is committed."""
-    import ray
-
+    by Ray tasks, a file each: per row its key (the id, or NO_ID + file:line), prompt, status,
+    media type, and for an error row the file holding it. None when nothing is committed."""
     fs, out = filesystem(cfg.output, cfg.storage)
     fs.invalidate_cache()
     if not fs.exists(out):
@@ -89,54 +86,77 @@ def committed_keys(cfg: RunConfig) -> CommittedKeys | None:
              and i["name"].endswith(".parquet") and not i["name"].rsplit("/", 1)[-1].startswith(("_", "."))}
     if not files:
         return None
-    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
-    ds = ray.data.read_parquet(sorted(files), filesystem=afs, include_paths=True,
-                               schema=pa.schema([output_arrow_schema().field(c) for c in COMMITTED_COLUMNS]))
-    keys = ds.map_batches(_committed_keys, fn_kwargs={"config_key": cfg.config_key()}, batch_format="pyarrow")
+    keys = read_files(cfg, sorted(files), _committed_keys, config_key=cfg.config_key())
     return CommittedKeys(keys=keys, bytes=sum(files.values()))
 
 
-def _committed_keys(rows: pa.Table, config_key: str) -> pa.Table:
+def read_files(cfg: RunConfig, paths: list[str], fn, **kwargs):
+    """A Ray dataset made by one task per output file: fn(table of COMMITTED_COLUMNS-like columns
+    of the file, path, **kwargs) for each batch of the file. (Ray Data's read_parquet starts
+    footer-reading actors first: seconds per run, for outputs that hold a few files.)"""
+    import ray
+
+    tasks = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
+    return tasks.map_batches(_read_each, fn_kwargs={"cfg": cfg, "fn": fn, "kwargs": kwargs}, batch_size=1,
+                             batch_format="pyarrow")
+
+
+def _read_each(batch: pa.Table, cfg: RunConfig, fn, kwargs: dict):
+    import pyarrow.dataset as pads
+
+    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
+    for path in batch["path"].to_pylist():
+        # the output schema: files written before a column existed read it as nulls
+        parts = pads.dataset(path, schema=output_arrow_schema(), format="parquet", filesystem=afs)
+        for rows in parts.to_batches(columns=fn.columns, batch_size=100_000):
+            yield fn(pa.Table.from_batches([rows]), path, **kwargs)
+
+
+def _committed_keys(rows: pa.Table, path: str, config_key: str) -> pa.Table:
     import pyarrow.compute as pc
 
     rows = rows.filter(pc.fill_null(pc.equal(rows["config_key"], config_key), False))
     key = pc.coalesce(rows["id"], pc.binary_join_element_wise(NO_ID, rows["source"], ""))
     rows, key = rows.filter(pc.is_valid(key)), key.filter(pc.is_valid(key))
-    error_file = pc.if_else(pc.fill_null(pc.equal(rows["status"], "error"), False), rows["path"], pa.scalar(None, pa.string()))
+    error_file = pc.if_else(pc.fill_null(pc.equal(rows["status"], "error"), False), path, pa.scalar(None, pa.string()))
     return pa.table({"c_key": key, "c_prompt": rows["prompt"], "c_status": rows["status"], "c_media": rows["media_type"],
                      "c_path": error_file})
 
 
-def read_staged(cfg: RunConfig, files: list[str], columns: list[str]):
-    """This run's staged rows as a Ray dataset (for the distributed checks before the commit)."""
-    import ray
+_committed_keys.columns = ["id", "prompt", "status", "media_type", "source", "config_key"]
 
-    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
-    paths = [filesystem(f, cfg.storage)[1] for f in files]
-    return ray.data.read_parquet(paths, filesystem=afs, schema=pa.schema([output_arrow_schema().field(c) for c in columns]))
+
+def staged_sources(cfg: RunConfig, files: list[str]):
+    """The `source` of every staged row of this run, as a Ray dataset (for the completeness check)."""
+    return read_files(cfg, [filesystem(f, cfg.storage)[1] for f in files], _sources)
+
+
+def _sources(rows: pa.Table, path: str) -> pa.Table:
+    return rows.select(["source"])
+
+
+_sources.columns = ["source"]
 
 
 def staged(cfg: RunConfig) -> WriteResult:
-    """What this run wrote to staging: files and row counts by status and error type (counted from
-    each file's rows by Ray Data tasks; the driver lists the files and adds up a few counts)."""
+    """What this run wrote to staging: files and row counts by status and error type, from two
+    small columns of one file at a time (a run's files are few: --output-file-rows each)."""
+    import pyarrow.parquet as pq
+
     fs, staged_dir = filesystem(staging_uri(cfg), cfg.storage)
     fs.invalidate_cache()  # the files were written by other processes: never trust a cached listing
     files = sorted(p for p in fs.find(staged_dir) if p.endswith(".parquet")) if fs.exists(staged_dir) else []
     result = WriteResult(files=[_uri(p, cfg.output) for p in files])
-    if files:
-        counts = read_staged(cfg, result.files, ["status", "error_type"]).map_batches(
-            _count_by_status, batch_format="pyarrow", batch_size=None).take_all()  # a few rows per block
-        for row in counts:
-            result.rows += row["n"]
-            result.by_status[row["status"]] += row["n"]
-            if row["error_type"]:
-                result.by_error_type[row["error_type"]] += row["n"]
+    afs, _ = arrow_filesystem(cfg.output, cfg.storage)
+    for path in files:
+        table = pq.read_table(path, columns=["status", "error_type"], filesystem=afs)
+        counts = table.group_by(["status", "error_type"], use_threads=False).aggregate([([], "count_all")])
+        for status, error_type, n in zip(*(counts[c].to_pylist() for c in ("status", "error_type", "count_all"))):
+            result.rows += n
+            result.by_status[status] += n
+            if error_type:
+                result.by_error_type[error_type] += n
     return result
-
-
-def _count_by_status(rows: pa.Table) -> pa.Table:
-    counts = rows.group_by(["status", "error_type"], use_threads=False).aggregate([([], "count_all")])
-    return counts.rename_columns({"count_all": "n"})
 
 
 def commit(cfg: RunConfig, result: WriteResult, ledger: dict, supersedes: dict | None = None) -> None:

@@ -1,6 +1,7 @@
 """`--dry-run` checks the manifest, the model's location and write access to the output, prints
-the sizing plan, and loads no model weights and starts no Ray (transformers reads the model's
-shapes for the plan)."""
+the sizing plan and the run's plan (items already committed, items to do: planned on a local Ray
+cluster as the run plans them), and loads no model weights (transformers reads the model's
+shapes for the sizing)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,48 @@ JOB = REPO / "jobs" / "caption_videos.py"
 
 
 def dry_run(*args, env=None):
-    code = (f"import sys; sys.argv = ['caption_videos.py', *{[str(a) for a in args]!r}, '--dry-run']; "
-            f"sys.path.insert(0, {str(JOB.parent)!r}); import caption_videos; rc = caption_videos.main(); "
-            "print('loaded:', sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules)); sys.exit(rc)")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    return subprocess.run([sys.executable, str(JOB), *[str(a) for a in args], "--dry-run"], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=300)
 
 
-def test_dry_run_passes_and_loads_nothing(samples, tiny_model, tmp_path):
+def weightless_copy(model, dest: Path) -> Path:
+    """The checkpoint's folder without its weight files: a dry run that read weights would fail."""
+    import shutil
+
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return dest
+
+
+def plan_of(stdout: str) -> dict:
+    (line,) = [line for line in stdout.splitlines() if line.startswith("plan: ")]
+    return {k: int(v) for k, v in (pair.split("=") for pair in line.removeprefix("plan: ").split())}
+
+
+def test_dry_run_passes_plans_and_loads_no_weights(samples, tiny_model, tmp_path):
     out = tmp_path / "out"
-    p = dry_run("--manifest", samples / "manifest.jsonl", "--output", out, "--model", tiny_model)
+    p = dry_run("--manifest", samples / "manifest.jsonl", "--output", out, "--model", weightless_copy(tiny_model, tmp_path / "m"))
     assert p.returncode == 0, p.stderr
     assert "dry run OK: manifest 1 file(s), 7 items" in p.stdout and "config.json found" in p.stdout
     assert "sizing: " in p.stdout and "tp 1 -> 0.0 GB weights per device" in p.stdout
-    assert "'ray'" not in p.stdout.split("loaded:")[1]  # no Ray
+    assert plan_of(p.stdout) == {"items": 7, "committed": 0, "todo": 7, "invalid": 0, "manifest_files": 1}
     assert out.is_dir() and list(out.iterdir()) == []  # the probe file is gone
+
+
+def test_dry_run_says_how_many_items_are_new_tonight(samples, tiny_model, tmp_path):
+    """The nightly question: after a run, the dry run of a grown manifest counts only the new items."""
+    lines = (samples / "manifest.jsonl").read_text().splitlines(keepends=True)
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
+    manifest.write_text("".join(lines[:3]))
+    args = ["--manifest", manifest, "--output", out, "--model", tiny_model, "--allow-uri-prefix", samples,
+            "--max-new-tokens", 2, "--num-frames", 2]
+    run = subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert run.returncode == 0, run.stderr
+    manifest.write_text("".join(lines) + '{"id": "broken"}\n')  # four more items and an invalid row
+    p = dry_run(*args)
+    assert p.returncode == 0, p.stderr
+    assert plan_of(p.stdout) == {"items": 8, "committed": 3, "todo": 5, "invalid": 1, "manifest_files": 1}
+    other = dry_run(*args[:-4], "--max-new-tokens", 3, "--num-frames", 2)  # other settings: nothing of theirs is committed
+    assert plan_of(other.stdout)["todo"] == 8
 
 
 @pytest.mark.parametrize("case", ["manifest", "output", "model"])
