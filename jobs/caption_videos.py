@@ -56,6 +56,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--accelerator-type", help=doc(f["accelerator_type"]))
     p.add_argument("--preprocess-workers", type=int, default=f["preprocess_workers"].default,
                    help=doc(f["preprocess_workers"]))
+    p.add_argument("--output-file-rows", type=int, default=f["output_file_rows"].default, help=doc(f["output_file_rows"]))
     p.add_argument("--resize-in-decoder", action=argparse.BooleanOptionalAction, default=f["resize_in_decoder"].default,
                    help=doc(f["resize_in_decoder"]))
     p.add_argument("--model-cpu-threads", type=int, default=f["model_cpu_threads"].default,
@@ -96,7 +97,7 @@ def parse_args(argv=None) -> RunConfig:
             num_frames=a.num_frames, batch_size=a.batch_size, replicas=a.replicas, tp=a.tp,
             replica_timeout_s=a.replica_timeout_s, replica_restarts=a.replica_restarts, gpu_memory_gb=a.gpu_memory_gb,
             accelerator_type=a.accelerator_type,
-            preprocess_workers=a.preprocess_workers, resize_in_decoder=a.resize_in_decoder,
+            preprocess_workers=a.preprocess_workers, output_file_rows=a.output_file_rows, resize_in_decoder=a.resize_in_decoder,
             model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
             trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,

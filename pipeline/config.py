@@ -83,7 +83,7 @@ class ModelSettings(BaseModel):
         None, description="Hub revision (branch, tag or commit) of a hub-id model, used for its weights, tokenizer and processor alike; pin a commit for reproducible runs.")
     trust_remote_code: bool = Field(
         False, description="Allow Python code shipped inside the checkpoint (auto_map) to run. Off: only transformers' own model classes load.")
-    dry_run: bool = Field(False, description="Only check config, manifest, model location and output write access; load no model, run nothing.")
+    dry_run: bool = Field(False, description="Only check config, manifest, model location and output write access, and plan the run (on Ray) to print how many items are already committed and how many it would do; load no model, read no media.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

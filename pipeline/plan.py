@@ -190,9 +190,13 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
 
     n = records.num_rows
     key = _key(records)
-    # a finished committed row: ok, or any row without --retry-errors; a row without an id is done once committed
+    # a finished committed row: ok, or any row without --retry-errors
+    no_id = pc.starts_with(committed["c_key"], sink.NO_ID)
     finished = committed.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
-                                                    pc.starts_with(committed["c_key"], sink.NO_ID)), False))
+                                                    no_id), False))
+    # a row without an id is done once committed, whatever its status and prompt (it has none)
+    finished = finished.set_column(1, "c_prompt", pc.if_else(pc.starts_with(finished["c_key"], sink.NO_ID),
+                                                             pa.scalar(None, pa.string()), finished["c_prompt"]))
     by_key = committed.group_by("c_key", use_threads=False).aggregate([("c_media", "max")])
     where = pc.index_in(key, by_key["c_key"])
     media = pc.coalesce(pc.take(by_key["c_media_max"], where), records["media_type"])

@@ -149,3 +149,120 @@ def test_the_fast_uri_check_admits_only_what_the_per_row_check_admits(tmp_path):
             allowed = False
         assert allowed or not fast, uri  # the fast path never admits what the per-row check refuses
     assert sure.sum() >= 5  # and it does admit the plain cases
+
+
+def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> list[tuple]:
+    """The per-record rules that planning had before it ran on Ray Data (pipeline/run.py:pending
+    and superseded), written out for comparison: (to do, done prompts, files whose error rows it
+    replaces) per record. Committed rows of one (id, prompt): finished if any of them is."""
+    from pipeline.manifest import prompts_for
+    from pipeline.sink import NO_ID
+
+    rows, sources = {}, set()
+    for key, prompt, status, media, path in committed:
+        if key.startswith(NO_ID):
+            sources.add(key.removeprefix(NO_ID))
+        else:
+            rows.setdefault(key, []).append((prompt, status, media, path))
+    out = []
+    for rec in records:
+        if rec["id"] is None:
+            out.append((rec["source"] not in sources, None, None))
+            continue
+        mine = rows.get(rec["id"], [])
+        finished = {p for p, status, _, _ in mine if status == "ok" or not cfg.retry_errors}
+        media = next((m for _, _, m, _ in mine if m), rec["media_type"])
+        todo = not finished.issuperset(prompts_for(rec, media, cfg))
+        errors = sorted({path for _, status, _, path in mine if status == "error"})
+        out.append((todo, sorted(p for p in finished if p is not None) or None,
+                    errors if cfg.retry_errors and todo and errors else None))
+    return out
+
+
+def random_plan_inputs(rng: random.Random, n: int):
+    from pipeline.manifest import SCAN_SCHEMA
+    from pipeline.plan import COMMITTED_SCHEMA
+    from pipeline.sink import NO_ID
+
+    records, committed, media_of = [], [], {}
+    for i in range(n):
+        kind = rng.random()
+        rid = None if kind < 0.05 else f"id{rng.randrange(n // 2)}"  # repeated ids on purpose
+        error_type = rng.choice([None] * 8 + ["invalid_manifest_row", "duplicate_id", "uri_not_allowed"])
+        if rid is None:
+            error_type = "invalid_manifest_row"
+        media = media_of.setdefault(rid, rng.choice([None, "video", "image"]))  # an item's type is its file's
+        rec = {name: None for name in SCAN_SCHEMA.names}
+        rec.update(id=rid, source=f"m.jsonl:line {i + 1}", media_type=media, _order=i,
+                   status="error" if error_type else "ok", error_type=error_type,
+                   prompt=rng.choice([None, None, "Say it."]), questions=rng.choice([None, ["A?"], ["A?", "B?"]]),
+                   uris=rng.choice([None, None, ["a.jpg", "b.jpg"], ["a.jpg"]]))
+        records.append(rec)
+        key = rid or NO_ID + rec["source"]
+        for _ in range(rng.choice([0, 0, 1, 2, 3])):
+            prompt = rng.choice([None, "Say it.", "A?", "B?", "Describe this video in detail.",
+                                 "Describe this image in detail.", "Describe these images in detail."])
+            status = rng.choice(["ok", "ok", "error"])
+            committed.append((key, prompt, status, media if rid else None,
+                              f"out/part-{rng.randrange(3)}.parquet" if status == "error" else None))
+    return (pa.Table.from_pylist(records, schema=SCAN_SCHEMA),
+            pa.Table.from_pylist([dict(zip(COMMITTED_SCHEMA.names, c)) for c in committed], schema=COMMITTED_SCHEMA))
+
+
+@pytest.mark.parametrize("task,retry", [("caption", False), ("caption", True), ("qa", False), ("qa", True)])
+def test_a_partition_plans_as_the_per_record_rules_did(task, retry):
+    from pipeline.plan import still_to_do
+
+    cfg = RunConfig(manifest="/tmp/m.jsonl", output="/tmp/unused", model="unused", task=task, retry_errors=retry)
+    records, committed = random_plan_inputs(random.Random(f"{task}{retry}"), 2000)
+    got = still_to_do(records, committed, cfg).to_pylist()
+    want = reference_still_to_do(records.to_pylist(), [tuple(r.values()) for r in committed.to_pylist()], cfg)
+    assert [(r["_todo"], r["done_prompts"], sorted(r["_replaces"]) if r["_replaces"] else None) for r in got] == want
+    assert 0.1 < sum(t for t, _, _ in want) / len(want) < 0.9  # both kinds of record are there
+
+
+def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
+    """Repeated ids across files and committed rows meet in their id's partition, whatever the
+    number of partitions (the hash split of ids across Ray tasks)."""
+    from datetime import datetime, timezone
+
+    import pipeline.plan as plan
+    from pipeline.manifest import list_manifest_files
+    from pipeline.schemas import output_arrow_schema
+
+    rng = random.Random(7)
+    (tmp_path / "m").mkdir()
+    for f in range(3):
+        (tmp_path / "m" / f"day{f}.jsonl").write_text("".join(
+            json.dumps({"id": f"i{rng.randrange(400)}", "uri": f"s3://b/{f}-{i}.mp4"}) + "\n" for i in range(300))
+            + '{"uri": "s3://b/no-id.mp4"}\n')
+    cfg = RunConfig(manifest=str(tmp_path / "m"), output=str(tmp_path / "out"), model="unused", allowed_uri_prefixes=["s3://b/"])
+    (tmp_path / "out").mkdir()
+    done = [f"i{i}" for i in range(0, 400, 3)]
+    schema = output_arrow_schema()
+    committed = {"id": done, "prompt": [cfg.default_prompt("video")] * len(done), "media_type": ["video"] * len(done),
+                 "status": ["ok"] * len(done), "config_key": [cfg.config_key()] * len(done), "task": ["caption"] * len(done),
+                 "model": ["unused"] * len(done), "run_id": ["earlier"] * len(done),
+                 "created_at": [datetime.now(timezone.utc)] * len(done)}
+    pq.write_table(pa.table({n: committed.get(n, pa.nulls(len(done), schema.field(n).type)) for n in schema.names},
+                            schema=schema), tmp_path / "out" / "part-earlier-0.parquet")
+    files = list_manifest_files(cfg.manifest, cfg)
+
+    def planned():
+        p = plan.plan_run(cfg, files)
+        rows = sorted(p.records.take_all(), key=lambda r: r["_order"])
+        return p, [(r["id"], r["source"], r["error_type"], r["_todo"], r["done_prompts"]) for r in rows]
+
+    one, rows_one = planned()
+    monkeypatch.setattr(plan, "PARTITION_BYTES", 12_000)  # about 5 partitions
+    many, rows_many = planned()
+    assert one.partitions == 1 and many.partitions >= 4
+    assert rows_many == rows_one
+    assert (many.items, many.todo, many.invalid) == (one.items, one.todo, one.invalid)
+    kinds = [e for _, _, e, _, _ in rows_one]
+    assert one.items == 903 and kinds.count("invalid_manifest_row") == 3 and kinds.count("duplicate_id") > 100
+    # the first row of an id committed earlier is not done again, with its prompt listed; the others are
+    for rid, _, error_type, todo, prompts in rows_one:
+        if error_type is None:
+            assert todo == (rid not in done) and prompts == (None if todo else [cfg.default_prompt("video")]), rid
+    assert one.committed == sum(1 for _, _, e, todo, _ in rows_one if not todo) > 100
