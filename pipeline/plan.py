@@ -28,6 +28,7 @@ PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.f
 # `_todo`: the record has a prompt still to do; `_replaces`: committed files holding error rows of
 # its id that its new rows replace (--retry-errors)
 PLANNED_SCHEMA = pa.schema(list(SCAN_SCHEMA) + [pa.field("_todo", pa.bool_()), pa.field("_replaces", pa.list_(pa.string()))])
+MAX_SCAN_TASKS = 512
 PARTITION_BYTES = 128 << 20  # manifest bytes per partition (about a million rows of JSONL)
 NO_PROMPT = "\x00"  # stands for "no prompt" in joins (null never matches); no prompt is a NUL
 
@@ -119,8 +120,10 @@ def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
     # the output's Parquet holds a row in fewer bytes than JSONL: weigh it up
     parts = max(1, min(64, math.ceil((manifest_bytes + 4 * committed_bytes) / PARTITION_BYTES)))
     prefixes = cfg.media_prefixes()  # here: a relative --manifest resolves against this process's folder
-    tasks = ray.data.from_items([{"uri": uri, "index": i} for i, uri in enumerate(files)], override_num_blocks=len(files))
-    inputs = tasks.map_batches(_scan_files, fn_kwargs={"prefixes": prefixes, "cfg": cfg, "parts": parts}, batch_size=1,
+    # a task per file, up to MAX_SCAN_TASKS (then each reads several: 100 k one-row files are not 100 k tasks)
+    tasks = ray.data.from_items([{"uri": uri, "index": i} for i, uri in enumerate(files)],
+                                override_num_blocks=min(len(files), MAX_SCAN_TASKS))
+    inputs = tasks.map_batches(_scan_files, fn_kwargs={"prefixes": prefixes, "cfg": cfg, "parts": parts}, batch_size=None,
                                batch_format="pyarrow")
     if committed:
         inputs = inputs.union(committed.keys.map_batches(_committed_rows, fn_kwargs={"parts": parts}, batch_format="pyarrow"))
@@ -128,11 +131,11 @@ def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
     planned = grouped.map_groups(plan_partition, fn_kwargs={"cfg": cfg}, batch_format="pyarrow")
     try:
         planned = planned.materialize()
-    except Exception as e:  # a task's ManifestError arrives wrapped in Ray's errors: raise it as itself
+    except Exception as e:  # a task's ManifestError or OutputError arrives wrapped in Ray's errors: raise it as itself
         cause = e
-        while cause is not None and not isinstance(cause, ManifestError):
+        while cause is not None and not isinstance(cause, (ManifestError, sink.OutputError)):
             cause = getattr(cause, "cause", None) or cause.__cause__
-        raise (ManifestError(str(cause)) if cause else e) from e
+        raise (type(cause)(str(cause)) if cause else e) from e
     counts = planned.map_batches(_counts, batch_format="pyarrow", batch_size=None).take_all()  # a row per block
     return Plan(records=planned, files=files, items=sum(c["items"] for c in counts), todo=sum(c["todo"] for c in counts),
                 invalid=sum(c["invalid"] for c in counts), partitions=parts)

@@ -67,7 +67,7 @@ def preflight(cfg: RunConfig) -> PreflightReport:
     from pipeline.manifest import ManifestError, list_manifest_files
     from pipeline.plan import plan_run
     from pipeline.run import connect_ray
-    from pipeline.sink import output_overlaps_manifest
+    from pipeline.sink import OutputError, output_overlaps_manifest
 
     problem = output_overlaps_manifest(cfg)
     if problem:
@@ -82,7 +82,7 @@ def preflight(cfg: RunConfig) -> PreflightReport:
     connect_ray(cfg.ray_address)  # the checks that need no cluster came first
     try:
         plan = plan_run(cfg, files)
-    except ManifestError as e:
+    except (ManifestError, OutputError) as e:
         raise PreflightError(str(e)) from e
     return PreflightReport(items=plan.items, invalid_rows=plan.invalid, manifest_files=files, model=model,
                            sizing=sizing, plan=plan.line())

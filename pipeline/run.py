@@ -105,7 +105,7 @@ def run(cfg: RunConfig) -> RunSummary:
     try:
         with lease.held(cfg.output, cfg.storage, cfg.run_id, cfg.lease_ttl_s) as held:
             return _run(cfg, held)
-    except (lease.LeaseError, sink.CommitError) as e:
+    except (lease.LeaseError, sink.CommitError, sink.OutputError) as e:
         raise RunError(str(e)) from e
 
 

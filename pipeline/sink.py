@@ -106,10 +106,18 @@ def _read_each(batch: pa.Table, cfg: RunConfig, fn, kwargs: dict):
 
     afs, _ = arrow_filesystem(cfg.output, cfg.storage)
     for path in batch["path"].to_pylist():
-        # the output schema: files written before a column existed read it as nulls
-        parts = pads.dataset(path, schema=output_arrow_schema(), format="parquet", filesystem=afs)
-        for rows in parts.to_batches(columns=fn.columns, batch_size=100_000):
-            yield fn(pa.Table.from_batches([rows]), path, **kwargs)
+        try:
+            # the output schema: files written before a column existed read it as nulls
+            parts = pads.dataset(path, schema=output_arrow_schema(), format="parquet", filesystem=afs)
+            for rows in parts.to_batches(columns=fn.columns, batch_size=100_000):
+                yield fn(pa.Table.from_batches([rows]), path, **kwargs)
+        except (OSError, pa.ArrowException) as e:
+            raise OutputError(f"cannot read {_uri(path, cfg.output)} in the output ({type(e).__name__}: {e}); "
+                              "restore it from a backup, or move it out of the output folder to compute its rows again") from e
+
+
+class OutputError(RuntimeError):
+    """A file in the output cannot be read; the message says which and what to do."""
 
 
 def _committed_keys(rows: pa.Table, path: str, config_key: str) -> pa.Table:

@@ -266,3 +266,17 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
         if error_type is None:
             assert todo == (rid not in done) and prompts == (None if todo else [cfg.default_prompt("video")]), rid
     assert one.committed == sum(1 for _, _, e, todo, _ in rows_one if not todo) > 100
+
+
+def test_an_unreadable_committed_file_stops_the_plan_naming_it(ray_local, tmp_path):
+    from pipeline.manifest import list_manifest_files
+    from pipeline.plan import plan_run
+    from pipeline.sink import OutputError
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "uri": "s3://b/a.mp4"}) + "\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-x-0.parquet").write_bytes(b"PAR1 not really")
+    cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model="unused",
+                    allowed_uri_prefixes=["s3://b/"])
+    with pytest.raises(OutputError, match=r"cannot read .*part-x-0.parquet in the output .*move it out of the output"):
+        plan_run(cfg, list_manifest_files(cfg.manifest, cfg))
