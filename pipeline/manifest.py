@@ -69,6 +69,11 @@ def manifest_format(path: str) -> str | None:
 
 def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
     """The manifest file itself, or every manifest file under a prefix (sorted, hidden files skipped)."""
+    return list(manifest_file_sizes(uri, cfg))
+
+
+def manifest_file_sizes(uri: str, cfg: RunConfig) -> dict[str, int]:
+    """{manifest file: bytes}, as list_manifest_files lists them (one listing of the prefix)."""
     fs, path = filesystem(uri, cfg.storage)
     if not fs.exists(path):
         raise ManifestError(f"manifest not found: {uri} (check the path, and for s3:// the bucket, endpoint and credentials)")
@@ -78,13 +83,13 @@ def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
             raise ManifestError(f"cannot tell the format of {uri}: name it .jsonl, .csv or .parquet (optionally .gz)")
         # a local manifest by its absolute path: relative media paths in it resolve beside it wherever
         # the run's working directory is
-        return [path if proto == "file" else uri]
-    found = []
-    for p in sorted(fs.find(path)):
+        return {path if proto == "file" else uri: fs.size(path)}
+    found = {}
+    for p, info in sorted(fs.find(path, detail=True).items()):
         name = p.rsplit("/", 1)[-1]
         if name.startswith((".", "_")) or manifest_format(p) is None:
             continue
-        found.append(p if proto == "file" else f"{proto}://{p}")
+        found[p if proto == "file" else f"{proto}://{p}"] = info.get("size") or 0
     if not found:
         raise ManifestError(f"no manifest files (.jsonl, .csv, .parquet) under {uri}")
     return found

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from pipeline import sink
 from pipeline.config import DEFAULT_PROMPTS, RunConfig
-from pipeline.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, mark_duplicates, scan_file
+from pipeline.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, manifest_file_sizes, mark_duplicates, scan_file
 
 # The committed side's columns (sink.committed_keys); null on manifest rows, as the records' are on these.
 COMMITTED_SCHEMA = pa.schema([("c_key", pa.string()), ("c_prompt", pa.string()), ("c_status", pa.string()),
@@ -111,10 +111,7 @@ def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
     """The plan of a run over these manifest files, computed by Ray Data and materialized."""
     import ray
 
-    from pipeline.storage import filesystem
-
-    fs, _ = filesystem(files[0], cfg.storage)
-    manifest_bytes = sum(fs.size(filesystem(f, cfg.storage)[1]) for f in files)
+    manifest_bytes = sum(manifest_file_sizes(cfg.manifest, cfg).values())  # one listing, not a request per file
     committed = sink.committed_keys(cfg)
     committed_bytes = committed.bytes if committed else 0
     # the output's Parquet holds a row in fewer bytes than JSONL: weigh it up
