@@ -14,7 +14,7 @@ Dataset scale (issue 15), no model:
 
       python -m benchmarks.scale plan|baseline CONFIG.json RESULT.json
 
-  the planning wall time (Ray's start apart), rows per second, the driver's peak RSS (ru_maxrss),
+  the planning wall time (Ray's start apart), rows per second, the driver's peak RSS (VmHWM),
   CPU seconds of the driver and Ray's processes, the plan's counts; new/old ratios side by side.
 - `files_per_million`: output files per 1 M rows of a real tiny-model run, the file target scaled
   down with the run; the old layout's figure computed from its rule.
@@ -246,9 +246,15 @@ def _start_ray() -> None:
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
 
-def _plan_main(mode: str, config: str, result: str) -> int:
-    import resource
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux keeps that across fork and
+    exec, so a child started by a large parent (this benchmark, with torch loaded) reports the
+    parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
+
+def _plan_main(mode: str, config: str, result: str) -> int:
     import ray
 
     from pipeline.config import RunConfig
@@ -273,7 +279,7 @@ def _plan_main(mode: str, config: str, result: str) -> int:
     Path(result).write_text(json.dumps(dict(
         counts, mode=mode, ray_init_s=round(t1 - t0, 2), plan_s=round(t2 - t1, 2),
         rows_per_s=round(counts["items"] / (t2 - t1)),
-        peak_rss_driver_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        peak_rss_driver_mb=round(peak_rss_mb()),
         # on a loaded machine the wall time says little: CPU seconds of the driver and Ray's processes
         cpu_s=round(cpu2 - cpu1, 1), rows_per_cpu_s=round(counts["items"] / max(cpu2 - cpu1, 1e-9)),
         load_avg_1m=round(os.getloadavg()[0], 2)), indent=1))
