@@ -4,12 +4,15 @@ the same generated inputs (PyAV/libx264, Pillow, random-weight checkpoints), so 
     python -m benchmarks --out benchmarks/results/quick.json --quick      # a few minutes on 2 cores
     python -m benchmarks --out results.json                                # the full sizes
     python -m benchmarks --out gpu.json --gpu --only gpu                   # on a GPU machine (no Ray/PyAV needed)
+    python -m benchmarks --out scale.json --only scale                     # dataset scale: plans of 100 k-10 M rows
 
 Writes FILE.json and a chart FILE.png beside it. Figures (keys): decode (decode_speedup_long,
 decode_speedup_short), preprocess (preprocess_speedup), end to end (e2e_speedup_tiny,
 e2e_speedup_small, model_busy_fraction_small), memory and scale (rss_ratio_1000_vs_100,
-cpu_scaling_2_vs_1), efficiency (model_flops_fraction_small) and, with --gpu, videos/s per GPU
-and MFU of the 0.5B and 7B architectures. Generated inputs are kept in --work and reused.
+cpu_scaling_2_vs_1), dataset scale (plan_rows_per_s_largest, plan_peak_rss_driver_mb_10m,
+plan_rss_ratio_10m_vs_1m, plan_rss_new_vs_old, plan_s_new_vs_old, files_per_1m_rows,
+commit_requests), efficiency (model_flops_fraction_small) and, with --gpu, videos/s per GPU and
+MFU of the 0.5B and 7B architectures. Generated inputs are kept in --work and reused.
 """
 
 from __future__ import annotations
@@ -26,13 +29,29 @@ FIGURES = ("decode", "preprocess", "e2e", "scale", "gpu")
 # Issue 7's goals: (key, comparison, value).
 GOALS = [("decode_speedup_long", ">=", 5.0), ("decode_speedup_short_min", ">=", 1.0),
          ("e2e_speedup_tiny", ">=", 2.0), ("model_busy_fraction_small", ">=", 0.8),
-         ("rss_ratio_1000_vs_100", "<=", 1.5)]
-# Sizes per profile (inputs: benchmarks.inputs.PROFILES).
+         ("rss_ratio_1000_vs_100", "<=", 1.5),
+         # issue 15 (dataset scale): flat driver memory, planning speed, output files of a useful size
+         ("plan_peak_rss_driver_mb_10m", "<=", 1500), ("plan_rss_ratio_10m_vs_1m", "<=", 1.3),
+         ("plan_rows_per_s_largest", ">=", 100_000), ("files_per_1m_rows", "<=", 20)]
+# Sizes per profile (inputs: benchmarks.inputs.PROFILES). plan: manifest rows planned; commit:
+# rows committed on moto, rows per file.
 SIZES = {
-    "minimal": dict(repeats=1, pre_frames=4, frames=4, tokens_tiny=8, tokens_small=8, scale=(10, 60)),
-    "quick": dict(repeats=2, pre_frames=16, frames=8, tokens_tiny=32, tokens_small=32, scale=(100, 1000)),
-    "full": dict(repeats=3, pre_frames=32, frames=8, tokens_tiny=64, tokens_small=64, scale=(100, 1000)),
+    "minimal": dict(repeats=1, pre_frames=4, frames=4, tokens_tiny=8, tokens_small=8, scale=(10, 60), plan=[10_000],
+                    commit=(10_000, 1_000)),
+    "quick": dict(repeats=2, pre_frames=16, frames=8, tokens_tiny=32, tokens_small=32, scale=(100, 1000),
+                  plan=[100_000, 1_000_000], commit=(1_000_000, 100_000)),
+    "full": dict(repeats=3, pre_frames=32, frames=8, tokens_tiny=64, tokens_small=64, scale=(100, 1000),
+                 plan=[100_000, 1_000_000, 10_000_000], commit=(1_000_000, 100_000)),
 }
+
+
+def row_counts(text: str) -> list[int]:
+    """'100k,1M,10000' -> [100000, 1000000, 10000]."""
+    scale = {"k": 1_000, "m": 1_000_000}
+    rows = [int(float(v[:-1]) * scale[v[-1]]) if v[-1:] in scale else int(v) for v in text.lower().replace("_", "").split(",")]
+    if min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"row counts must be positive: {text}")
+    return rows
 
 
 def machine() -> dict:
@@ -62,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-frames", type=int, default=32, help="frames per video in the GPU figure")
     p.add_argument("--gpu-tokens", type=int, default=64, help="new tokens per video (fixed) in the GPU figure")
     p.add_argument("--gpu-batch", type=int, default=8, help="videos per generate call in the GPU figure")
+    p.add_argument("--scale-sizes", type=row_counts, help="manifest rows planned in the scale figure, comma-separated "
+                   "(100k,1M,10M; default by profile: full 100k,1M,10M, quick 100k,1M, minimal 10k)")
     p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "pipeline-benchmarks"),
                    help="folder for generated inputs (reused), checkpoints and job outputs")
     a = p.parse_args(argv)
@@ -115,6 +136,9 @@ def main(argv=None) -> int:
         from benchmarks import scale
 
         result["scale"] = scale.measure(str(tiny), work, *sizes["scale"], log=log)
+        result["scale"]["output_files"] = scale.files_per_million(str(tiny), work, sizes["scale"][1], log=log)
+        result["scale"]["planning"] = scale.measure_planning(work, a.scale_sizes or sizes["plan"], log=log)
+        result["scale"]["commit"] = scale.measure_commit(work, *sizes["commit"], log=log)
     if "gpu" in only:
         from benchmarks import gpu
 
@@ -155,7 +179,13 @@ def headline(result: dict) -> dict:
                  model_busy_fraction_small=e["small"]["job"]["model_busy_fraction"],
                  model_flops_fraction_small=e["small"]["flops"]["fraction"])
     if "scale" in result:
-        h.update({k: result["scale"][k] for k in ("rss_ratio_1000_vs_100", "cpu_scaling_2_vs_1")})
+        s = result["scale"]
+        h.update({k: s[k] for k in ("rss_ratio_1000_vs_100", "cpu_scaling_2_vs_1")})
+        h.update({k: s["planning"][k] for k in ("plan_rows_per_s_largest", "plan_peak_rss_driver_mb_10m",
+                                               "plan_rss_ratio_10m_vs_1m", "plan_rss_new_vs_old", "plan_s_new_vs_old")
+                  if k in s["planning"]},
+                 files_per_1m_rows=s["output_files"]["files_per_1m_rows"], commit_requests=s["commit"]["requests"],
+                 commit_wall_s=s["commit"]["wall_s"])
     if "gpu" in result:
         for name, m in result["gpu"]["models"].items():
             h[f"gpu_{name}_videos_per_s"] = m["batched_videos_per_s"]

@@ -117,3 +117,69 @@ def sequential_loop(model_dir: str, manifest: str, num_frames: int, max_new_toke
     done = time.perf_counter()
     return {"items": len(items), "startup_s": loaded - t0, "loop_s": done - loaded, "wall_s": done - t0,
             "model_s": model_s, "texts": texts}
+
+
+def driver_planning(cfg) -> dict:
+    """How a run planned on the driver before distributed planning (main before 9209a33), for
+    the scale benchmark: every manifest row read and validated one at a time in this process
+    (json.loads, pipeline.manifest._scan_row, a `seen` set for repeated ids), every committed row
+    of the run's settings read into a dict (id -> {prompt: (status, media type, file)}), and a
+    Python loop over the records for what is still to do (prompts_for). Returns the counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import RECORD_SCHEMA, _scan_row, list_manifest_files, prompts_for
+    from pipeline.storage import filesystem
+
+    files = list_manifest_files(cfg.manifest, cfg)
+    prefixes = cfg.media_prefixes()
+    records, seen = [], set()
+    for uri in files:
+        fs, path = filesystem(uri, cfg.storage)
+        with fs.open(path, "rt", encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    row = e
+                rec = _scan_row(f"{uri}:line {n}", row, uri, prefixes, cfg)
+                claims = rec["id"] is not None and rec["error_type"] in (None, "uri_not_allowed")
+                if claims and rec["id"] in seen and rec["status"] == "ok":
+                    rec.update(status="error", error_type="duplicate_id", prompt=None,
+                               error=f"{rec['source']}: id {rec['id']!r} appeared earlier in the manifest")
+                elif claims:
+                    seen.add(rec["id"])
+                records.append(rec)
+    table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+    del records
+    # sink.committed: every committed row of the run's settings, as Python objects
+    rows, sources = {}, set()
+    fs, out = filesystem(cfg.output, cfg.storage)
+    key = cfg.config_key()
+    for path in sorted(p for p in (fs.ls(out, detail=False) if fs.exists(out) else []) if p.endswith(".parquet")):
+        t = pq.read_table(path, columns=["id", "prompt", "status", "media_type", "source", "config_key"]).to_pydict()
+        for i, prompt, status, media, source, k in zip(*t.values()):
+            if k != key:
+                continue
+            if i is None:
+                sources.add(source)
+            else:
+                rows.setdefault(i, {})[prompt] = (status, media, path)
+    # run.pending: a loop over every record -> the records to do, with the prompts they have
+    keep, done_prompts = [], []
+    for rec in table.select(["id", "source", "media_type", "prompt", "questions", "error_type"]).to_pylist():
+        if rec["id"] is None:
+            keep.append(rec["source"] not in sources)
+            done_prompts.append(None)
+            continue
+        done = rows.get(rec["id"], {})
+        finished = {p for p, (status, _, _) in done.items() if status == "ok" or not cfg.retry_errors}
+        media = next((m for _, m, _ in done.values() if m), rec["media_type"])
+        keep.append(not finished.issuperset(prompts_for(rec, media, cfg)))
+        done_prompts.append(sorted(p for p in finished if p is not None) or None)
+    todo = table.set_column(table.schema.get_field_index("done_prompts"), "done_prompts",
+                            pa.array(done_prompts, pa.list_(pa.string()))).filter(pa.array(keep, pa.bool_()))
+    invalid = table.num_rows - table["error_type"].null_count
+    return {"items": table.num_rows, "todo": todo.num_rows, "committed": table.num_rows - todo.num_rows, "invalid": invalid}

@@ -13,7 +13,8 @@ def chart(result: dict, path: Path) -> Path:
 
     keys = [k for k in ("decode_speedup_long", "decode_speedup_short", "decode_speedup_short_min", "preprocess_speedup", "e2e_speedup_tiny",
                         "e2e_speedup_small", "cpu_scaling_2_vs_1", "rss_ratio_1000_vs_100", "model_busy_fraction_small",
-                        "model_flops_fraction_small") if k in result]
+                        "model_flops_fraction_small", "plan_rss_new_vs_old", "plan_s_new_vs_old",
+                        "plan_rss_ratio_10m_vs_1m") if k in result]
     keys += [k for k in result if k.startswith("gpu_") and k.endswith(("_speedup", "_mfu"))]
     cases = result.get("decode", {}).get("cases", {})
     fig, axes = plt.subplots(1, 2 if cases else 1, figsize=(13 if cases else 7, 4.8), squeeze=False)

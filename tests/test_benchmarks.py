@@ -40,10 +40,34 @@ def test_decode_preprocess_and_gpu_path(tmp_path):
     assert result["gpu"]["models"]["tiny-384"]["new_tokens"] == 4
 
 
+def test_scale_planning(tmp_path):
+    """The scale figure's planning at the minimal size: the new and the old planning each plan
+    10 k rows with nothing and with everything committed, in processes of their own, and agree."""
+    from benchmarks.scale import measure_planning
+
+    n = 10_000
+    planning = json.loads(json.dumps(measure_planning(tmp_path, [n], timeout_s=300)))
+    assert planning["sizes"] == [n] and not planning["baseline_skipped"]
+    for committed in (0, n):
+        case = planning["plans"][f"{n}-rows-{committed}-committed"]
+        for side in ("new", "old"):
+            plan = case[side]
+            assert (plan["items"], plan["todo"], plan["committed"], plan["invalid"]) == (n, n - committed, committed, 0)
+            assert plan["peak_rss_driver_mb"] > 50 and plan["plan_s"] > 0 and plan["cpu_s"] > 0 and plan["rows_per_s"] > 0
+        assert case["new"]["line"] == f"plan: items={n} committed={committed} todo={n - committed} invalid=0 manifest_files=1"
+        assert set(case["new_vs_old"]) == {"peak_rss_driver", "plan_s", "cpu_s"}
+    assert_ratios(planning, ["plan_rows_per_s_largest", "plan_rss_new_vs_old", "plan_s_new_vs_old"])
+    assert "10 M" in planning["not_measured"] and "plan_peak_rss_driver_mb_10m" not in planning
+
+
 @pytest.mark.slow
 def test_every_figure(tmp_path):
     result = run_benchmarks(tmp_path)
     assert_ratios(result, ["decode_speedup_long", "decode_speedup_short", "preprocess_speedup", "e2e_speedup_tiny",
                            "e2e_speedup_small", "model_busy_fraction_small", "rss_ratio_1000_vs_100",
-                           "cpu_scaling_2_vs_1", "model_flops_fraction_small"])
-    assert result["e2e"]["tiny"]["items"] == 8 and set(result["goals"]) >= {"e2e_speedup_tiny", "rss_ratio_1000_vs_100"}
+                           "cpu_scaling_2_vs_1", "model_flops_fraction_small", "plan_rows_per_s_largest",
+                           "files_per_1m_rows", "commit_requests", "commit_wall_s"])
+    assert result["e2e"]["tiny"]["items"] == 8 and set(result["goals"]) >= {
+        "e2e_speedup_tiny", "rss_ratio_1000_vs_100", "plan_rows_per_s_largest", "files_per_1m_rows"}
+    commit = result["scale"]["commit"]
+    assert commit["rows"] == 10_000 and commit["files"] == 10 and commit["old_layout_files"] == 157
