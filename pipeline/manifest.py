@@ -549,6 +549,8 @@ def mark_duplicates(records: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
     claims = records.filter(claims_id(records))
+    if pc.count_distinct(claims["id"]).as_py() == claims.num_rows:  # the usual manifest: no id repeats
+        return records
     firsts = claims.group_by("id", use_threads=False).aggregate([("_order", "min")])
     first = pc.take(firsts["_order_min"], pc.index_in(records["id"], firsts["id"]))
     dup = pc.fill_null(pc.and_(pc.equal(records["status"], "ok"), pc.not_equal(records["_order"], first)), False)

@@ -1,9 +1,9 @@
 """Plan a run on Ray Data: the manifest's records, repeated ids marked, set against what the output
 already holds under the run's settings -> the records still to do.
 
-    manifest files --(a task per file: scan_file)--> records ----------+
-                                                                       +--> by id partition: plan_partition
-    committed part files --(read_parquet: sink.committed_keys)--> keys -+    (duplicates, still to do, prompts done)
+    manifest files --(a task per file: scan_file)--> records -------------+
+                                                                          +--> by id partition: plan_partition
+    committed part files --(a task per file: sink.committed_keys)--> keys -+  (duplicates, still to do, prompts done)
 
 Every row of an id, from the manifest and from the output, lands in the same partition (a hash of
 the id), where pyarrow handles the partition as one table. The driver lists files and reads a few
@@ -27,7 +27,9 @@ COMMITTED_SCHEMA = pa.schema([("c_key", pa.string()), ("c_prompt", pa.string()),
 PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.field("_part", pa.int32())])
 # `_todo`: the record has a prompt still to do; `_replaces`: committed files holding error rows of
 # its id that its new rows replace (--retry-errors)
-PLANNED_SCHEMA = pa.schema(list(SCAN_SCHEMA) + [pa.field("_todo", pa.bool_()), pa.field("_replaces", pa.list_(pa.string()))])
+# (a partition's summary row, which holds no record, carries its counts: `_items`, `_invalid`)
+PLANNED_SCHEMA = pa.schema(list(SCAN_SCHEMA) + [pa.field("_todo", pa.bool_()), pa.field("_replaces", pa.list_(pa.string())),
+                                                pa.field("_items", pa.int64()), pa.field("_invalid", pa.int64())])
 MAX_SCAN_TASKS = 512
 PARTITION_BYTES = 128 << 20  # manifest bytes per partition (about a million rows of JSONL)
 NO_PROMPT = "\x00"  # stands for "no prompt" in joins (null never matches); no prompt is a NUL
@@ -41,7 +43,8 @@ def _todo_expr():
 
 @dataclass
 class Plan:
-    """What a run will do: `records` (materialized; PLANNED_SCHEMA) and its counts."""
+    """What a run will do: `records` (materialized; PLANNED_SCHEMA: the records to do, and a
+    summary row per partition) and its counts."""
 
     records: object
     files: list[str]
@@ -170,51 +173,58 @@ def _partition_of(keys, parts: int):
 
 
 def plan_partition(rows: pa.Table, cfg: RunConfig) -> pa.Table:
-    """One partition: every manifest row and committed row of its ids. Repeated ids are marked,
-    then each record is set against the committed rows of its key: it is to do unless every
-    prompt it expects is committed (with --retry-errors: committed ok), and it carries the
-    prompts it has (`done_prompts`, not generated again)."""
+    """One partition: every manifest row and committed row of its ids -> its records still to do
+    (in the manifest's order), then one summary row (no record: `_items`, `_invalid`), so that
+    counting needs no pass over the records already done (most of them, night after night)."""
     import pyarrow.compute as pc
 
     side = pc.is_valid(rows["c_key"])
     records = mark_duplicates(rows.filter(pc.invert(side)).select(SCAN_SCHEMA.names))
-    committed = rows.filter(side).select(COMMITTED_SCHEMA.names)
-    return still_to_do(records, committed, cfg).sort_by("_order")
+    planned = still_to_do(records, rows.filter(side).select(COMMITTED_SCHEMA.names), cfg)
+    todo = planned.filter(planned["_todo"]).sort_by("_order")
+    summary = {name: pa.nulls(1, field.type) for name, field in zip(PLANNED_SCHEMA.names, PLANNED_SCHEMA)}
+    invalid = pc.sum(pc.cast(pc.is_valid(records["error_type"]), pa.int64())).as_py() or 0
+    summary.update(_todo=pa.array([False]), _items=pa.array([records.num_rows], pa.int64()), _invalid=pa.array([invalid], pa.int64()))
+    return pa.concat_tables([todo, pa.table(summary, schema=PLANNED_SCHEMA)])
 
 
 def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Table:
-    """`records` (SCAN_SCHEMA, repeated ids marked) with `_todo`, `done_prompts` and `_replaces`,
-    given the committed rows (COMMITTED_SCHEMA) of their keys."""
+    """`records` (SCAN_SCHEMA, repeated ids marked) with `_todo`, `done_prompts` (for the records to
+    do) and `_replaces`, given the committed rows (COMMITTED_SCHEMA) of their keys: a record is to
+    do unless every prompt it expects is committed (with --retry-errors: committed ok)."""
     import numpy as np
     import pyarrow.compute as pc
 
     n = records.num_rows
     key = _key(records)
-    # a finished committed row: ok, or any row without --retry-errors
+    # a finished committed row: ok, or any row without --retry-errors; a row without an id is done
+    # once committed, whatever its status and prompt (it has none)
     no_id = pc.starts_with(committed["c_key"], sink.NO_ID)
     finished = committed.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
                                                     no_id), False))
-    # a row without an id is done once committed, whatever its status and prompt (it has none)
     finished = finished.set_column(1, "c_prompt", pc.if_else(pc.starts_with(finished["c_key"], sink.NO_ID),
                                                              pa.scalar(None, pa.string()), finished["c_prompt"]))
-    by_key = committed.group_by("c_key", use_threads=False).aggregate([("c_media", "max")])
-    where = pc.index_in(key, by_key["c_key"])
-    media = pc.coalesce(pc.take(by_key["c_media_max"], where), records["media_type"])
+    # the media type an earlier run found in the file (its first row that has one), else the manifest's
+    typed = committed.filter(pc.is_valid(committed["c_media"]))
+    media = pc.coalesce(pc.take(typed["c_media"], pc.index_in(key, typed["c_key"])), records["media_type"])
     expected = _expected_prompts(records, media, cfg)
     lengths = pc.list_value_length(expected).to_numpy(zero_copy_only=False)
     row_of = np.repeat(np.arange(n), lengths)
     wanted = pa.table({"c_key": pc.take(key, pa.array(row_of)), "p": pc.fill_null(expected.flatten(), NO_PROMPT),
                        "row": pa.array(row_of)})
-    have = finished.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
-    have = pa.table({"c_key": have["c_key"], "p": pc.fill_null(have["c_prompt"], NO_PROMPT)})
-    found = wanted.join(have, keys=["c_key", "p"], join_type="left semi", use_threads=False)
+    have = pa.table({"c_key": finished["c_key"], "p": pc.fill_null(finished["c_prompt"], NO_PROMPT)})
+    found = wanted.join(have, keys=["c_key", "p"], join_type="left semi", use_threads=False)  # (a semi join: once each)
     found_per_row = np.bincount(found["row"].to_numpy(), minlength=n) if n else np.zeros(0, dtype=np.int64)
     todo = found_per_row < lengths
-    # the prompts each record has: its key's finished prompts, sorted
-    prompts = (finished.filter(pc.is_valid(finished["c_prompt"])).select(["c_key", "c_prompt"])
-               .group_by(["c_key", "c_prompt"], use_threads=False).aggregate([]).sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
+    # the prompts a record to do has: its key's finished prompts, sorted
+    todo_keys = pc.filter(key, pa.array(todo))
+    mine = finished.filter(pc.and_(pc.is_valid(finished["c_prompt"]), pc.is_in(finished["c_key"], value_set=todo_keys.combine_chunks()
+                                                                              if isinstance(todo_keys, pa.ChunkedArray) else todo_keys)))
+    prompts = (mine.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
+               .sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
                .group_by("c_key", use_threads=False).aggregate([("c_prompt", "list")]))
-    done_prompts = pc.take(prompts["c_prompt_list"], pc.index_in(key, prompts["c_key"]))
+    done_prompts = pc.if_else(pa.array(todo), pc.take(prompts["c_prompt_list"], pc.index_in(key, prompts["c_key"])),
+                              pa.scalar(None, pa.list_(pa.string())))
     records = records.set_column(records.schema.get_field_index("done_prompts"), "done_prompts", done_prompts)
     records = records.append_column("_todo", pa.array(todo))
     errors = committed.filter(pc.fill_null(pc.and_(pc.equal(committed["c_status"], "error"), pc.is_valid(committed["c_path"])), False))
@@ -223,7 +233,8 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
         files = errors.group_by("c_key", use_threads=False).aggregate([("c_path", "distinct")])
         replaces = pc.take(files["c_path_distinct"], pc.index_in(key, files["c_key"]))
         replaces = pc.if_else(pa.array(todo & pc.is_valid(records["id"]).to_numpy(zero_copy_only=False)), replaces, pa.scalar(None, replaces.type))
-    return records.append_column("_replaces", replaces).cast(PLANNED_SCHEMA)
+    records = records.append_column("_replaces", replaces)
+    return records.append_column("_items", pa.nulls(n, pa.int64())).append_column("_invalid", pa.nulls(n, pa.int64())).cast(PLANNED_SCHEMA)
 
 
 def _expected_prompts(records: pa.Table, media, cfg: RunConfig):
@@ -253,7 +264,7 @@ def _expected_prompts(records: pa.Table, media, cfg: RunConfig):
 def _counts(rows: pa.Table) -> pa.Table:
     import pyarrow.compute as pc
 
-    invalid = pc.sum(pc.cast(pc.is_valid(rows["error_type"]), pa.int64())).as_py() or 0
-    todo = pc.sum(pc.cast(rows["_todo"], pa.int64())).as_py() or 0
-    return pa.table({"items": [rows.num_rows], "todo": [todo], "invalid": [invalid]})
+    def total(column):
+        return pc.sum(pc.cast(rows[column], pa.int64())).as_py() or 0
 
+    return pa.table({"items": [total("_items")], "todo": [total("_todo")], "invalid": [total("_invalid")]})

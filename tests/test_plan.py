@@ -174,7 +174,7 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
         media = next((m for _, _, m, _ in mine if m), rec["media_type"])
         todo = not finished.issuperset(prompts_for(rec, media, cfg))
         errors = sorted({path for _, status, _, path in mine if status == "error"})
-        out.append((todo, sorted(p for p in finished if p is not None) or None,
+        out.append((todo, (sorted(p for p in finished if p is not None) or None) if todo else None,  # (only the records to do need them)
                     errors if cfg.retry_errors and todo and errors else None))
     return out
 
@@ -250,8 +250,8 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
 
     def planned():
         p = plan.plan_run(cfg, files)
-        rows = sorted(p.records.take_all(), key=lambda r: r["_order"])
-        return p, [(r["id"], r["source"], r["error_type"], r["_todo"], r["done_prompts"]) for r in rows]
+        rows = sorted((r for r in p.records.take_all() if r["_todo"]), key=lambda r: r["_order"])
+        return p, [(r["id"], r["source"], r["error_type"], r["done_prompts"]) for r in rows]
 
     one, rows_one = planned()
     monkeypatch.setattr(plan, "PARTITION_BYTES", 12_000)  # about 5 partitions
@@ -259,13 +259,14 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
     assert one.partitions == 1 and many.partitions >= 4
     assert rows_many == rows_one
     assert (many.items, many.todo, many.invalid) == (one.items, one.todo, one.invalid)
-    kinds = [e for _, _, e, _, _ in rows_one]
-    assert one.items == 903 and kinds.count("invalid_manifest_row") == 3 and kinds.count("duplicate_id") > 100
-    # the first row of an id committed earlier is not done again, with its prompt listed; the others are
-    for rid, _, error_type, todo, prompts in rows_one:
-        if error_type is None:
-            assert todo == (rid not in done) and prompts == (None if todo else [cfg.default_prompt("video")]), rid
-    assert one.committed == sum(1 for _, _, e, todo, _ in rows_one if not todo) > 100
+    kinds = [e for _, _, e, _ in rows_one]
+    assert one.items == 903 and one.todo == len(rows_one) and kinds.count("invalid_manifest_row") == 3
+    assert kinds.count("duplicate_id") > 100 and one.invalid == kinds.count("duplicate_id") + 3
+    # the first row of an id committed earlier is not done again; the others are, with no prompt done yet
+    firsts = [rid for rid, _, e, _ in rows_one if e is None]
+    assert len(firsts) == len(set(firsts)) and not set(firsts) & set(done)
+    assert set(firsts) | set(done) == {f"i{i}" for i in range(400)} & ({r for r, _, _, _ in rows_one} | set(done))
+    assert all(prompts is None for _, _, e, prompts in rows_one if e is None) and one.committed == 903 - one.todo > 100
 
 
 def test_an_unreadable_committed_file_stops_the_plan_naming_it(ray_local, tmp_path):
