@@ -91,9 +91,9 @@ def committed_keys(cfg: RunConfig) -> CommittedKeys | None:
 
 
 def read_files(cfg: RunConfig, paths: list[str], fn, **kwargs):
-    """A Ray dataset made by one task per output file: fn(table of COMMITTED_COLUMNS-like columns
-    of the file, path, **kwargs) for each batch of the file. (Ray Data's read_parquet starts
-    footer-reading actors first: seconds per run, for outputs that hold a few files.)"""
+    """A Ray dataset made by one task per output file: fn(rows, path, **kwargs) for each batch of
+    the file's `fn.columns`. (Ray Data's read_parquet starts footer-reading actors first: seconds
+    per run, for outputs that hold a few files.)"""
     import ray
 
     tasks = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
