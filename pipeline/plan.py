@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline import sink
-from pipeline.config import DEFAULT_PROMPTS, RunConfig
+from pipeline.config import RunConfig
 from pipeline.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, manifest_file_sizes, mark_duplicates, scan_file
 
 # The committed side's columns (sink.committed_keys); null on manifest rows, as the records' are on these.
@@ -102,7 +102,7 @@ def _unmatched(rows: pa.Table) -> pa.Table:
 
     staged = rows.filter(rows["_staged"])["source"]
     todo = rows.filter(pc.invert(rows["_staged"]))["source"]
-    return pa.table({"source": todo.filter(pc.invert(pc.is_in(todo, value_set=staged.combine_chunks())))})
+    return pa.table({"source": todo.filter(pc.invert(pc.is_in(todo, value_set=_array(staged))))})
 
 
 def _replacing(rows: pa.Table) -> pa.Table:
@@ -205,10 +205,9 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     # a finished committed row: ok, or any row without --retry-errors; a row without an id is done
     # once committed, whatever its status and prompt (it has none)
     no_id = pc.starts_with(committed["c_key"], sink.NO_ID)
-    finished = committed.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
-                                                    no_id), False))
-    finished = finished.set_column(1, "c_prompt", pc.if_else(pc.starts_with(finished["c_key"], sink.NO_ID),
-                                                             pa.scalar(None, pa.string()), finished["c_prompt"]))
+    finished = committed.set_column(1, "c_prompt", pc.if_else(no_id, pa.scalar(None, pa.string()), committed["c_prompt"]))
+    finished = finished.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
+                                                   no_id), False))
     # the media type an earlier run found in the file (its first row that has one), else the manifest's
     typed = committed.filter(pc.is_valid(committed["c_media"]))
     media = pc.coalesce(pc.take(typed["c_media"], pc.index_in(key, typed["c_key"])), records["media_type"])
@@ -223,8 +222,7 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     todo = found_per_row < lengths
     # the prompts a record to do has: its key's finished prompts, sorted
     todo_keys = pc.filter(key, pa.array(todo))
-    mine = finished.filter(pc.and_(pc.is_valid(finished["c_prompt"]), pc.is_in(finished["c_key"], value_set=todo_keys.combine_chunks()
-                                                                              if isinstance(todo_keys, pa.ChunkedArray) else todo_keys)))
+    mine = finished.filter(pc.and_(pc.is_valid(finished["c_prompt"]), pc.is_in(finished["c_key"], value_set=_array(todo_keys))))
     prompts = (mine.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
                .sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
                .group_by("c_key", use_threads=False).aggregate([("c_prompt", "list")]))
@@ -244,26 +242,26 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
 
 def _expected_prompts(records: pa.Table, media, cfg: RunConfig):
     """manifest.prompts_for for a whole table: a list of prompts per record (null: no prompt)."""
+    import numpy as np
     import pyarrow.compute as pc
 
-    if cfg.prompt:
-        default = pa.repeat(pa.scalar(cfg.prompt), records.num_rows)
-    else:
-        several = pc.fill_null(pc.greater(pc.list_value_length(records["uris"]), 1), False)
-        kind = pc.if_else(several, "images", pc.fill_null(media, "video"))
-        default = pc.fill_null(pc.if_else(pc.equal(kind, "images"), DEFAULT_PROMPTS["images"],
-                                          pc.if_else(pc.equal(kind, "image"), DEFAULT_PROMPTS["image"], DEFAULT_PROMPTS["video"])),
-                               DEFAULT_PROMPTS["video"])
-    one = pc.coalesce(records["prompt"], default)
-    singles = pa.ListArray.from_arrays(pa.array(range(0, records.num_rows + 1), pa.int32()), one.combine_chunks()
-                                       if isinstance(one, pa.ChunkedArray) else one)
+    several = pc.fill_null(pc.greater(pc.list_value_length(records["uris"]), 1), False)
+    kind = pc.if_else(several, "images", pc.fill_null(media, "video"))
+    default = pc.if_else(pc.equal(kind, "images"), cfg.default_prompt("images"),
+                         pc.if_else(pc.equal(kind, "image"), cfg.default_prompt("image"), cfg.default_prompt("video")))
+    offsets = pa.array(np.arange(records.num_rows + 1, dtype=np.int32))  # one prompt per record
+    singles = pa.ListArray.from_arrays(offsets, _array(pc.coalesce(records["prompt"], default)))
+    nothing = pa.ListArray.from_arrays(offsets, pa.nulls(records.num_rows, pa.string()))
     no_item = pc.fill_null(pc.is_in(records["error_type"], pa.array(["invalid_manifest_row", "duplicate_id"])), False)
-    nothing = pa.ListArray.from_arrays(pa.array(range(0, records.num_rows + 1), pa.int32()), pa.nulls(records.num_rows, pa.string()))
     expected = pc.if_else(no_item, nothing, singles)
     if cfg.task == "qa":
-        questions = records["questions"].combine_chunks() if isinstance(records["questions"], pa.ChunkedArray) else records["questions"]
+        questions = _array(records["questions"])
         expected = pc.if_else(pc.and_(pc.invert(no_item), pc.is_valid(questions)), questions, expected)
-    return expected.combine_chunks() if isinstance(expected, pa.ChunkedArray) else expected
+    return _array(expected)
+
+
+def _array(values):
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def _counts(rows: pa.Table) -> pa.Table:
