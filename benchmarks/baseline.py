@@ -89,7 +89,7 @@ def sequential_loop(model_dir: str, manifest: str, num_frames: int, max_new_toke
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from pipeline.config import DEFAULT_PROMPTS
-    from pipeline.media import sniff_media_type
+    from pipeline.media.fetch import sniff_media_type
 
     t0 = time.perf_counter()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -122,17 +122,18 @@ def sequential_loop(model_dir: str, manifest: str, num_frames: int, max_new_toke
 def driver_planning(cfg) -> dict:
     """How a run planned on the driver before distributed planning (main before 9209a33), for
     the scale benchmark: every manifest row read and validated one at a time in this process
-    (json.loads, pipeline.manifest._scan_row, a `seen` set for repeated ids), every committed row
+    (json.loads, pipeline.planning.manifest._scan_row, a `seen` set for repeated ids), every committed row
     of the run's settings read into a dict (id -> {prompt: (status, media type, file)}), and a
     Python loop over the records for what is still to do (prompts_for). Returns the counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import RECORD_SCHEMA, _scan_row, list_manifest_files, prompts_for
-    from pipeline.storage import filesystem
+    from pipeline.io.storage import filesystem
+    from pipeline.io.urls import media_prefixes
+    from pipeline.planning.manifest import RECORD_SCHEMA, _scan_row, list_manifest_files, prompts_for
 
     files = list_manifest_files(cfg.manifest, cfg)
-    prefixes = cfg.media_prefixes()
+    prefixes = media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest)
     records, seen = [], set()
     for uri in files:
         fs, path = filesystem(uri, cfg.storage)
@@ -154,7 +155,7 @@ def driver_planning(cfg) -> dict:
                 records.append(rec)
     table = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
     del records
-    # sink.committed: every committed row of the run's settings, as Python objects
+    # commit.committed: every committed row of the run's settings, as Python objects
     rows, sources = {}, set()
     fs, out = filesystem(cfg.output, cfg.storage)
     key = cfg.config_key()

@@ -15,7 +15,7 @@ COUNTS = (8, 16, 32)
 
 def ours(path: Path, n: int) -> dict:
     from pipeline.config import StorageConfig
-    from pipeline.media import fetch_and_decode
+    from pipeline.media.fetch import fetch_and_decode
 
     t = time.perf_counter()
     d = fetch_and_decode(str(path), StorageConfig(), "video", n)
@@ -27,7 +27,7 @@ def torchcodec_peer(path: Path, n: int) -> dict:
     """torchcodec's exact seek mode, at our uniform targets, RGB frames on the CPU."""
     from torchcodec.decoders import VideoDecoder
 
-    from pipeline.media import uniform_targets
+    from pipeline.media.video import uniform_targets
 
     t = time.perf_counter()
     dec = VideoDecoder(str(path), seek_mode="exact", device="cpu")

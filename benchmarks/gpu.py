@@ -57,7 +57,7 @@ def measure_model(name: str, device: str, frames: int, new_tokens: int, videos: 
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(**x, **gen)
+            out = model.generate(**x, **gen)  # noqa: F821 - deleted below, after its last use
         if device == "cuda":
             torch.cuda.synchronize()
         assert out.shape[1] - x["input_ids"].shape[1] == new_tokens

@@ -4,7 +4,7 @@
 
 CONFIG.json holds RunConfig fields. The process pins itself (and so Ray and every worker it
 starts) to the first N CPUs, starts a fresh local Ray (not any cluster already on the machine),
-runs `pipeline.run.run`, and writes: the wall time split into Ray start and the run, the model
+runs `pipeline.batch.run.run`, and writes: the wall time split into Ray start and the run, the model
 actors' generate calls (from RunConfig.trace_dir), and peak private memory (RSS less shared pages)
 of the driver and of all the processes under it (Ray's raylet, workers, decoder children), every 0.2 s.
 """
@@ -66,14 +66,14 @@ def main(argv=None) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
+    from pipeline.batch.run import run
     from pipeline.config import RunConfig
-    from pipeline.run import run
 
     cfg = RunConfig.model_validate_json(Path(a.config).read_text())
     sampler = MemorySampler()
     sampler.start()
     t0 = time.time()
-    # The job's own local-cluster settings (pipeline.run.connect_ray), in a short temp dir of our own.
+    # The job's own local-cluster settings (pipeline.batch.run.connect_ray), in a short temp dir of our own.
     ray.init(address="local", num_cpus=max(4, len(os.sched_getaffinity(0))), include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     t1 = time.time()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.sizing import QWEN2_SIZES, SIGLIP_SO400M
+from pipeline.planning.sizing import QWEN2_SIZES, SIGLIP_SO400M
 
-# The published llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf shapes (pipeline.sizing), with the
+# The published llava-hf/llava-onevision-qwen2-{0.5b,7b}-ov-hf shapes (pipeline.planning.sizing), with the
 # vocabulary sizes these benchmarks have always used.
 ARCHITECTURES = {
     "tiny-384": dict(vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
@@ -77,7 +77,7 @@ def build_model(name: str, device: str = "cpu", dtype: str = "float32"):
 
 def write_checkpoint(name: str, out_dir: Path) -> Path:
     """A loadable checkpoint folder (`--model DIR`), marked as random-weight."""
-    from pipeline.testing.tiny_model import MARKER
+    from pipeline.model.checkpoint import MARKER
 
     out = Path(out_dir)
     if (out / MARKER).exists():

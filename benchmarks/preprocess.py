@@ -26,9 +26,9 @@ def _frames(path: Path, n: int) -> list:
 
 
 def measure(model_dir: str, inputs: dict, n: int = 16, repeats: int = 3, log=print) -> dict:
-    from pipeline.media import resize_frames
-    from pipeline.preprocess import Preprocessor, video_resize_spec
-    from pipeline.stages import pack, unpack
+    from pipeline.batch.stages import pack, unpack
+    from pipeline.media.video import resize_frames
+    from pipeline.model.preprocess import Preprocessor, video_resize_spec
 
     pre = Preprocessor(model_dir)
     spec = video_resize_spec(model_dir)

@@ -9,7 +9,7 @@ Dataset scale (issue 15), no model:
 
 - `measure_planning`: manifests of N video rows (JSONL shards of SHARD_ROWS), with 0 and with N
   committed rows (written straight as Parquet under the run's settings), planned as a run plans
-  them (pipeline.plan.plan_run) and, up to BASELINE_MAX_ROWS, as the driver planned them before
+  them (pipeline.planning.plan.plan_run) and, up to BASELINE_MAX_ROWS, as the driver planned them before
   (benchmarks.baseline.driver_planning), each plan in a fresh process of its own:
 
       python -m benchmarks.scale plan|baseline CONFIG.json RESULT.json
@@ -208,7 +208,7 @@ def measure_planning(work: Path, sizes: list[int], log=print, timeout_s: float =
 
 
 def plan_in_process(mode: str, result: Path, fields: dict, timeout_s: float = 7200) -> dict:
-    """One plan (mode: plan = pipeline.plan.plan_run, baseline = the old driver-side planning) in
+    """One plan (mode: plan = pipeline.planning.plan.plan_run, baseline = the old driver-side planning) in
     a fresh `python -m benchmarks.scale` process; its result."""
     config = result.with_suffix(".config.json")
     config.write_text(json.dumps(fields))
@@ -241,7 +241,7 @@ def _start_ray() -> None:
 
     import ray
 
-    # the job's own local-cluster settings (pipeline.run.connect_ray), in a short temp dir of our own
+    # the job's own local-cluster settings (pipeline.batch.run.connect_ray), in a short temp dir of our own
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
@@ -264,8 +264,8 @@ def _plan_main(mode: str, config: str, result: str) -> int:
     _start_ray()
     t1, cpu1 = time.time(), cpu_seconds()
     if mode == "plan":
-        from pipeline.manifest import list_manifest_files
-        from pipeline.plan import plan_run
+        from pipeline.planning.manifest import list_manifest_files
+        from pipeline.planning.plan import plan_run
 
         p = plan_run(cfg, list_manifest_files(cfg.manifest, cfg))
         counts = {"items": p.items, "todo": p.todo, "committed": p.committed, "invalid": p.invalid,
@@ -326,8 +326,8 @@ def s3_requests(server_log: Path) -> dict:
 
 def measure_commit(work: Path, rows: int = MILLION, rows_per_file: int = 100_000, log=print) -> dict:
     """Commit a staged run of `rows` rows in files of rows_per_file to an S3 output on a moto server
-    started as its own process (its request log counts the requests), through sink.staged and
-    sink.commit in a fresh process: the commit's wall time and S3 requests."""
+    started as its own process (its request log counts the requests), through commit.staged and
+    commit.commit in a fresh process: the commit's wall time and S3 requests."""
     import socket
 
     with socket.socket() as sock:
@@ -368,13 +368,13 @@ def measure_commit(work: Path, rows: int = MILLION, rows_per_file: int = 100_000
 
 
 def _commit_main(config: str, result: str) -> int:
-    """Stage `rows` rows on the moto server, then time and count sink.staged and sink.commit."""
+    """Stage `rows` rows on the moto server, then time and count commit.staged and commit.commit."""
     import boto3
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
 
-    from pipeline import sink
     from pipeline.config import RunConfig, StorageConfig
+    from pipeline.output import commit
 
     c = json.loads(Path(config).read_text())
     server_log = Path(c["server_log"])
@@ -388,10 +388,10 @@ def _commit_main(config: str, result: str) -> int:
     _start_ray()
     marks = [s3_requests(server_log)]
     t0 = time.time()
-    written = sink.staged(cfg)
+    written = commit.staged(cfg)
     t1 = time.time()
     marks.append(s3_requests(server_log))
-    sink.commit(cfg, written, {"run_id": cfg.run_id})
+    commit.commit(cfg, written, {"run_id": cfg.run_id})
     t2 = time.time()
     time.sleep(1)  # the server's last log lines
     marks.append(s3_requests(server_log))

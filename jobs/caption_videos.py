@@ -11,7 +11,7 @@ prompt, so its video and `uris` rows become `unsupported_media` error rows.
 
 Also runs with plain `python` (it then joins the local Ray cluster or starts one).
 A sizing plan (tp, replicas, batch budget for the cluster's GPUs) is logged before the run; for
-example LLaVA-OneVision 72B on 8x 80 GB GPUs: --tp 4 --replicas 2 (`python -m pipeline.sizing`).
+example LLaVA-OneVision 72B on 8x 80 GB GPUs: --tp 4 --replicas 2 (`python -m pipeline.planning.sizing`).
 Exit code 0 when the run completed, error rows included; non-zero when it could not complete.
 """
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
     if cfg.dry_run:
-        from pipeline.preflight import PreflightError, preflight
+        from pipeline.batch.preflight import PreflightError, preflight
 
         try:
             print(preflight(cfg).line())
@@ -133,9 +133,9 @@ def main(argv=None) -> int:
             print(f"dry run failed: {e}", file=sys.stderr)
             return 2
         return 0
-    from pipeline.checkpoint import is_random_weight
-    from pipeline.manifest import ManifestError
-    from pipeline.run import RunError, run
+    from pipeline.batch.run import RunError, run
+    from pipeline.model.checkpoint import is_random_weight
+    from pipeline.planning.manifest import ManifestError
 
     if is_random_weight(cfg.model):
         print(f"NOTE: {cfg.model} has RANDOM WEIGHTS: its text is noise. "

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-frames", action="store_true", help="Leave out the frame strips (no media reads).")
     p.add_argument("--s3-endpoint-url", help=StorageConfig.model_fields["endpoint_url"].description)
     a = p.parse_args(argv)
-    from pipeline.report import read_output, render
+    from pipeline.output.report import read_output, render
 
     storage = StorageConfig(endpoint_url=a.s3_endpoint_url)
     try:

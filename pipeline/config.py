@@ -62,28 +62,48 @@ class ModelSettings(BaseModel):
 
     model: str = Field(description="Model: a hub id, a local folder, or an s3:// prefix.")
     num_frames: int = Field(8, ge=1, le=256, description="Frames sampled uniformly over each video's clip window.")
-    max_pixels: int = Field(40_000_000, ge=1, description="Largest image or video frame (width x height) decoded; larger media become `too_large` rows, judged from the header and from every decoded frame.")
+    max_pixels: int = Field(40_000_000, ge=1, description=
+            "Largest image or video frame (width x height) decoded; larger media become `too_large` rows, judged from the "
+            "header and from every decoded frame.")
     decode_timeout_s: float = Field(120.0, gt=0, description="Longest time one item may take to fetch and decode before it becomes a `timeout` row.")
-    decoder_memory_gb: float = Field(8.0, gt=0, description="Memory (heap and anonymous mappings) the isolated decoder process may use; media that need more, or whose index declares more, become `too_large` rows.")
-    decoder_module: str = Field("pipeline.decoder_process", description="Module run (python -m) as the isolated decoder process; tests swap in one that injects faults.")
+    decoder_memory_gb: float = Field(8.0, gt=0, description=
+            "Memory (heap and anonymous mappings) the isolated decoder process may use; media that need more, or whose "
+            "index declares more, become `too_large` rows.")
+    decoder_module: str = Field("pipeline.media.decoder_process", description=
+            "Module run (python -m) as the isolated decoder process; tests swap in one that injects faults.")
     batch_size: int = Field(4, ge=1, description="Model inputs per generate call.")
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")
-    tp: int = Field(1, ge=1, description="Tensor parallelism: devices per model replica (GPUs, or CPU processes on CPU), all on one node; the language model's weights are split across them.")
-    replica_timeout_s: float = Field(600.0, gt=0, description="Longest a tensor-parallel replica may take to generate one batch; past it the replica counts as hung and is restarted (a rank that dies is noticed at once).")
-    replica_restarts: int = Field(2, ge=0, description="Restarts of a tensor-parallel replica for one batch after a rank died or hung; then the batch's rows become `model_error` rows.")
-    rank_module: str = Field("pipeline.tensor_parallel", description="Module run (python -m) as a tensor-parallel rank process; tests swap in one that injects faults.")
-    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one GPU for the sizing plan (pipeline/sizing.py); default: measured on a GPU of the cluster at run start.")
+    tp: int = Field(1, ge=1, description=
+            "Tensor parallelism: devices per model replica (GPUs, or CPU processes on CPU), all on one node; the language "
+            "model's weights are split across them.")
+    replica_timeout_s: float = Field(600.0, gt=0, description=
+            "Longest a tensor-parallel replica may take to generate one batch; past it the replica counts as hung and is "
+            "restarted (a rank that dies is noticed at once).")
+    replica_restarts: int = Field(2, ge=0, description=
+            "Restarts of a tensor-parallel replica for one batch after a rank died or hung; then the batch's rows become "
+            "`model_error` rows.")
+    rank_module: str = Field("pipeline.model.tensor_parallel", description=
+            "Module run (python -m) as a tensor-parallel rank process; tests swap in one that injects faults.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description=
+            "Memory of one GPU for the sizing plan (pipeline/planning/sizing.py); default: measured on a GPU of the "
+            "cluster at run start.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the cluster has GPUs, else cpu.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bfloat16 on GPU, float32 on CPU.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa", description="Attention kernel: sdpa (PyTorch's), flash_attention_2 (CUDA + the flash-attn package) or eager.")
     quantization: Literal["4bit", "8bit"] | None = Field(
-        None, description="Load the model quantized with bitsandbytes (4-bit NF4 or 8-bit): less GPU memory; needs CUDA and the bitsandbytes package.")
+        None, description=
+                "Load the model quantized with bitsandbytes (4-bit NF4 or 8-bit): less GPU memory; needs CUDA and the "
+                "bitsandbytes package.")
     revision: str | None = Field(
-        None, description="Hub revision (branch, tag or commit) of a hub-id model, used for its weights, tokenizer and processor alike; pin a commit for reproducible runs.")
+        None, description=
+                "Hub revision (branch, tag or commit) of a hub-id model, used for its weights, tokenizer and processor alike; "
+                "pin a commit for reproducible runs.")
     trust_remote_code: bool = Field(
         False, description="Allow Python code shipped inside the checkpoint (auto_map) to run. Off: only transformers' own model classes load.")
-    dry_run: bool = Field(False, description="Only check config, manifest, model location and output write access, and plan the run (on Ray) to print how many items are already committed and how many it would do; load no model, read no media.")
+    dry_run: bool = Field(False, description=
+            "Only check config, manifest, model location and output write access, and plan the run (on Ray) to print how "
+            "many items are already committed and how many it would do; load no model, read no media.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -110,17 +130,41 @@ class RunConfig(ModelSettings):
         description="Where manifest URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
                     "others become `uri_not_allowed` rows before any I/O. Default: the manifest's own bucket, "
                     "or for a local manifest its folder.")
-    retry_errors: bool = Field(False, description="Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old error rows.")
-    accelerator_type: str | None = Field(None, description="Run the model stage only on nodes with this accelerator (Ray's accelerator_type, e.g. L40S, A100, H100: the `accelerator_type:NAME` resource Ray gives GPU nodes): keeps a model's replicas, and the autoscaling they cause, on the node group meant for it.")
-    output_file_rows: int = Field(100_000, ge=1, description="Rows per output Parquet file (about: the last file of a run is smaller): a million rows are ten files, not thousands, whatever the decode parallelism.")
-    output_row_group_rows: int = Field(10_000, ge=1, description="Rows per Parquet row group in the output files: the unit in which readers (pandas, DuckDB, Spark) read and skip a file.")
-    preprocess_workers: int = Field(2, ge=1, description="Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps up.")
-    resize_in_decoder: bool = Field(True, description="Resize video frames to the video processor's size inside the decoder process, with the processor's own resize (bit-identical model inputs): only small frames travel to the preprocess stage.")
-    model_cpu_threads: int = Field(0, ge=0, description="Torch threads of each model actor when the model runs on the CPU; 0: as Ray sets them (one per CPU the actor holds). More threads help on an otherwise idle CPU node (+58 % measured) and hurt badly when its cores are oversubscribed.")
-    ray_address: str | None = Field(None, description="Ray cluster to join (e.g. ray://head:10001 or head:6379). Default: RAY_ADDRESS (set by `ray job submit`), else a new local cluster; a cluster merely running on this machine is never joined.")
-    model_resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes started with `ray start --resources` naming them.")
-    lease_ttl_s: float = Field(60.0, ge=2, description="Lifetime of the output's lease (pipeline/lease.py), renewed every third of it while the run runs: a run whose driver died blocks other runs on its output for at most this long.")
-    trace_dir: str | None = Field(None, description="Local folder where each model actor appends one JSON line per generate call (start, end, rows); for benchmarks and profiling.")
+    retry_errors: bool = Field(False, description=
+            "Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old "
+            "error rows.")
+    accelerator_type: str | None = Field(None, description=
+            "Run the model stage only on nodes with this accelerator (Ray's accelerator_type, e.g. L40S, A100, H100: the "
+            "`accelerator_type:NAME` resource Ray gives GPU nodes): keeps a model's replicas, and the autoscaling they "
+            "cause, on the node group meant for it.")
+    output_file_rows: int = Field(100_000, ge=1, description=
+            "Rows per output Parquet file (about: the last file of a run is smaller): a million rows are ten files, not "
+            "thousands, whatever the decode parallelism.")
+    output_row_group_rows: int = Field(10_000, ge=1, description=
+            "Rows per Parquet row group in the output files: the unit in which readers (pandas, DuckDB, Spark) read and "
+            "skip a file.")
+    preprocess_workers: int = Field(2, ge=1, description=
+            "Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps "
+            "up.")
+    resize_in_decoder: bool = Field(True, description=
+            "Resize video frames to the video processor's size inside the decoder process, with the processor's own resize "
+            "(bit-identical model inputs): only small frames travel to the preprocess stage.")
+    model_cpu_threads: int = Field(0, ge=0, description=
+            "Torch threads of each model actor when the model runs on the CPU; 0: as Ray sets them (one per CPU the actor "
+            "holds). More threads help on an otherwise idle CPU node (+58 % measured) and hurt badly when its cores are "
+            "oversubscribed.")
+    ray_address: str | None = Field(None, description=
+            "Ray cluster to join (e.g. ray://head:10001 or head:6379). Default: RAY_ADDRESS (set by `ray job submit`), "
+            "else a new local cluster; a cluster merely running on this machine is never joined.")
+    model_resources: dict[str, float] = Field(default_factory=dict, description=
+            "Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes "
+            "started with `ray start --resources` naming them.")
+    lease_ttl_s: float = Field(60.0, ge=2, description=
+            "Lifetime of the output's lease (pipeline/output/lease.py), renewed every third of it while the run runs: a "
+            "run whose driver died blocks other runs on its output for at most this long.")
+    trace_dir: str | None = Field(None, description=
+            "Local folder where each model actor appends one JSON line per generate call (start, end, rows); for "
+            "benchmarks and profiling.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row.",
@@ -143,11 +187,6 @@ class RunConfig(ModelSettings):
                    "num_frames": self.num_frames, "max_pixels": self.max_pixels,
                    "generation": self.generation.model_dump(mode="json")}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
-
-    def media_prefixes(self) -> list[str]:
-        from pipeline.urls import default_media_prefixes
-
-        return self.allowed_uri_prefixes or default_media_prefixes(self.manifest)
 
     def default_prompt(self, media_type: str | None) -> str:
         return self.prompt or DEFAULT_PROMPTS.get(media_type or "video", DEFAULT_PROMPTS["video"])

@@ -15,7 +15,7 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.tensor_parallel import serve_rank
+from pipeline.model.tensor_parallel import serve_rank
 
 
 def faulty_generate(engine, inputs, gen, seeds):

@@ -10,4 +10,6 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get 
   apt-get update -qq && apt-get install -y -qq chromium >/dev/null || echo "setup: chromium not installed; its test will skip"
 fi
 export HF_HUB_OFFLINE=1
+# Lint first (rules in pyproject.toml): unused names, import order, line length.
+.venv/bin/python -m ruff check --quiet . || { echo "lint failed (above): fix it, or run .venv/bin/python -m ruff check --fix ." >&2; exit 1; }
 exec .venv/bin/python -m pytest "$@"

@@ -11,8 +11,10 @@ import pytest
 from PIL import Image
 
 from pipeline.config import RunConfig, StorageConfig
-from pipeline.decoder_process import DecoderProcess
-from pipeline.media import MediaError, fetch_and_decode, uniform_targets
+from pipeline.media.decoded import MediaError
+from pipeline.media.decoder_process import DecoderProcess
+from pipeline.media.fetch import fetch_and_decode
+from pipeline.media.video import uniform_targets
 from pipeline.testing.samples import encode_video, synthetic_frame
 
 STORAGE = StorageConfig()
@@ -167,7 +169,7 @@ def test_past_its_memory_limit_the_decoder_answers_too_large_and_is_replaced(sam
 
 
 def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model, tmp_path):
-    from pipeline.run import run
+    from pipeline.batch.run import run
 
     good = (samples / "street.mp4").read_bytes()
     files = {

@@ -26,7 +26,7 @@ def test_s3_model_is_copied_once_per_node_under_concurrency(s3_endpoint, s3_clie
     script = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from pipeline.checkpoint import local_checkpoint
+        from pipeline.model.checkpoint import local_checkpoint
         from pipeline.config import StorageConfig
         ready = Path(sys.argv[1])
         (ready / sys.argv[2]).touch()
@@ -65,8 +65,8 @@ def test_processor_copy_leaves_the_weights_and_a_changed_object_is_fetched_again
         s3_endpoint, s3_client, tiny_model, tmp_path, monkeypatch, caplog):
     """CPU stages copy what a processor and tokenizer need, model actors copy the weights too, and
     a file re-uploaded under the same prefix is fetched again (the cache is keyed by its ETag)."""
-    from pipeline import checkpoint
     from pipeline.config import StorageConfig
+    from pipeline.model import checkpoint
 
     caplog.set_level(logging.INFO, logger="werkzeug")
     monkeypatch.setattr(checkpoint, "CACHE_DIR", tmp_path / "node-cache")
@@ -80,7 +80,7 @@ def test_processor_copy_leaves_the_weights_and_a_changed_object_is_fetched_again
     processor = checkpoint.local_checkpoint(uri, storage, weights=False)
     assert sorted(os.listdir(processor)) == [f for f in files if f not in weights]
     assert all(gets_per_object(caplog, "models-kinds")[f"llava/tiny/{w}"] == 0 for w in weights)
-    from pipeline.preprocess import Preprocessor
+    from pipeline.model.preprocess import Preprocessor
 
     Preprocessor(processor)  # the processor and tokenizer load from the copy without weights
 

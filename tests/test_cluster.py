@@ -244,8 +244,8 @@ INSTANCE_GPU_GB = {"p5.48xlarge": 80, "p4d.24xlarge": 40, "g6e.2xlarge": 48}
 
 def test_rayjob_replicas_fit_its_gpu_workers():
     """A replica's tp GPUs are in one pod; the initial pods hold every replica at once; where the
-    pods name their instance type, the model fits its GPUs at the job's --tp (pipeline/sizing.py)."""
-    from pipeline.sizing import KNOWN_MODELS, known_config, plan, shape_of
+    pods name their instance type, the model fits its GPUs at the job's --tp (pipeline/planning/sizing.py)."""
+    from pipeline.planning.sizing import KNOWN_MODELS, known_config, plan, shape_of
 
     for name, doc in of_kind("RayJob") + [(n, {"spec": d["spec"]["jobTemplate"]}) for n, d in of_kind("RayCronJob")]:
         cfg = caption_videos.parse_args(job_argv(doc["spec"]["entrypoint"])[1])
@@ -369,7 +369,7 @@ import json, sys
 from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
-from pipeline.run import run
+from pipeline.batch.run import run
 import caption_videos
 
 samples, model, out = sys.argv[1:4]

@@ -8,10 +8,10 @@ import pyarrow.dataset as pads
 import pytest
 from pyarrow import fs as pafs
 
-from pipeline import sink
+from pipeline.batch.run import run
 from pipeline.config import RunConfig
-from pipeline.run import run
-from pipeline.storage import filesystem, join
+from pipeline.io.storage import filesystem, join
+from pipeline.output import commit
 
 
 def config(manifest, output, model, **kw):
@@ -89,16 +89,16 @@ def test_nightly_runs_on_a_growing_prefix_do_only_new_rows(ray_local, samples, t
 def interrupted_commit(cfg, files_moved: int):
     """Stage a finished run, write its commit point, then stop after copying `files_moved` files
     without deleting them: a crash between the two requests of an S3 move."""
-    result = sink.staged(cfg)
-    real_finish = sink._finish
-    sink._finish = lambda *a: None
+    result = commit.staged(cfg)
+    real_finish = commit._finish
+    commit._finish = lambda *a: None
     try:
-        sink.commit(cfg, result, {"run_id": cfg.run_id})
+        commit.commit(cfg, result, {"run_id": cfg.run_id})
     finally:
-        sink._finish = real_finish
+        commit._finish = real_finish
     fs, out = filesystem(cfg.output, cfg.storage)
-    staged_dir = filesystem(sink.staging_uri(cfg), cfg.storage)[1]
-    complete = json.loads(fs.cat(join(staged_dir, sink.COMPLETE)))
+    staged_dir = filesystem(commit.staging_uri(cfg), cfg.storage)[1]
+    complete = json.loads(fs.cat(join(staged_dir, commit.COMPLETE)))
     for name, final in list(zip(complete["staged"], complete["ledger"]["files"]))[:files_moved]:
         fs.copy(join(staged_dir, name), join(out, final))  # copied, never deleted
     return result
@@ -107,8 +107,8 @@ def interrupted_commit(cfg, files_moved: int):
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, samples, tiny_model, tmp_path, store,
                                                                s3_endpoint, s3_client):
-    from pipeline.manifest import scan_manifest
-    from pipeline.run import build_dataset
+    from pipeline.batch.run import build_dataset
+    from pipeline.planning.manifest import scan_manifest
 
     if store == "s3":
         s3_client.create_bucket(Bucket="commits")
@@ -118,7 +118,7 @@ def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, sample
     cfg = config(samples / "manifest.jsonl", out, tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
     records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
-    sink.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
+    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
     staged = interrupted_commit(cfg, files_moved=2)
     assert len(staged.files) == 3 and staged.rows == 7
 
@@ -166,8 +166,9 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
     import sys
 
     from conftest import REPO
-    from pipeline.manifest import scan_manifest
-    from pipeline.run import build_dataset
+
+    from pipeline.batch.run import build_dataset
+    from pipeline.planning.manifest import scan_manifest
 
     if store == "s3":
         s3_client.create_bucket(Bucket="kills")
@@ -177,8 +178,8 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
     cfg = config(samples / "manifest.jsonl", f"{root}/staged", tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
     records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
-    sink.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
-    assert len(sink.staged(cfg).files) == 3
+    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
+    assert len(commit.staged(cfg).files) == 3
 
     outcomes = []
     for step in range(1, 40):
@@ -194,9 +195,9 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
         fs, path = filesystem(out, cfg.storage)
         fs.invalidate_cache()
         ledger = join(path, "_runs", f"{cfg.run_id}.json")
-        if not sink._is_commit_point(fs, join(path, "_staging", cfg.run_id, sink.COMPLETE)) and not fs.exists(ledger):
+        if not commit._is_commit_point(fs, join(path, "_staging", cfg.run_id, commit.COMPLETE)) and not fs.exists(ledger):
             # killed before the commit point: nothing is committed; the next run computes it all
-            assert sink.recover(killed) == 7 and not fs.glob(join(path, "*.parquet")), step
+            assert commit.recover(killed) == 7 and not fs.glob(join(path, "*.parquet")), step
             outcomes.append("redone")
             continue
         rerun = run(config(samples / "manifest.jsonl", out, tiny_model, storage=cfg.storage))

@@ -14,7 +14,8 @@ ENTRY_POINTS = {
     "jobs/report.py": ["--output"],
     "jobs/fault_scenarios.py": ["--only"],
     "-m benchmarks": ["--quick", "--only"],
-    "-m pipeline.sizing": ["--model", "--gpus"],
+    "-m pipeline.planning.sizing": ["--model", "--gpus"],
+    "-m pipeline.sizing": ["--model", "--gpus"],  # the spelling before pipeline/ had folders
     "-m pipeline.testing.samples": [],
     "-m pipeline.testing.tiny_model": ["--family", "--seed"],
 }

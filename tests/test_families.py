@@ -19,11 +19,11 @@ from transformers import (
     Qwen2Config,
 )
 
+from pipeline.batch.stages import Generate, Preprocess, decode_media
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.families import detect_family
-from pipeline.manifest import scan_manifest
-from pipeline.preprocess import Preprocessor
-from pipeline.stages import Generate, Preprocess, decode_media
+from pipeline.model.families import detect_family
+from pipeline.model.preprocess import Preprocessor
+from pipeline.planning.manifest import scan_manifest
 from pipeline.testing.textmatch import difference, generate_reference
 
 MAX_NEW_TOKENS = 10
@@ -95,7 +95,7 @@ def card_reference(family, path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mixed_batch_equals_the_card_reference(family, tiny_checkpoint, manifest, monkeypatch):
-    monkeypatch.setattr("pipeline.isolate.MIN_BATCH_FILL", 0.0)  # every length in one generate call
+    monkeypatch.setattr("pipeline.model.batching.MIN_BATCH_FILL", 0.0)  # every length in one generate call
     path = tiny_checkpoint(family)
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(path), task="qa", num_frames=4,
                     allowed_uri_prefixes=[tempfile.gettempdir()],

@@ -43,7 +43,7 @@ def checkpoint(workdir: Path, family: str, size: str = "tiny") -> str:
 @functools.cache
 def media(workdir: Path, num_frames: int) -> list[tuple[str, object]]:
     """(media_type, frames) of the sample video and images, decoded as the pipeline does (no Ray)."""
-    from pipeline.media import fetch_and_decode
+    from pipeline.media.fetch import fetch_and_decode
     from pipeline.testing.samples import write_samples
 
     samples = workdir / "samples"
@@ -60,7 +60,7 @@ def media(workdir: Path, num_frames: int) -> list[tuple[str, object]]:
 
 def requests(pre, items) -> list[dict]:
     """K questions for each item the family takes."""
-    from pipeline.families import UnsupportedMedia
+    from pipeline.model.families import UnsupportedMedia
 
     built = []
     for kind, frames in items:
@@ -86,8 +86,8 @@ def vision_rows(engine) -> list[int]:
 def test_every_family_in_bf16_with_sdpa_on_cuda(workdir: Path):
     import torch
 
-    from pipeline.engine import Engine
-    from pipeline.preprocess import Preprocessor
+    from pipeline.model.engine import Engine
+    from pipeline.model.preprocess import Preprocessor
 
     gen = GenerationConfig(max_new_tokens=16)
     for family in FAMILIES:
@@ -107,8 +107,8 @@ def test_every_family_in_bf16_with_sdpa_on_cuda(workdir: Path):
 def test_real_onevision_05b_architecture_bf16_tp1(workdir: Path):
     import torch
 
-    from pipeline.engine import Engine
-    from pipeline.preprocess import Preprocessor
+    from pipeline.model.engine import Engine
+    from pipeline.model.preprocess import Preprocessor
 
     path = checkpoint(workdir, "llava_onevision", "0.5b")
     engine = Engine(path, device="cuda", dtype="bfloat16", attn_implementation="sdpa")
@@ -136,9 +136,9 @@ def test_tp2_across_two_gpus_gives_the_same_tokens_as_one_gpu(workdir: Path):
     """Tensor parallelism over NCCL (the CPU tests cover gloo): skipped without two GPUs."""
     import torch
 
-    from pipeline.engine import Engine
-    from pipeline.preprocess import Preprocessor
-    from pipeline.tensor_parallel import TensorParallelEngine
+    from pipeline.model.engine import Engine
+    from pipeline.model.preprocess import Preprocessor
+    from pipeline.model.tensor_parallel import TensorParallelEngine
 
     if torch.cuda.device_count() < 2:
         print("SKIP: tensor parallelism on GPUs needs two of them")

@@ -4,10 +4,10 @@ becomes an error row (`out_of_memory`), and any other failure costs only its own
 import pyarrow.compute as pc
 import pytest
 
+from pipeline.batch.stages import Generate, Preprocess, decode_media, unpack
 from pipeline.config import RunConfig
-from pipeline.isolate import length_groups
-from pipeline.manifest import scan_manifest
-from pipeline.stages import Generate, Preprocess, decode_media, unpack
+from pipeline.model.batching import length_groups
+from pipeline.planning.manifest import scan_manifest
 
 
 class OutOfMemoryOver:
@@ -35,7 +35,7 @@ def stage(samples, tiny_model):
 
 
 def test_out_of_memory_splits_the_batch_and_fails_only_the_row_too_big_alone(stage, monkeypatch):
-    monkeypatch.setattr("pipeline.isolate.MIN_BATCH_FILL", 0.0)  # one call for all lengths, then halves
+    monkeypatch.setattr("pipeline.model.batching.MIN_BATCH_FILL", 0.0)  # one call for all lengths, then halves
     generate, requests = stage
     expected = [generate(requests.slice(i, 1)).to_pylist()[0]["text"] for i in range(requests.num_rows)]
     tokens = requests.column("prompt_tokens").to_pylist()
@@ -57,7 +57,7 @@ def test_out_of_memory_splits_the_batch_and_fails_only_the_row_too_big_alone(sta
 
 
 def test_a_row_the_model_rejects_fails_alone(stage):
-    from pipeline.stages import pack
+    from pipeline.batch.stages import pack
 
     generate, requests = stage
     rows = requests.slice(0, 3).to_pylist()
@@ -86,6 +86,6 @@ def test_grouped_calls_give_the_texts_of_one_call(stage, monkeypatch):
     monkeypatch.setattr(generate.engine, "generate", lambda inputs, *a: calls.append(len(inputs)) or real(inputs, *a))
     grouped = generate(requests).column("text").to_pylist()
     assert len(calls) >= 2 and sum(calls) == requests.num_rows  # the samples mix images and videos
-    monkeypatch.setattr("pipeline.isolate.MIN_BATCH_FILL", 0.0)
+    monkeypatch.setattr("pipeline.model.batching.MIN_BATCH_FILL", 0.0)
     calls.clear()
     assert generate(requests).column("text").to_pylist() == grouped and calls == [requests.num_rows]

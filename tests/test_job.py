@@ -140,7 +140,7 @@ def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, samples, tiny_mode
 
 def test_a_run_that_lost_rows_commits_nothing_and_the_rerun_does_only_the_rest(
         ray_local, samples, tiny_model, tmp_path, monkeypatch, capsys):
-    import pipeline.run
+    import pipeline.batch.run
 
     lines = (samples / "manifest.jsonl").read_text().splitlines(keepends=True)
     manifest = tmp_path / "m.jsonl"
@@ -152,15 +152,15 @@ def test_a_run_that_lost_rows_commits_nothing_and_the_rerun_does_only_the_rest(
     assert len(first) == 3
 
     manifest.write_text("".join(lines))  # four more items
-    build = pipeline.run.build_dataset
+    build = pipeline.batch.run.build_dataset
     drop_photo = lambda table: table.filter(pc.field("id") != "photo")  # noqa: E731  (a stage losing a row)
-    monkeypatch.setattr(pipeline.run, "build_dataset",
+    monkeypatch.setattr(pipeline.batch.run, "build_dataset",
                         lambda *a, **kw: build(*a, **kw).map_batches(drop_photo, batch_format="pyarrow"))
     assert run_job(*args) != 0
     assert "1 manifest rows have no output row" in capsys.readouterr().err
     pd.testing.assert_frame_equal(pd.read_parquet(out), first)  # nothing committed, nothing lost
 
-    monkeypatch.setattr(pipeline.run, "build_dataset", build)
+    monkeypatch.setattr(pipeline.batch.run, "build_dataset", build)
     assert run_job(*args) == 0
     final = pd.read_parquet(out)
     assert sorted(final.id) == sorted(json.loads(line)["id"] for line in lines)

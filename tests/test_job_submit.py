@@ -1,9 +1,9 @@
 """The job through `ray job submit --working-dir .` against a local Ray head started by the test."""
 
 import os
+import shutil
 import signal
 import subprocess
-import shutil
 import sys
 import tempfile
 import time
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO, free_port
 
 BIN = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""One writer per output (pipeline/lease.py): on local disk and on S3 (moto server, which honours
+"""One writer per output (pipeline/output/lease.py): on local disk and on S3 (moto server, which honours
 If-None-Match: * like S3)."""
 
 import json
@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from pipeline import lease, sink
+from pipeline.batch.run import RunError, run
 from pipeline.config import RunConfig, StorageConfig
-from pipeline.run import RunError, run
-from pipeline.storage import filesystem, join
+from pipeline.io.storage import filesystem, join
+from pipeline.output import commit, lease
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -107,11 +107,11 @@ def test_an_output_inside_the_manifest_prefix_is_refused_before_anything_runs(tm
     assert not (manifests / inside).exists()
     link = tmp_path / "link-to-manifests"  # the same folder under another name
     link.symlink_to(manifests)
-    assert "inside the manifest prefix" in sink.output_overlaps_manifest(cfg.model_copy(update={"output": str(link / "o")}))
+    assert "inside the manifest prefix" in commit.output_overlaps_manifest(cfg.model_copy(update={"output": str(link / "o")}))
     inside_out = cfg.model_copy(update={"manifest": str(tmp_path / "o" / "m.jsonl"), "output": str(tmp_path / "o")})
-    assert "inside --output" in sink.output_overlaps_manifest(inside_out)
+    assert "inside --output" in commit.output_overlaps_manifest(inside_out)
     beside = cfg.model_copy(update={"manifest": str(manifests / "day" / "part.jsonl"), "output": str(tmp_path / "out")})
-    assert sink.output_overlaps_manifest(beside) is None
+    assert commit.output_overlaps_manifest(beside) is None
 
 
 def test_the_lease_file_says_who_holds_it(tmp_path):

@@ -15,9 +15,9 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.engine import Engine
-from pipeline.loading import ModelLoadError, quantization_config
-from pipeline.preprocess import Preprocessor
+from pipeline.model.engine import Engine
+from pipeline.model.loading import ModelLoadError, quantization_config
+from pipeline.model.preprocess import Preprocessor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = (np.random.RandomState(0).rand(30, 50, 3) * 255).astype(np.uint8)
@@ -99,8 +99,8 @@ def test_revision_selects_model_tokenizer_and_processor(tiny_checkpoint, tmp_pat
         import json, sys
         import numpy as np
         from pipeline.config import GenerationConfig
-        from pipeline.engine import Engine
-        from pipeline.preprocess import Preprocessor
+        from pipeline.model.engine import Engine
+        from pipeline.model.preprocess import Preprocessor
         out = {{}}
         for name, revision in [("main", None), ("pinned", "{PINNED}")]:
             engine = Engine("acme/llava-tiny", device="cpu", revision=revision)

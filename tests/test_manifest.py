@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import RunConfig
-from pipeline.manifest import ManifestError, scan_manifest
+from pipeline.planning.manifest import ManifestError, scan_manifest
 
 
 def cfg_for(manifest, **kw) -> RunConfig:
@@ -94,7 +94,7 @@ def test_unreadable_manifest_stops_the_run_with_a_reason(tmp_path):
 
 
 def test_uri_policy_default_is_the_manifests_own_folder_or_bucket(tmp_path):
-    from pipeline.urls import default_media_prefixes
+    from pipeline.io.urls import default_media_prefixes
 
     media = tmp_path / "media"
     media.mkdir()
@@ -139,7 +139,7 @@ def test_allow_uri_prefix_replaces_the_default(tmp_path):
 
 
 def test_rows_with_several_images(tmp_path):
-    from pipeline.manifest import prompts_for
+    from pipeline.planning.manifest import prompts_for
 
     lines = [
         {"id": "pair", "uris": ["s3://b/1.jpg", "s3://b/2.png"]},

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import StorageConfig
-from pipeline.media import MediaError, fetch_and_decode, sample_targets, sniff_media_type, uniform_targets
+from pipeline.media.decoded import MediaError
+from pipeline.media.fetch import fetch_and_decode, sniff_media_type
+from pipeline.media.video import sample_targets, uniform_targets
 from pipeline.testing.samples import encode_video
 
 STORAGE = StorageConfig()
@@ -76,8 +78,9 @@ def _encode_with_b_frames(path, seconds: int, fps: int, gop: int, gap_after: int
                           codec: str = "libx264"):
     """x264's/x265's default preset (B-frames, a B-pyramid): frames reach the decoder out of display
     order, and about half of them are never referred to. gap_after: no frames for 1.5 s after that one."""
-    import av
     from fractions import Fraction
+
+    import av
 
     from pipeline.testing.samples import synthetic_frame
 
@@ -143,7 +146,7 @@ def test_each_frame_is_the_nearest_and_costs_only_its_keyframe_interval(tmp_path
 
 @pytest.mark.parametrize("codec", ["libx264", "libx265"])
 def test_frames_nobody_refers_to_are_decoded_only_near_a_target(tmp_path, monkeypatch, codec):
-    import pipeline.media as media
+    import pipeline.media.video as media
 
     path = _encode_with_b_frames(tmp_path / "b.mp4", 30, 10, 20, codec=codec)
     reference = _reference_frames(path)
@@ -253,7 +256,7 @@ def test_missing_file_is_not_found(tmp_path):
 def test_a_symlink_swapped_after_the_drivers_check_is_refused_when_the_worker_opens_it(tmp_path, samples):
     import shutil
 
-    from pipeline.urls import check_media_uri
+    from pipeline.io.urls import check_media_uri
 
     allowed, outside = tmp_path / "media", tmp_path / "secret"
     (allowed / "day").mkdir(parents=True)

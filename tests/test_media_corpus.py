@@ -197,7 +197,7 @@ def _reference_video(path: Path, timestamps: list[float]) -> list[np.ndarray]:
     frame k at k / fps)."""
     import av
 
-    from pipeline.media import _frame_rate, _upright_rgb, _video_stream
+    from pipeline.media.video import _frame_rate, _upright_rgb, _video_stream
 
     wanted = {round(t, 4) for t in timestamps}
     found = {}
@@ -213,8 +213,8 @@ def _reference_video(path: Path, timestamps: list[float]) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_every_corpus_file_and_generated_case_through_the_job(ray_local, tiny_model, tmp_path):
-    from pipeline.media import fetch_and_decode
-    from pipeline.run import run
+    from pipeline.batch.run import run
+    from pipeline.media.fetch import fetch_and_decode
 
     if not CORPUS.is_dir():
         pytest.skip(f"the media corpus is not at {CORPUS} (set MEDIA_CORPUS)")
@@ -253,7 +253,8 @@ def test_every_corpus_file_and_generated_case_through_the_job(ray_local, tiny_mo
 
 
 def _error_type(path: Path, **kw) -> str:
-    from pipeline.media import MediaError, fetch_and_decode
+    from pipeline.media.decoded import MediaError
+    from pipeline.media.fetch import fetch_and_decode
 
     try:
         fetch_and_decode(str(path), StorageConfig(), None, 4, **kw)
@@ -264,7 +265,7 @@ def _error_type(path: Path, **kw) -> str:
 
 @pytest.mark.parametrize("height", [1, 2, 3])
 def test_images_a_few_pixels_high_reach_the_model_channels_last(tiny_model, height):
-    from pipeline.preprocess import Preprocessor
+    from pipeline.model.preprocess import Preprocessor
 
     red = np.zeros((height, 7, 3), np.uint8)
     red[..., 0] = 255

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import metrics
+from pipeline.batch.stages import Generate, Preprocess, decode_media, format_output
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.manifest import scan_manifest
-from pipeline.stages import Generate, Preprocess, decode_media, format_output
+from pipeline.planning.manifest import scan_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

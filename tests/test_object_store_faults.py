@@ -8,8 +8,8 @@ import time
 import pyarrow.dataset as pads
 from pyarrow import fs as pafs
 
+from pipeline.batch.run import run
 from pipeline.config import RunConfig, StorageConfig
-from pipeline.run import run
 from pipeline.testing.s3_fault_proxy import FaultProxy
 
 FILES = ["street.mp4", "beach.webm", "photo.jpg", "logo.png", "palette.gif", "long_gop.mp4"]

@@ -12,9 +12,9 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 
+from pipeline.batch.stages import Generate, Preprocess, decode_media
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.manifest import scan_manifest
-from pipeline.stages import Generate, Preprocess, decode_media
+from pipeline.planning.manifest import scan_manifest
 from pipeline.testing.textmatch import difference, generate_reference, mismatches, references
 
 MAX_NEW_TOKENS = 12
@@ -116,7 +116,7 @@ def test_sampling_is_deterministic_per_seed_and_independent_of_batching(manifest
 
 
 def test_resize_in_decoder_gives_identical_model_inputs(manifest, tiny_model):
-    from pipeline.stages import unpack, video_resize
+    from pipeline.batch.stages import unpack, video_resize
 
     runs = {}
     for resize in (True, False):
@@ -134,7 +134,7 @@ def test_resize_in_decoder_gives_identical_model_inputs(manifest, tiny_model):
 def test_decoders_take_the_resize_as_data_and_never_read_the_checkpoint(manifest, tiny_model, tmp_path):
     """The driver reads the video resize once (stages.video_resize); the decode stage gets it as an
     argument, so a decode worker whose node cannot see the checkpoint still resizes."""
-    from pipeline.stages import unpack, video_resize
+    from pipeline.batch.stages import unpack, video_resize
 
     resize = video_resize(config(manifest, tiny_model))
     assert resize and (resize["height"], resize["width"]) == (32, 32)

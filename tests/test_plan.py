@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.manifest as manifest
-import pipeline.urls as urls
+import pipeline.io.urls as urls
+import pipeline.planning.manifest as manifest
 from pipeline.config import RunConfig
-from pipeline.manifest import scan_manifest
+from pipeline.planning.manifest import scan_manifest
 
 
 def odd_rows(root, rng: random.Random, n: int) -> list[str]:
@@ -129,7 +129,7 @@ def test_the_table_at_once_scan_gives_what_the_row_by_row_scan_gives(tmp_path, m
 
 
 def test_the_fast_uri_check_admits_only_what_the_per_row_check_admits(tmp_path):
-    from pipeline.urls import URLRejected, check_media_uri, media_uris_surely_allowed
+    from pipeline.io.urls import URLRejected, check_media_uri, media_uris_surely_allowed
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "link").symlink_to("/etc")
@@ -152,11 +152,11 @@ def test_the_fast_uri_check_admits_only_what_the_per_row_check_admits(tmp_path):
 
 
 def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> list[tuple]:
-    """The per-record rules that planning had before it ran on Ray Data (pipeline/run.py:pending
+    """The per-record rules that planning had before it ran on Ray Data (pipeline/batch/run.py:pending
     and superseded), written out for comparison: (to do, done prompts, files whose error rows it
     replaces) per record. Committed rows of one (id, prompt): finished if any of them is."""
-    from pipeline.manifest import prompts_for
-    from pipeline.sink import NO_ID
+    from pipeline.output.commit import NO_ID
+    from pipeline.planning.manifest import prompts_for
 
     rows, sources = {}, set()
     for key, prompt, status, media, path in committed:
@@ -180,9 +180,9 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
 
 
 def random_plan_inputs(rng: random.Random, n: int):
-    from pipeline.manifest import SCAN_SCHEMA
-    from pipeline.plan import COMMITTED_SCHEMA
-    from pipeline.sink import NO_ID
+    from pipeline.output.commit import NO_ID
+    from pipeline.planning.manifest import SCAN_SCHEMA
+    from pipeline.planning.plan import COMMITTED_SCHEMA
 
     records, committed, media_of = [], [], {}
     for i in range(n):
@@ -211,7 +211,7 @@ def random_plan_inputs(rng: random.Random, n: int):
 
 @pytest.mark.parametrize("task,retry", [("caption", False), ("caption", True), ("qa", False), ("qa", True)])
 def test_a_partition_plans_as_the_per_record_rules_did(task, retry):
-    from pipeline.plan import still_to_do
+    from pipeline.planning.plan import still_to_do
 
     cfg = RunConfig(manifest="/tmp/m.jsonl", output="/tmp/unused", model="unused", task=task, retry_errors=retry)
     records, committed = random_plan_inputs(random.Random(f"{task}{retry}"), 2000)
@@ -226,8 +226,8 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
     number of partitions (the hash split of ids across Ray tasks)."""
     from datetime import datetime, timezone
 
-    import pipeline.plan as plan
-    from pipeline.manifest import list_manifest_files
+    import pipeline.planning.plan as plan
+    from pipeline.planning.manifest import list_manifest_files
     from pipeline.schemas import output_arrow_schema
 
     rng = random.Random(7)
@@ -270,9 +270,9 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
 
 
 def test_an_unreadable_committed_file_stops_the_plan_naming_it(ray_local, tmp_path):
-    from pipeline.manifest import list_manifest_files
-    from pipeline.plan import plan_run
-    from pipeline.sink import OutputError
+    from pipeline.output.commit import OutputError
+    from pipeline.planning.manifest import list_manifest_files
+    from pipeline.planning.plan import plan_run
 
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "uri": "s3://b/a.mp4"}) + "\n")
     (tmp_path / "out").mkdir()

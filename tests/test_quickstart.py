@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pandas as pd
-
 from conftest import REPO, free_port
 
 

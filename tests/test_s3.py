@@ -5,7 +5,6 @@ import json
 
 import pyarrow.dataset as pads
 from pyarrow import fs as pafs
-
 from test_job import run_job
 
 

@@ -16,16 +16,16 @@ import numpy as np
 import openai
 import pytest
 import yaml
+from conftest import REPO, free_port
 from PIL import Image
 from pydantic import ValidationError
 
-from conftest import REPO, free_port
+from pipeline.batch.stages import Generate, Preprocess, decode_media
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.manifest import scan_manifest
+from pipeline.io.urls import URLRejected, check_uri
+from pipeline.planning.manifest import scan_manifest
 from pipeline.serve import ServeConfig, build_app, load_token, parse_args
-from pipeline.stages import Generate, Preprocess, decode_media
 from pipeline.testing.textmatch import difference, references
-from pipeline.urls import URLRejected, check_uri
 
 TOKEN = "test-token-0123456789"
 MAX_NEW_TOKENS = 8
@@ -248,7 +248,7 @@ def test_batched_streams_each_get_their_own_tokens_as_generated(server, samples)
 
 
 def test_several_images_system_message_and_history(server, samples, tiny_model):
-    from pipeline.preprocess import Preprocessor
+    from pipeline.model.preprocess import Preprocessor
 
     api = client(server)
     pre = Preprocessor(str(tiny_model))
@@ -283,8 +283,8 @@ def test_several_images_system_message_and_history(server, samples, tiny_model):
 
 def test_llava_1_5_refuses_several_images_clearly(tiny_checkpoint, samples):
     """The family rule the ingress answers 400 with (UnsupportedMedia), for a LLaVA-1.5 checkpoint."""
-    from pipeline.families import UnsupportedMedia
-    from pipeline.preprocess import Preprocessor
+    from pipeline.model.families import UnsupportedMedia
+    from pipeline.model.preprocess import Preprocessor
 
     pre = Preprocessor(str(tiny_checkpoint("llava")))
     image = np.asarray(Image.open(samples / "photo.jpg").convert("RGB"))

@@ -3,7 +3,7 @@ and the server against DNS rebinding and redirects into the server's network.
 
 Real components: a local Ray cluster with Serve, the tiny checkpoint, the official openai client,
 real HTTP servers on loopback addresses. Loopback 127.0.0.2 stands for a public host (the rule
-pipeline.urls.is_public_address is widened to it in-process); 127.0.0.1 is the internal target.
+pipeline.io.urls.is_public_address is widened to it in-process); 127.0.0.1 is the internal target.
 """
 
 import asyncio
@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-
 from conftest import free_port
+
 from pipeline.config import StorageConfig
 from pipeline.serve import build_app
 from pipeline.testing.hostile_media import index_bomb_mp4, one_keyframe_video
@@ -187,7 +187,7 @@ def http_server(host: str, **attrs):
 @pytest.fixture
 def hosts(monkeypatch, samples):
     """("public" media host on 127.0.0.2, internal metadata host on 127.0.0.1), with 127.0.0.2 counted public."""
-    from pipeline import urls
+    from pipeline.io import urls
 
     public = urls.is_public_address
     monkeypatch.setattr(urls, "is_public_address", lambda a: a == "127.0.0.2" or public(a))
@@ -199,7 +199,7 @@ def hosts(monkeypatch, samples):
 
 
 def batch_fetch(uri: str, storage=StorageConfig()):
-    from pipeline.media import fetch_and_decode
+    from pipeline.media.fetch import fetch_and_decode
 
     return fetch_and_decode(uri, storage, "image", 1)
 
@@ -223,8 +223,8 @@ def test_a_public_host_is_fetched_through_the_pinned_connection(hosts, fetch):
 
 @FETCHERS
 def test_a_rebinding_resolver_cannot_point_the_fetch_at_loopback(hosts, monkeypatch, fetch):
-    from pipeline.media import MediaError
-    from pipeline.urls import check_uri
+    from pipeline.io.urls import check_uri
+    from pipeline.media.decoded import MediaError
 
     media, _, metadata, metadata_handler = hosts
     real, answers = socket.getaddrinfo, iter(["127.0.0.2"])  # public for the check, then loopback
@@ -246,7 +246,7 @@ def test_a_rebinding_resolver_cannot_point_the_fetch_at_loopback(hosts, monkeypa
 
 @FETCHERS
 def test_a_redirect_to_loopback_is_not_followed(hosts, fetch):
-    from pipeline.media import MediaError
+    from pipeline.media.decoded import MediaError
 
     _, media_handler, metadata, metadata_handler = hosts
     media_handler.redirect = f"http://127.0.0.1:{metadata.server_port}/latest/meta-data"
@@ -257,7 +257,7 @@ def test_a_redirect_to_loopback_is_not_followed(hosts, fetch):
 
 @FETCHERS
 def test_a_host_that_never_answers_times_out(hosts, fetch):
-    from pipeline.media import MediaError
+    from pipeline.media.decoded import MediaError
 
     silent = socket.create_server(("127.0.0.2", 0))  # accepts (the backlog) and never answers
     started = time.monotonic()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sizing import GB, known_config, plan, readme_table, shape_of
+from pipeline.planning.sizing import GB, known_config, plan, readme_table, shape_of
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pytest
 
+from pipeline.batch.stages import Preprocess, decode_media, unpack
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.engine import Engine
-from pipeline.isolate import RowError, generate_rows
-from pipeline.manifest import scan_manifest
-from pipeline.stages import Preprocess, decode_media, unpack
-from pipeline.testing.textmatch import difference, mismatches, references, reference_generation
+from pipeline.model.batching import RowError, generate_rows
+from pipeline.model.engine import Engine
+from pipeline.planning.manifest import scan_manifest
+from pipeline.testing.textmatch import difference, mismatches, reference_generation, references
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import caption_videos  # noqa: E402
@@ -69,7 +69,7 @@ def test_tp2_job_gives_the_same_tokens_as_tp1(tp1_answers, refs, samples, tiny_m
 
 
 def test_a_rank_killed_mid_batch_restarts_the_replica_and_the_run_completes(tp1_answers, refs, samples, fault_model):
-    from pipeline.run import run
+    from pipeline.batch.run import run
 
     (fault_model.parent / "fault-mode").write_text("kill-once")
     cfg = caption_videos.parse_args(["--manifest", str(samples / "manifest.jsonl"), "--output",
@@ -83,8 +83,8 @@ def test_a_rank_killed_mid_batch_restarts_the_replica_and_the_run_completes(tp1_
 @pytest.mark.slow  # three replica starts and a 20 s hang: about a minute, several under load
 def test_hang_oom_and_a_replica_that_keeps_dying(samples, fault_model, monkeypatch):
     """Without Ray: the engine of one Generate actor, through each fault in turn."""
-    from pipeline import tensor_parallel
-    from pipeline.tensor_parallel import TensorParallelEngine
+    from pipeline.model import tensor_parallel
+    from pipeline.model.tensor_parallel import TensorParallelEngine
 
     cfg = RunConfig(manifest=str(samples / "manifest.jsonl"), output="/unused", model=str(fault_model), num_frames=2)
     table = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 import torch
 
+from pipeline.batch.stages import Generate, Preprocess, decode_media, unpack
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.engine import Engine
-from pipeline.manifest import scan_manifest
-from pipeline.stages import Generate, Preprocess, decode_media, unpack
+from pipeline.model.engine import Engine
+from pipeline.planning.manifest import scan_manifest
 from pipeline.testing.textmatch import TOLERANCE, Reference, difference, mismatches, references
 
 MAX_NEW_TOKENS = 10

@@ -7,9 +7,9 @@ import tempfile
 import pyarrow.compute as pc
 import pytest
 
+from pipeline.batch.stages import Generate, Preprocess, decode_media, unpack
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.manifest import scan_manifest
-from pipeline.stages import Generate, Preprocess, decode_media, unpack
+from pipeline.planning.manifest import scan_manifest
 from pipeline.testing.textmatch import mismatches, references
 
 QUESTIONS = ["What is in it?", "What colors?", "Where is it?", "Is it day?"]
@@ -89,6 +89,6 @@ def test_the_feature_cache_is_bounded_and_keeps_the_current_call(tiny_checkpoint
     first = {r["id"]: unpack(r["model_inputs"]) for r in requests}  # one row per item
     engine.generate(list(first.values()), cfg.generation)
     assert len(engine.vision.recent) == 3  # within the budget: all kept
-    monkeypatch.setattr("pipeline.vision.CACHE_TOKENS", 0)
+    monkeypatch.setattr("pipeline.model.vision.CACHE_TOKENS", 0)
     engine.generate([first["street"]], cfg.generation)
     assert len(engine.vision.recent) == 1  # over it: only the media of the call just made

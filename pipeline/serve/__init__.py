@@ -4,7 +4,8 @@
     serve deploy cluster/serve.yaml
 
 One module per concern:
-- app: ServeConfig (the settings), the deployments' Serve options, build_app.
+- config: ServeConfig (the settings), `key=value` arguments, the API token.
+- app: the deployments' Serve options, build_app.
 - protocol: the OpenAI chat request and response shapes, what each field means here, errors.
 - ingress: ChatIngress (CPU, FastAPI): auth, limits, media + preprocessing, JSON or SSE answers.
 - model: LlavaModel (GPU when configured): one Engine; concurrent requests share generate calls,
@@ -15,7 +16,7 @@ Names are imported on first use (PEP 562), so the decoder child (`python -m pipe
 does not import Ray Serve or FastAPI.
 """
 
-_EXPORTS = {"build_app": "app", "ServeConfig": "app", "parse_args": "app", "load_token": "app",
+_EXPORTS = {"build_app": "app", "ServeConfig": "config", "parse_args": "config", "load_token": "config",
             "deployment_options": "app"}
 
 

@@ -63,9 +63,9 @@ def sse(body: dict | str) -> str:
 @serve.ingress(api)
 class ChatIngress:
     def __init__(self, cfg, model):
-        from pipeline.checkpoint import local_checkpoint
-        from pipeline.preprocess import Preprocessor
-        from pipeline.serve.app import load_token
+        from pipeline.model.checkpoint import local_checkpoint
+        from pipeline.model.preprocess import Preprocessor
+        from pipeline.serve.config import load_token
 
         self.cfg, self.model = cfg, model
         self.token = load_token(cfg)  # kept out of every log line and error message
@@ -133,7 +133,7 @@ class ChatIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        from pipeline.engine import row_seed
+        from pipeline.model.engine import row_seed
         from pipeline.serve.model import Job
 
         started = time.monotonic()
@@ -225,7 +225,7 @@ class ChatIngress:
     def start_decoders(self, n: int) -> queue.SimpleQueue:
         """One decoder child per prepare thread, started now: a request's time limit must not pay
         for a child's start (Python + PyAV imports, seconds on a busy node)."""
-        from pipeline.decoder_process import DecoderProcess
+        from pipeline.media.decoder_process import DecoderProcess
 
         decoders = [DecoderProcess(self.cfg.decode_timeout_s, "pipeline.serve.media", int(self.cfg.decoder_memory_gb * 2**30))
                     for _ in range(n)]
@@ -246,9 +246,9 @@ class ChatIngress:
         """URL rules, fetch + decode (in the decoder child), chat template + processor (in a worker thread)."""
         import numpy as np
 
-        from pipeline.families import UnsupportedMedia
-        from pipeline.media import MediaError
-        from pipeline.urls import URLRejected, check_uri
+        from pipeline.io.urls import URLRejected, check_uri
+        from pipeline.media.decoded import MediaError
+        from pipeline.model.families import UnsupportedMedia
 
         frames = []
         for n, url in enumerate(chat.urls):

@@ -1,7 +1,7 @@
 """The server's media: a client's URL fetched and decoded in the isolated decoder child process.
 
 The ingress never parses media itself: each prepare thread owns one DecoderProcess (the batch
-job's child, pipeline.decoder_process) running `python -m pipeline.serve.media`, and waits for it
+job's child, pipeline.media.decoder_process) running `python -m pipeline.serve.media`, and waits for it
 at most the request's remaining time; an overrun kills the child, so the work stops with the
 request. The child runs under the decoder's memory limit (`decoder_memory_gb`, as in the batch
 job): a file whose index declares millions of samples fails there instead of growing the ingress.
@@ -14,12 +14,14 @@ import binascii
 import io
 
 from pipeline.config import StorageConfig
-from pipeline.media import Decoded, MediaError, decode_file
+from pipeline.media.decoded import Decoded, MediaError
+from pipeline.media.fetch import decode_file
+
 
 def open_url(url: str, label: str, storage: StorageConfig, max_bytes: int):
     """A seekable file for an allowed URL: a data: URL decoded in memory; others opened through
-    pipeline.storage (ranged reads; http(s) pinned to the checked address, redirects refused)."""
-    from pipeline.storage import open_binary
+    pipeline.io.storage (ranged reads; http(s) pinned to the checked address, redirects refused)."""
+    from pipeline.io.storage import open_binary
 
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
@@ -46,7 +48,7 @@ def open_url(url: str, label: str, storage: StorageConfig, max_bytes: int):
 
 def fetch_and_decode(uri: str, url: str, storage: StorageConfig, max_bytes: int, declared_type: str,
                      num_frames: int, max_pixels: int, max_memory_bytes: int | None = None) -> Decoded:
-    """What the child runs per request (see pipeline.decoder_process.serve). `uri` is the URL's name
+    """What the child runs per request (see pipeline.media.decoder_process.serve). `uri` is the URL's name
     in messages (never a data: URL itself, which would echo the client's bytes)."""
     label = uri
     with open_url(url, label, storage, max_bytes) as f:
@@ -58,6 +60,6 @@ def fetch_and_decode(uri: str, url: str, storage: StorageConfig, max_bytes: int,
 
 
 if __name__ == "__main__":
-    from pipeline.decoder_process import serve
+    from pipeline.media.decoder_process import serve
 
     serve(decode=fetch_and_decode)

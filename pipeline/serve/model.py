@@ -69,7 +69,7 @@ class RowStream:
     def finish(self, result) -> None:
         """The engine call returned: end the row from its result if the streamer did not (no
         streaming engine, or a failed row)."""
-        from pipeline.isolate import RowError
+        from pipeline.model.batching import RowError
 
         if self.done:
             return
@@ -132,9 +132,9 @@ class _StreamingEngine:
 @serve.deployment(name="LlavaModel")
 class LlavaModel:
     def __init__(self, cfg):
-        from pipeline.checkpoint import local_checkpoint
-        from pipeline.engine import Engine
-        from pipeline.tensor_parallel import make_engine
+        from pipeline.model.checkpoint import local_checkpoint
+        from pipeline.model.engine import Engine
+        from pipeline.model.tensor_parallel import make_engine
 
         self.engine = make_engine(cfg, local_checkpoint(cfg.model, cfg.storage), cfg.device)
         # a tensor-parallel replica generates in its rank processes: its rows arrive whole at the end
@@ -185,14 +185,14 @@ class LlavaModel:
         return lambda event: loop.call_soon_threadsafe(queue.put_nowait, (i, event))
 
     def _tokenizer(self):
-        from pipeline.engine import Engine
+        from pipeline.model.engine import Engine
 
         if isinstance(self.engine, Engine):
             return self.engine.tokenizer, self.engine.eos_ids
         return None, set()  # rows end from the engine's results (RowStream.finish)
 
     def _generate(self, jobs: list[Job], rows: list[RowStream]) -> None:
-        from pipeline.isolate import generate_rows
+        from pipeline.model.batching import generate_rows
 
         groups: dict[str, list[int]] = {}  # one generate call per distinct generation setting
         for i, job in enumerate(jobs):

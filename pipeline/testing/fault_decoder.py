@@ -4,8 +4,8 @@ Used as RunConfig.decoder_module = "pipeline.testing.fault_decoder"."""
 import ctypes
 import time
 
-from pipeline.decoder_process import serve
-from pipeline.media import fetch_and_decode
+from pipeline.media.decoder_process import serve
+from pipeline.media.fetch import fetch_and_decode
 
 
 def faulty_decode(**request):

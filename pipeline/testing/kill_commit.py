@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-from pipeline import sink
 from pipeline.config import RunConfig
-from pipeline.storage import filesystem, protocol_of
+from pipeline.io.storage import filesystem, protocol_of
+from pipeline.output import commit
 
 S3_WRITES = {"PutObject", "CopyObject", "DeleteObject", "DeleteObjects", "CreateMultipartUpload",
              "UploadPart", "UploadPartCopy", "CompleteMultipartUpload"}
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     config, die_at = (argv or sys.argv[1:])[:2]
     with open(config) as f:
         cfg = RunConfig.model_validate_json(f.read())
-    result = sink.staged(cfg)
+    result = commit.staged(cfg)
     killer = Killer(int(die_at))
     if protocol_of(cfg.output) == "file":
         sys.addaudithook(killer.audit)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         fs, _ = filesystem(cfg.output, cfg.storage)
         sync(fs.loop, fs.set_session)
         fs.s3.meta.events.register("before-call.s3", killer.before_call)
-    sink.commit(cfg, result, {"run_id": cfg.run_id})
+    commit.commit(cfg, result, {"run_id": cfg.run_id})
     return 0
 
 

@@ -40,7 +40,7 @@ def reference_generation(model, tokenizer, inputs: dict[str, np.ndarray], max_ne
     with the logits of every step."""
     import torch
 
-    # the rows' arrays lack the batch dimension where the processor's have it (pipeline.preprocess)
+    # the rows' arrays lack the batch dimension where the processor's have it (pipeline.model.preprocess)
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
     for k in ("input_ids", "pixel_values_videos"):
         if k in batch:
@@ -102,7 +102,7 @@ def difference(ref: Reference, tokenizer, got: str, tolerance: float = TOLERANCE
 
 def references(model, tokenizer, requests: list[dict], max_new_tokens: int) -> dict[tuple, Reference]:
     """The reference generation of each preprocessed row (the Preprocess stage's output), by (id, prompt)."""
-    from pipeline.stages import unpack
+    from pipeline.batch.stages import unpack
 
     return {(r["id"], r["prompt"]): reference_generation(model, tokenizer, unpack(r["model_inputs"]), max_new_tokens)
             for r in requests}

@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MARKER = "RANDOM_WEIGHTS.txt"
+from pipeline.model.checkpoint import MARKER
+
 FAMILIES = ("llava_onevision", "llava_interleave", "llava")
 
 # The chat templates of the llava-hf checkpoints, one per family (OneVision and 1.5: their
@@ -109,7 +110,7 @@ def _widen(model):
 def _qwen2(tokenizer, size: str):
     from transformers import Qwen2Config
 
-    from pipeline.sizing import QWEN2_SIZES
+    from pipeline.planning.sizing import QWEN2_SIZES
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     dims = (dict(QWEN2_SIZES["0.5b"], max_position_embeddings=32768, rope_theta=1_000_000.0, vocab_size=152000)
@@ -124,7 +125,7 @@ def _siglip(image_size: int, patch_size: int, size: str):
     from transformers import SiglipVisionConfig
 
     if size == "0.5b":  # SigLIP-SO400M/14-384 without its last layer and head, as LLaVA uses it
-        from pipeline.sizing import SIGLIP_SO400M
+        from pipeline.planning.sizing import SIGLIP_SO400M
 
         return SiglipVisionConfig(**SIGLIP_SO400M, image_size=384, patch_size=14, vision_use_head=False)
     return SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,

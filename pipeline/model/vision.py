@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 
-from pipeline.families import Family
+from pipeline.model.families import Family
 
 _TEXT_KEYS = ("input_ids",)
 

@@ -27,9 +27,9 @@ def filesystem(uri: str, storage: StorageConfig):
 def open_binary(uri: str, storage: StorageConfig):
     """A seekable binary file object. Remote files are read in ranges, never copied whole first;
     http(s) connections go only to public addresses checked at connect time, redirects are refused
-    (pipeline/pinned_http.py)."""
+    (pipeline/io/pinned_http.py)."""
     if protocol_of(uri) in ("http", "https"):
-        from pipeline.pinned_http import open_http
+        from pipeline.io.pinned_http import open_http
 
         return open_http(uri, storage.connect_timeout_s, storage.read_timeout_s)
     fs, path = filesystem(uri, storage)

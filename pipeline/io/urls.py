@@ -86,6 +86,11 @@ def check_uri(uri: str, allowed_schemes: Iterable[str], allowed_prefixes: Iterab
     return scheme
 
 
+def media_prefixes(allowed: list[str], manifest: str) -> list[str]:
+    """Where a run's media may be: the prefixes given (--allow-uri-prefix), else the manifest's own store."""
+    return list(allowed) or default_media_prefixes(manifest)
+
+
 def default_media_prefixes(manifest: str) -> list[str]:
     """The manifest's own store: its bucket (s3://bucket/), or for a local manifest its folder."""
     import os

@@ -1,12 +1,12 @@
 """Decoding in a child process, so a crash or hang inside FFmpeg costs one row, not the actor.
 
 `DecoderProcess.decode(...)` sends the request to a long-lived child (`python -m
-pipeline.decoder_process`) and waits at most `timeout_s`; a child that dies (segfault, abort,
+pipeline.media.decoder_process`) and waits at most `timeout_s`; a child that dies (segfault, abort,
 out of memory) or overruns is killed and replaced, and the row gets `decoder_crashed` or `timeout`.
 The child runs under a memory limit (RLIMIT_DATA: heap and anonymous mappings, `max_memory_bytes`;
 not RLIMIT_AS, which the address space torch reserves at import would eat): an allocation past it
 fails inside the child, the row gets `too_large` and the child is replaced, instead of the machine's
-OOM killer taking the worker. Messages (pipeline/child_messages.py) go over the child's stdin/stdout.
+OOM killer taking the worker. Messages (pipeline/io/child_process.py) go over the child's stdin/stdout.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.child_messages import HEADER_BYTES, body_length, receive, send
-from pipeline.media import Decoded, MediaError, fetch_and_decode, out_of_memory
+from pipeline.io.child_process import HEADER_BYTES, body_length, receive, send
+from pipeline.media.decoded import Decoded, MediaError, out_of_memory
+from pipeline.media.fetch import fetch_and_decode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEMORY_ENV = "PIPELINE_DECODER_MAX_MEMORY_BYTES"  # the parent's limit, read by the child at start
@@ -61,7 +62,7 @@ def serve(decode=fetch_and_decode) -> None:
 
 
 class DecoderProcess:
-    def __init__(self, timeout_s: float, module: str = "pipeline.decoder_process",
+    def __init__(self, timeout_s: float, module: str = "pipeline.media.decoder_process",
                  max_memory_bytes: int | None = None):
         self.timeout_s = timeout_s
         self.module = module

@@ -2,7 +2,7 @@
 
 No model is loaded and no media is read: a scheduled job that would fail on a typo in a URI or a
 missing permission fails here, in seconds, with the reason. The manifest is planned as the run
-would plan it (pipeline/plan.py, on Ray: the local cluster this starts, or --address), so the
+would plan it (pipeline/planning/plan.py, on Ray: the local cluster this starts, or --address), so the
 report also says how many items the output already holds under these settings and how many a
 run would do now, in a `plan: key=value ...` line for scripts.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.config import RunConfig
-from pipeline.storage import filesystem, join, protocol_of
+from pipeline.io.storage import filesystem, join, protocol_of
 
 
 class PreflightError(Exception):
@@ -64,10 +64,10 @@ def check_model(cfg: RunConfig) -> str:
 
 
 def preflight(cfg: RunConfig) -> PreflightReport:
-    from pipeline.manifest import ManifestError, list_manifest_files
-    from pipeline.plan import plan_run
-    from pipeline.run import connect_ray
-    from pipeline.sink import OutputError, output_overlaps_manifest
+    from pipeline.batch.run import connect_ray
+    from pipeline.output.commit import OutputError, output_overlaps_manifest
+    from pipeline.planning.manifest import ManifestError, list_manifest_files
+    from pipeline.planning.plan import plan_run
 
     problem = output_overlaps_manifest(cfg)
     if problem:
@@ -91,7 +91,7 @@ def preflight(cfg: RunConfig) -> PreflightReport:
 def check_sizing(cfg: RunConfig) -> list[str]:
     """The sizing plan (GPU memory from --gpu-memory-gb; the cluster is not asked): a --tp that
     cannot split the model fails the dry run."""
-    from pipeline.sizing import SizingError, check_run
+    from pipeline.planning.sizing import SizingError, check_run
 
     try:
         return check_run(cfg, cfg.gpu_memory_gb, device="cpu" if cfg.device == "cpu" else "cuda")

@@ -15,7 +15,7 @@ a completed staging folder finishes that commit first (a crash mid-move is finis
 a staging folder without a whole `_COMPLETE.json` belongs to a run that died and is removed. Items
 already committed are skipped, so a rerun adds only what is missing, and nothing is ever deleted
 from the committed output. One run at a time writes to an output: it holds the output's lease
-(pipeline/lease.py) from before its recovery to the end of its commit.
+(pipeline/output/lease.py) from before its recovery to the end of its commit.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from pipeline.config import RunConfig
+from pipeline.io.storage import arrow_filesystem, filesystem, is_local, join, protocol_of, put_whole
 from pipeline.schemas import output_arrow_schema
-from pipeline.storage import arrow_filesystem, filesystem, is_local, join, protocol_of, put_whole
 
 log = logging.getLogger("pipeline")
 COMPLETE = "_COMPLETE.json"

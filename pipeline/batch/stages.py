@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from pipeline import metrics, schemas
 from pipeline.config import RunConfig
-from pipeline.manifest import prompts_for
+from pipeline.io.urls import media_prefixes
+from pipeline.planning.manifest import prompts_for
 
 _MEDIA_FIELDS = [
     ("media_type", pa.string()),
@@ -69,7 +70,7 @@ _decoders = {}  # one decoder child process per worker process and settings
 
 
 def _decoder(cfg: RunConfig):
-    from pipeline.decoder_process import DecoderProcess
+    from pipeline.media.decoder_process import DecoderProcess
 
     key = (cfg.decoder_module, cfg.decode_timeout_s, cfg.decoder_memory_gb)
     if key not in _decoders:
@@ -82,8 +83,8 @@ def video_resize(cfg: RunConfig) -> dict | None:
     decode stage as data: decode workers never touch the checkpoint."""
     if not cfg.resize_in_decoder:
         return None
-    from pipeline.checkpoint import local_checkpoint
-    from pipeline.preprocess import video_resize_spec
+    from pipeline.model.checkpoint import local_checkpoint
+    from pipeline.model.preprocess import video_resize_spec
 
     try:
         return video_resize_spec(local_checkpoint(cfg.model, cfg.storage, weights=False))
@@ -94,7 +95,7 @@ def video_resize(cfg: RunConfig) -> dict | None:
 def decode_media(records: pa.Table, cfg: RunConfig, resize: dict | None = None) -> pa.Table:
     """Fetch + decode each item, in a child process that may crash or hang without harm (CPU).
     `resize`: the video resize of `video_resize(cfg)`, done in the decoder process (None: none)."""
-    from pipeline.media import MediaError
+    from pipeline.media.decoded import MediaError
 
     items, started = [], metrics.clock()
     for rec in records.to_pylist():
@@ -107,7 +108,7 @@ def decode_media(records: pa.Table, cfg: RunConfig, resize: dict | None = None) 
                     d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
                                              num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
                                              max_pixels=cfg.max_pixels, video_resize=resize,
-                                             allowed_prefixes=cfg.media_prefixes())
+                                             allowed_prefixes=media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest))
                     item.update(_media_fields(d), num_frames=len(d.frames), frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
@@ -125,8 +126,9 @@ def _media_fields(d) -> dict:
 
 def _decode_images(item: dict, uris: list[str], cfg: RunConfig) -> None:
     """The images of a `uris` row, each decoded alone; the row's media fields are the first image's."""
+    prefixes = media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest)
     images = [_decoder(cfg).decode(uri=uri, storage=cfg.storage, declared_type="image", num_frames=1,
-                                   max_pixels=cfg.max_pixels, allowed_prefixes=cfg.media_prefixes()) for uri in uris]
+                                   max_pixels=cfg.max_pixels, allowed_prefixes=prefixes) for uri in uris]
     item.update(_media_fields(images[0]), num_frames=len(images),
                 frames=pack({f"image_{i}": d.frames[0] for i, d in enumerate(images)}))
 
@@ -143,14 +145,14 @@ class Preprocess:
     """Chat template + HF processor (CPU actor: the processor is loaded once)."""
 
     def __init__(self, cfg: RunConfig):
-        from pipeline.checkpoint import local_checkpoint
-        from pipeline.preprocess import Preprocessor
+        from pipeline.model.checkpoint import local_checkpoint
+        from pipeline.model.preprocess import Preprocessor
 
         self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage, weights=False), revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
 
     def __call__(self, items: pa.Table) -> pa.Table:
-        from pipeline.families import UnsupportedMedia
+        from pipeline.model.families import UnsupportedMedia
 
         requests = []
         for item in items.to_pylist():
@@ -171,11 +173,11 @@ class Preprocess:
 
 class Generate:
     """The model (GPU actor when the cluster has GPUs, else CPU): one model replica per actor,
-    across `tp` GPUs (or CPU processes) of its node when tp > 1 (pipeline/tensor_parallel.py)."""
+    across `tp` GPUs (or CPU processes) of its node when tp > 1 (pipeline/model/tensor_parallel.py)."""
 
     def __init__(self, cfg: RunConfig, device: str):
-        from pipeline.checkpoint import local_checkpoint
-        from pipeline.tensor_parallel import make_engine
+        from pipeline.model.checkpoint import local_checkpoint
+        from pipeline.model.tensor_parallel import make_engine
 
         self.cfg = cfg
         if device == "cpu" and cfg.model_cpu_threads:
@@ -185,8 +187,8 @@ class Generate:
         self.engine = make_engine(cfg, local_checkpoint(cfg.model, cfg.storage), device)
 
     def __call__(self, requests: pa.Table) -> pa.Table:
-        from pipeline.engine import row_seed
-        from pipeline.isolate import RowError, generate_rows
+        from pipeline.model.batching import RowError, generate_rows
+        from pipeline.model.engine import row_seed
 
         rows = requests.to_pylist()
         todo = [r for r in rows if r["status"] == "ok"]

@@ -1,6 +1,6 @@
 """Preprocess: frames + prompt -> model inputs, with the checkpoint's own HF processor and chat template.
 
-What a prompt holds follows the model family's card (pipeline.families): one image placeholder per
+What a prompt holds follows the model family's card (pipeline.model.families): one image placeholder per
 image; LLaVA-OneVision tiles a lone image into anyres patches (pixel_values + image_sizes) and takes
 video as one 384x384 input per frame (pixel_values_videos); LLaVA-Interleave takes a video as its
 frames, one `<image>` each; LLaVA-1.5 takes one image. The model stage then only collates and runs.
@@ -15,8 +15,8 @@ import numpy as np
 
 class Preprocessor:
     def __init__(self, model_path: str, revision: str | None = None, trust_remote_code: bool = False):
-        from pipeline.families import detect_family
-        from pipeline.loading import LoadOptions, load_config, load_processor
+        from pipeline.model.families import detect_family
+        from pipeline.model.loading import LoadOptions, load_config, load_processor
 
         options = LoadOptions(revision=revision, trust_remote_code=trust_remote_code)
         self.processor = load_processor(model_path, options)

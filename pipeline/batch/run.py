@@ -8,11 +8,11 @@ import os
 import time
 from dataclasses import dataclass
 
-from pipeline import lease, sink
+from pipeline.batch.stages import Generate, Preprocess, decode_media, format_output, video_resize
 from pipeline.config import RunConfig
-from pipeline.manifest import list_manifest_files
-from pipeline.plan import Plan, plan_run
-from pipeline.stages import Generate, Preprocess, decode_media, format_output, video_resize
+from pipeline.output import commit, lease
+from pipeline.planning.manifest import list_manifest_files
+from pipeline.planning.plan import Plan, plan_run
 
 log = logging.getLogger("pipeline")
 
@@ -84,7 +84,7 @@ def build_dataset(cfg: RunConfig, records, rows: int, use_gpu: bool, resize: dic
     ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
                         compute=ActorPoolStrategy(min_size=1, max_size=cfg.preprocess_workers), num_cpus=1)
     # One actor per model replica, holding all its devices: Ray places it on one node, and with
-    # tp > 1 it starts one rank process per device there (pipeline/tensor_parallel.py).
+    # tp > 1 it starts one rank process per device there (pipeline/model/tensor_parallel.py).
     model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
     if cfg.accelerator_type:  # only nodes of that type: 7B actors stay off (and do not scale up) 8-GPU nodes
         model_resources["accelerator_type"] = cfg.accelerator_type
@@ -97,15 +97,15 @@ def build_dataset(cfg: RunConfig, records, rows: int, use_gpu: bool, resize: dic
 
 
 def run(cfg: RunConfig) -> RunSummary:
-    """One run, holding the output's lease (pipeline/lease.py) from before its recovery to the end
+    """One run, holding the output's lease (pipeline/output/lease.py) from before its recovery to the end
     of its commit: a second run on the same output stops at once, before it changes anything."""
-    problem = sink.output_overlaps_manifest(cfg)
+    problem = commit.output_overlaps_manifest(cfg)
     if problem:
         raise RunError(problem)
     try:
         with lease.held(cfg.output, cfg.storage, cfg.run_id, cfg.lease_ttl_s) as held:
             return _run(cfg, held)
-    except (lease.LeaseError, sink.CommitError, sink.OutputError) as e:
+    except (lease.LeaseError, commit.CommitError, commit.OutputError) as e:
         raise RunError(str(e)) from e
 
 
@@ -115,7 +115,7 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     started = time.time()
     connect_ray(cfg.ray_address)
     files = list_manifest_files(cfg.manifest, cfg)
-    discarded = sink.recover(cfg)
+    discarded = commit.recover(cfg)
     plan = plan_run(cfg, files)
     log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
              plan.committed, cfg.output, plan.todo)
@@ -129,12 +129,12 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     if plan.todo:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)
-        sink.write(build_dataset(cfg, plan.pending(), plan.todo, use_gpu, video_resize(cfg)), cfg)
-    written = sink.staged(cfg)
+        commit.write(build_dataset(cfg, plan.pending(), plan.todo, use_gpu, video_resize(cfg)), cfg)
+    written = commit.staged(cfg)
     # Every pending manifest row must have produced output (by its file:line) before the commit:
     # an incomplete run fails loudly, commits nothing, and a rerun redoes only what is missing.
     if plan.todo:
-        missing, examples = plan.missing(sink.staged_sources(cfg, written.files) if written.files else None)
+        missing, examples = plan.missing(commit.staged_sources(cfg, written.files) if written.files else None)
         if missing:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")
@@ -144,15 +144,15 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
                          wall_s=wall, output=cfg.output, skipped=plan.committed, discarded=discarded)
     replaced = plan.superseded() if cfg.retry_errors and plan.todo else {}
     held.check()  # a run that lost its lease (it stalled past the TTL and another took over) commits nothing
-    sink.commit(cfg, written, ledger(cfg, summary, plan), replaced)
+    commit.commit(cfg, written, ledger(cfg, summary, plan), replaced)
     return summary
 
 
 def sizing_lines(cfg: RunConfig, use_gpu: bool) -> list[str]:
-    """The sizing plan for this cluster (pipeline/sizing.py); RunError for a tp the model cannot use."""
+    """The sizing plan for this cluster (pipeline/planning/sizing.py); RunError for a tp the model cannot use."""
     import ray
 
-    from pipeline.sizing import SizingError, check_run
+    from pipeline.planning.sizing import SizingError, check_run
 
     gpus = per_node = memory_gb = None
     alive = [n["Resources"] for n in ray.nodes() if n["Alive"]]

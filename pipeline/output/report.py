@@ -14,8 +14,8 @@ from collections import defaultdict
 import pyarrow.dataset as pads
 
 from pipeline.config import StorageConfig
+from pipeline.io.storage import arrow_filesystem, filesystem, join
 from pipeline.schemas import output_arrow_schema
-from pipeline.storage import arrow_filesystem, filesystem, join
 
 THUMB_HEIGHT = 96
 MAX_FRAMES_SHOWN = 8
@@ -75,7 +75,7 @@ class FrameReader:
 
     def __init__(self, config: dict | None, storage: StorageConfig):
         from pipeline.config import ModelSettings
-        from pipeline.decoder_process import DecoderProcess
+        from pipeline.media.decoder_process import DecoderProcess
 
         defaults = ModelSettings.model_fields
         config = config or {}
@@ -98,7 +98,7 @@ class FrameReader:
         return [(t, _thumbnail(frame)) for t, frame in zip(d.timestamps_s, d.frames)]
 
     def _decode(self, uri: str, media_type: str, at_s: list[float] | None = None):
-        from pipeline.urls import check_media_uri
+        from pipeline.io.urls import check_media_uri
 
         if self.prefixes is None:
             raise PermissionError("the run's URL rules are unknown (no ledger config): frames are not read")
@@ -111,7 +111,7 @@ class FrameReader:
 
 
 def _default_prefixes(manifest: str) -> list[str]:
-    from pipeline.urls import default_media_prefixes
+    from pipeline.io.urls import default_media_prefixes
 
     return default_media_prefixes(manifest)
 

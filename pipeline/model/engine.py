@@ -2,7 +2,7 @@
 
 Plain Python (no Ray): the Generate stage, tests and GPU checks call it directly. Batches are
 collated with left padding; the vision tower runs once per distinct media of a batch
-(pipeline.vision) and the model gets its features, so a mixed batch of images (of any anyres
+(pipeline.model.vision) and the model gets its features, so a mixed batch of images (of any anyres
 patch count), image sets and videos (of any frame count) gives the same tokens as one-by-one generation.
 """
 
@@ -35,9 +35,9 @@ class Engine:
                  trust_remote_code: bool = False):
         import torch
 
-        from pipeline.families import detect_family
-        from pipeline.loading import LoadOptions, load_model, load_tokenizer
-        from pipeline.vision import VisionCache
+        from pipeline.model.families import detect_family
+        from pipeline.model.loading import LoadOptions, load_model, load_tokenizer
+        from pipeline.model.vision import VisionCache
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +46,7 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         options = LoadOptions(revision=revision, trust_remote_code=trust_remote_code)
-        # tp > 1: this process is one rank of a tensor-parallel replica (pipeline/tensor_parallel.py)
+        # tp > 1: this process is one rank of a tensor-parallel replica (pipeline/model/tensor_parallel.py)
         self.model = load_model(model_path, options, device=self.device, dtype=self.dtype,
                                 attn_implementation=attn_implementation, quantization=quantization, tp=tp)
         self.device = self.model.device  # cuda:LOCAL_RANK under tensor parallelism
@@ -81,7 +81,7 @@ class Engine:
         return results
 
     def collate(self, inputs: list[dict[str, np.ndarray]]) -> dict:
-        """Left-pad the token ids (the media go to the model as features, see pipeline.vision)."""
+        """Left-pad the token ids (the media go to the model as features, see pipeline.model.vision)."""
         import torch
 
         width = max(len(x["input_ids"]) for x in inputs)

@@ -3,7 +3,7 @@ already holds under the run's settings -> the records still to do.
 
     manifest files --(a task per file: scan_file)--> records -------------+
                                                                           +--> by id partition: plan_partition
-    committed part files --(a task per file: sink.committed_keys)--> keys -+  (duplicates, still to do, prompts done)
+    committed part files --(a task per file: commit.committed_keys)--> keys -+  (duplicates, still to do, prompts done)
 
 Every row of an id, from the manifest and from the output, lands in the same partition (a hash of
 the id), where pyarrow handles the partition as one table. The driver lists files and reads a few
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline import sink
 from pipeline.config import RunConfig
-from pipeline.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, manifest_file_sizes, mark_duplicates, scan_file
+from pipeline.io.urls import media_prefixes
+from pipeline.output import commit
+from pipeline.planning.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, manifest_file_sizes, mark_duplicates, scan_file
 
-# The committed side's columns (sink.committed_keys); null on manifest rows, as the records' are on these.
+# The committed side's columns (commit.committed_keys); null on manifest rows, as the records' are on these.
 COMMITTED_SCHEMA = pa.schema([("c_key", pa.string()), ("c_prompt", pa.string()), ("c_status", pa.string()),
                               ("c_media", pa.string()), ("c_path", pa.string())])
 PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.field("_part", pa.int32())])
@@ -120,11 +121,11 @@ def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
         # lz4, not Ray's default zstd, for the shuffle by id partition: zstd made a 10 M-row plan
         # twice as slow on 2 cores (135 s vs 70 s, benchmarks/scale.py)
         ray.data.DataContext.get_current().shuffle_compression = "lz4"
-    committed = sink.committed_keys(cfg)
+    committed = commit.committed_keys(cfg)
     committed_bytes = committed.bytes if committed else 0
     # the output's Parquet holds a row in fewer bytes than JSONL: weigh it up
     parts = max(1, min(64, math.ceil((manifest_bytes + 4 * committed_bytes) / PARTITION_BYTES)))
-    prefixes = cfg.media_prefixes()  # here: a relative --manifest resolves against this process's folder
+    prefixes = media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest)  # here: a relative --manifest resolves against this process's folder
     # a task per file, up to MAX_SCAN_TASKS (then each reads several: 100 k one-row files are not 100 k tasks)
     tasks = ray.data.from_items([{"uri": uri, "index": i} for i, uri in enumerate(files)],
                                 override_num_blocks=min(len(files), MAX_SCAN_TASKS))
@@ -138,7 +139,7 @@ def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
         planned = planned.materialize()
     except Exception as e:  # a task's ManifestError or OutputError arrives wrapped in Ray's errors: raise it as itself
         cause = e
-        while cause is not None and not isinstance(cause, (ManifestError, sink.OutputError)):
+        while cause is not None and not isinstance(cause, (ManifestError, commit.OutputError)):
             cause = getattr(cause, "cause", None) or cause.__cause__
         raise (type(cause)(str(cause)) if cause else e) from e
     counts = planned.map_batches(_counts, batch_format="pyarrow", batch_size=None).take_all()  # a row per block
@@ -164,7 +165,7 @@ def _key(records: pa.Table):
     """An item's key in the output: its id, or for a row without one its manifest file:line."""
     import pyarrow.compute as pc
 
-    return pc.coalesce(records["id"], pc.binary_join_element_wise(sink.NO_ID, records["source"], ""))
+    return pc.coalesce(records["id"], pc.binary_join_element_wise(commit.NO_ID, records["source"], ""))
 
 
 def _partition_of(keys, parts: int):
@@ -204,7 +205,7 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     key = _key(records)
     # a finished committed row: ok, or any row without --retry-errors; a row without an id is done
     # once committed, whatever its status and prompt (it has none)
-    no_id = pc.starts_with(committed["c_key"], sink.NO_ID)
+    no_id = pc.starts_with(committed["c_key"], commit.NO_ID)
     finished = committed.set_column(1, "c_prompt", pc.if_else(no_id, pa.scalar(None, pa.string()), committed["c_prompt"]))
     finished = finished.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
                                                    no_id), False))

@@ -1,7 +1,7 @@
 """Tensor parallelism: one model replica across `tp` devices of one node, one process per rank.
 
 The actor that holds a replica's devices (the Generate actor reserves `tp` GPUs, or `tp` CPUs)
-starts `tp` rank processes (`python -m pipeline.tensor_parallel`). Each joins a torch.distributed
+starts `tp` rank processes (`python -m pipeline.model.tensor_parallel`). Each joins a torch.distributed
 group (NCCL on GPUs, gloo on CPU; rendezvous on 127.0.0.1) and loads the model with transformers'
 `tp_plan="auto"`: the language model's layers and head are split across the ranks, the vision tower
 is replicated. Every batch goes to every rank, the ranks generate in lockstep (their collectives
@@ -11,7 +11,7 @@ A rank that dies, or a replica that overruns `replica_timeout_s`, takes the whol
 every rank is killed (the others would wait in a collective for ever), a new replica is started
 and the batch is retried, `replica_restarts` times; then ReplicaFailed is raised. Nothing waits
 without a deadline, and ranks exit when their parent does.
-Messages: pipeline/child_messages.py, on each rank's stdin/stdout.
+Messages: pipeline/io/child_process.py, on each rank's stdin/stdout.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import time
 from pathlib import Path
 
 from pipeline import metrics
-from pipeline.child_messages import HEADER_BYTES, body_length, receive, send
 from pipeline.config import ModelSettings
+from pipeline.io.child_process import HEADER_BYTES, body_length, receive, send
+from pipeline.model.failures import ReplicaFailed, free_cache, is_out_of_memory
 
-log = logging.getLogger("pipeline.tensor_parallel")
+log = logging.getLogger("pipeline.model.tensor_parallel")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # After one rank reports an error, how long the others may take to report theirs; a rank still
@@ -43,10 +44,6 @@ DESYNC_GRACE_S = 30.0
 LOAD_TIMEOUT_S = 3600.0
 
 
-class ReplicaFailed(RuntimeError):
-    """The replica died or hung on every attempt at this batch."""
-
-
 class _ReplicaDown(Exception):
     """A rank died, hung or could not start: the replica must be restarted."""
 
@@ -54,7 +51,7 @@ class _ReplicaDown(Exception):
 def make_engine(settings: ModelSettings, model_path: str, device: str):
     """The engine for one replica: in this process for tp=1, else across tp rank processes."""
     if settings.tp == 1:
-        from pipeline.engine import Engine
+        from pipeline.model.engine import Engine
 
         return Engine(model_path, device=device, dtype=settings.dtype, attn_implementation=settings.attn_implementation,
                       **settings.load_options())
@@ -97,7 +94,7 @@ class TensorParallelEngine:
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
                  tp: int = 2, timeout_s: float = 600.0, restarts: int = 2,
-                 rank_module: str = "pipeline.tensor_parallel", load_options: dict | None = None):
+                 rank_module: str = "pipeline.model.tensor_parallel", load_options: dict | None = None):
         # the ranks' own collective timeout only backs up this process's deadlines
         self.spec = dict(model_path=model_path, device=device, dtype=dtype, attn_implementation=attn_implementation,
                          timeout_s=max(timeout_s, LOAD_TIMEOUT_S), load_options=load_options or {})
@@ -227,7 +224,7 @@ def load_rank(spec: dict):
     import torch
     import torch.distributed as dist
 
-    from pipeline.engine import Engine
+    from pipeline.model.engine import Engine
 
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     device = spec["device"]
@@ -270,8 +267,6 @@ def serve_rank(generate=lambda engine, *args: engine.generate(*args)) -> None:
                 result = generate(engine, *args)
             send(replies, ("ok", result if rank == 0 else None))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which decides
-            from pipeline.isolate import free_cache, is_out_of_memory
-
             kind = "out_of_memory" if is_out_of_memory(e) else "error"
             if kind == "out_of_memory":
                 free_cache()

@@ -16,20 +16,15 @@ import logging
 from dataclasses import dataclass
 
 from pipeline.config import GenerationConfig
+from pipeline.model.failures import ReplicaFailed, free_cache, is_out_of_memory
 
-log = logging.getLogger("pipeline.isolate")
+log = logging.getLogger("pipeline.model.batching")
 
 
 @dataclass
 class RowError:
     error_type: str  # out_of_memory | model_error
     message: str
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
 
 
 # A call's real tokens must be at least this share of its padded tokens (rows x longest row).
@@ -62,8 +57,6 @@ def generate_rows(engine, inputs: list, gen: GenerationConfig, seeds: list[int])
 
 
 def _generate_isolated(engine, inputs: list, gen: GenerationConfig, seeds: list[int]) -> list:
-    from pipeline.tensor_parallel import ReplicaFailed
-
     try:
         return engine.generate(inputs, gen, seeds)
     except ReplicaFailed as e:
@@ -83,10 +76,3 @@ def _generate_isolated(engine, inputs: list, gen: GenerationConfig, seeds: list[
         if len(inputs) == 1:
             return [RowError("model_error", f"generation failed: {type(e).__name__}: {e}")]
         return [r for x, s in zip(inputs, seeds) for r in _generate_isolated(engine, [x], gen, [s])]
-
-
-def free_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

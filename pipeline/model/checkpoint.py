@@ -18,10 +18,12 @@ import shutil
 from pathlib import Path
 
 from pipeline.config import StorageConfig
-from pipeline.storage import filesystem, join, protocol_of
+from pipeline.io.storage import filesystem, join, protocol_of
 
 CACHE_DIR = Path(os.environ.get("PIPELINE_MODEL_CACHE", Path.home() / ".cache" / "pipeline" / "models"))
 # Weight files: what a processor and a tokenizer never read (the rest of a checkpoint is small).
+# The file a random-weight checkpoint carries (pipeline.testing.tiny_model writes it): its text is noise.
+MARKER = "RANDOM_WEIGHTS.txt"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 COPY_ATTEMPTS = 3  # copies made again when an object changes while it is copied
 
@@ -99,7 +101,5 @@ def _drop_older_copies(base: Path, kind: str, keep: Path) -> None:
 
 
 def is_random_weight(path: str) -> bool:
-    """True for checkpoints written by pipeline.testing.tiny_model (their text is noise)."""
-    from pipeline.testing.tiny_model import MARKER
-
+    """True for checkpoints marked as random-weight (pipeline.testing.tiny_model writes the marker)."""
     return (Path(path) / MARKER).exists()

@@ -5,7 +5,7 @@ parsed and checked for the whole table at once with pyarrow: nearly every row of
 is plain, and the rows that are not (bad JSON, a wrong type, a URI that needs a closer look) go
 through the per-row functions below, which also word the message. Every record keeps its file and
 line (`source`, and `_order` for the manifest's order). A run reads the files in Ray tasks and
-finds repeated ids by id partition (pipeline/plan.py); scan_manifest does the same in one
+finds repeated ids by id partition (pipeline/planning/plan.py); scan_manifest does the same in one
 process, for small manifests and tests.
 """
 
@@ -16,13 +16,17 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pyarrow as pa
 
 from pipeline import schemas
 from pipeline.config import RunConfig
-from pipeline.storage import filesystem, protocol_of
+from pipeline.io.storage import filesystem, protocol_of
+from pipeline.io.urls import media_prefixes
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".xz")
@@ -260,7 +264,6 @@ def _jsonl_lines(data: bytes, starts, ends, lines, shaped, first_line: int) -> I
     """Lines `lines` of the block: all at once by pyarrow, or halved until the lines pyarrow cannot
     take (a wrong type, bad JSON) are in small groups read line by line: a bad row slows down a
     few of its neighbours, not its whole block."""
-    import numpy as np
 
     if not len(lines):
         return
@@ -394,7 +397,6 @@ def _conform(table: pa.Table, fmt: str) -> tuple[pa.Table, "np.ndarray"]:
 
 def _list_items_ok(col) -> "np.ndarray":
     """Rows of a list<string> column that hold at least one item, each a non-empty string (or are null)."""
-    import numpy as np
     import pyarrow.compute as pc
 
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
@@ -454,7 +456,7 @@ def _fast_records(t: pa.Table, numbers, uri: str, index: int, label: str, prefix
     import numpy as np
     import pyarrow.compute as pc
 
-    from pipeline.urls import media_uris_surely_allowed
+    from pipeline.io.urls import media_uris_surely_allowed
 
     single = _resolved(t["uri"], uri)
     lists = t["uris"].combine_chunks() if isinstance(t["uris"], pa.ChunkedArray) else t["uris"]
@@ -480,7 +482,7 @@ def _fast_records(t: pa.Table, numbers, uri: str, index: int, label: str, prefix
 def _scan_row(source: str, row: dict | Exception, manifest_file: str, prefixes: list[str], cfg: RunConfig) -> dict:
     """One manifest row -> its record: ok, invalid_manifest_row or uri_not_allowed (repeated ids
     are marked by mark_duplicates, once all rows of an id are together)."""
-    from pipeline.urls import URLRejected, check_media_uri
+    from pipeline.io.urls import URLRejected, check_media_uri
 
     if isinstance(row, Exception):
         return _record({}, source, f"not valid JSON ({row})")
@@ -565,9 +567,9 @@ def mark_duplicates(records: pa.Table) -> pa.Table:
 def scan_manifest(cfg: RunConfig) -> ManifestScan:
     """Every manifest row read in this process (small manifests, tests), in the manifest's order:
     invalid rows and repeated ids become error records (never a crash). A run reads the manifest
-    in Ray tasks instead (pipeline/plan.py), through the same functions."""
+    in Ray tasks instead (pipeline/planning/plan.py), through the same functions."""
     files = list_manifest_files(cfg.manifest, cfg)
-    prefixes = cfg.media_prefixes()
+    prefixes = media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest)
     tables = [t for i, uri in enumerate(files) for t in scan_file(uri, i, prefixes, cfg)]
     records = mark_duplicates(pa.concat_tables([SCAN_SCHEMA.empty_table(), *tables])).sort_by("_order")
     return ManifestScan(records.drop_columns(["_order"]), files)

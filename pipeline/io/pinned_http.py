@@ -3,7 +3,7 @@
 A host checked once and fetched after a second lookup can be re-pointed in between (DNS
 rebinding: a public address for the check, 127.0.0.1 for the fetch). Here the lookup that the
 connection uses is the check: aiohttp connects to the addresses our resolver returns, and it
-returns them only when every one is public (pipeline.urls.is_public_address). Redirects are not
+returns them only when every one is public (pipeline.io.urls.is_public_address). Redirects are not
 followed (a public host answering 302 must not send us to an internal address), and connect and
 read have timeouts. Reads go through fsspec's HTTPFileSystem (ranged, seekable).
 """
@@ -20,7 +20,7 @@ class AddressRejected(PermissionError):
 
 
 def _check_addresses(host: str, addresses: list[str]) -> None:
-    from pipeline import urls
+    from pipeline.io import urls
 
     blocked = sorted({a for a in addresses if not urls.is_public_address(a)})
     if blocked:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pipeline.config import StorageConfig
-from pipeline.storage import create_whole, filesystem, join, put_whole
+from pipeline.io.storage import create_whole, filesystem, join, put_whole
 
 log = logging.getLogger("pipeline")
 FOLDER = "_lease"

@@ -1,261 +1,21 @@
-"""Fetch + decode: URI -> RGB frames. Transport (fsspec) stays apart from decoding (PyAV, Pillow).
+"""Videos: N frames sampled over a clip window with PyAV, by seeking (the whole file is never
+decoded just to pick N frames).
 
 Videos are sampled by timestamp: N targets spread uniformly over the clip window, each reached by
 seeking to the keyframe before it, unless what we know of the keyframe layout says that decoding
-on from the current position is shorter. The whole file is never decoded just to pick N frames.
+on from the current position is shorter.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import StorageConfig
-from pipeline.storage import open_binary, protocol_of
-
-
-class MediaError(Exception):
-    """A per-item failure with a stable `error_type` (written to the item's output rows)."""
-
-    def __init__(self, error_type: str, message: str):
-        super().__init__(message)
-        self.error_type = error_type
-
-
-@dataclass
-class Decoded:
-    media_type: str
-    frames: np.ndarray  # (T, H, W, 3) uint8 RGB; T == 1 for an image
-    width: int
-    height: int
-    codec: str
-    timestamps_s: list[float] = field(default_factory=list)
-    duration_s: float | None = None
-    fps: float | None = None
-    decoded_frames: int = 0  # frames the decoder produced to get these (cost, not output)
-
-
-# Magic numbers of the containers we expect; anything else is tried with both decoders.
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-# (Matroska, FLV, MPEG-PS, Ogg, MPEG-1/2 video, raw H.264/HEVC Annex B, ASF, MXF)
-_VIDEO_MAGIC = (b"\x1a\x45\xdf\xa3", b"FLV", b"\x00\x00\x01\xba", b"OggS", b"\x00\x00\x01\xb3", b"\x00\x00\x00\x01",
-                b"\x30\x26\xb2\x75\x8e\x66\xcf\x11", b"\x06\x0e\x2b\x34\x02\x05\x01\x01")
-
-
-def sniff_media_type(head: bytes) -> str | None:
-    """video, image, or None when the first bytes match no known signature."""
-    if head[:4] == b"RIFF":
-        return "image" if head[8:12] == b"WEBP" else "video" if head[8:12] == b"AVI " else None
-    if head[4:8] == b"ftyp":
-        return "image" if head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1") else "video"
-    if head.startswith(_IMAGE_MAGIC):
-        return "image"
-    if head.startswith(_VIDEO_MAGIC) or (len(head) > 188 and head[0] == 0x47 and head[188] == 0x47):
-        return "video"
-    return None
-
-
-DEFAULT_MAX_PIXELS = 40_000_000  # per image or video frame; checked from the header, before decoding
-
-
-def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
-                     start_s: float | None = None, end_s: float | None = None,
-                     max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
-                     max_memory_bytes: int | None = None, at_s: list[float] | None = None,
-                     allowed_prefixes: list[str] | None = None) -> Decoded:
-    """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
-    `at_s`: instead of sampling, the frames shown at these times (a run's frame_timestamps_s).
-    `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder.
-    `max_memory_bytes`: the decoder process's memory limit; media that declare more are refused first.
-    `allowed_prefixes`: a local file is checked again once open (the driver checked its name)."""
-    from pipeline.urls import URLRejected, open_local_checked
-
-    try:
-        if allowed_prefixes is not None and protocol_of(uri) == "file":
-            f = _WatchedFile(open_local_checked(uri.removeprefix("file://"), allowed_prefixes))
-        else:
-            f = _WatchedFile(open_binary(uri, storage))
-    except URLRejected as e:
-        raise MediaError("uri_not_allowed", f"{uri} is not allowed once opened: {e}; if this source is trusted, "
-                                            "pass --allow-uri-prefix with its folder") from e
-    except FileNotFoundError as e:
-        raise MediaError("not_found", f"{uri} does not exist; fix the uri or upload the file") from e
-    except PermissionError as e:
-        raise MediaError("access_denied", f"access to {uri} was denied; check the credentials and bucket policy") from e
-    except IsADirectoryError as e:
-        raise MediaError("not_found", f"{uri} is a folder, not a media file; give the uri of a file in it") from e
-    except OSError as e:
-        raise _fetch_failed(uri, e) from e
-    with f:
-        try:
-            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize,
-                               max_memory_bytes, at_s)
-        except (MediaError, OSError) as e:
-            if f.error is None:
-                raise
-            # the store failed mid-read (retries exhausted): not the file's fault
-            raise _fetch_failed(uri, f.error) from e
-
-
-def _fetch_failed(uri: str, error: Exception) -> MediaError:
-    if isinstance(error, PermissionError):
-        return MediaError("access_denied", f"reading {uri} was denied; check the credentials and bucket policy")
-    if isinstance(error, FileNotFoundError):
-        return MediaError("not_found", f"{uri} disappeared while it was read; upload it again and rerun")
-    return MediaError("fetch_failed", f"reading {uri} kept failing after retries ({type(error).__name__}: {error}); "
-                                      "the store may be throttling or down: rerun later with --retry-errors")
-
-
-class _WatchedFile:
-    """A file object that remembers a transport error raised by a read: decoders (Pillow, FFmpeg)
-    report such an error as bad data, which would blame the file for a failing store."""
-
-    def __init__(self, f):
-        self._f, self.error = f, None
-
-    def read(self, *args):
-        try:
-            return self._f.read(*args)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
-def decode_file(f, uri: str, declared_type: str | None, num_frames: int, start_s: float | None = None,
-                end_s: float | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                video_resize: dict | None = None, max_memory_bytes: int | None = None,
-                at_s: list[float] | None = None) -> Decoded:
-    """Detect the media type of an open, seekable file from its bytes and decode it
-    (the online server passes in-memory bytes here, so both paths decode alike)."""
-    head = f.read(512)
-    if not head:
-        raise MediaError("undecodable", f"{uri} is empty (0 bytes)")
-    f.seek(0)
-    detected = sniff_media_type(head)
-    if declared_type and detected and declared_type != detected:
-        raise MediaError("media_type_mismatch",
-                         f"{uri} was declared {declared_type} but holds {detected} data; fix the media type or the uri")
-    kind = detected or declared_type
-    if kind == "image" or (kind is None and _is_image(f)):
-        return decode_image(f, uri, max_pixels)
-    return decode_video(f, uri, num_frames, start_s, end_s, max_pixels, video_resize, max_memory_bytes, at_s)
-
-
-def _is_image(f) -> bool:
-    """Pillow identifies the bytes as an image it can load (its MPEG plugin only identifies video)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(f) as img:  # the context manager leaves a caller's file open; close() would not
-            return img.format != "MPEG"
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return False
-    finally:
-        f.seek(0)
-
-
-def _check_pixels(uri: str, width: int, height: int, max_pixels: int):
-    if width * height > max_pixels:
-        raise MediaError("too_large", f"{uri} is {width}x{height} = {width * height:,} pixels, over the budget of "
-                                      f"{max_pixels:,}; raise max_pixels (--max-pixels) if this is intended")
-
-
-def decode_image(f, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    import warnings
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides
-            with Image.open(f) as img:  # reads the header only
-                _check_pixels(uri, *img.size, max_pixels)
-                fmt = (img.format or "image").lower()
-                img.load()  # here a file cut short raises, not later
-                if fmt in ("jpeg", "mpo"):
-                    _check_jpeg_scan(f, uri, img)
-                img = ImageOps.exif_transpose(img)
-                rgb = _rgb8(img)
-    except Image.DecompressionBombError as e:
-        raise MediaError("too_large", f"{uri} declares an image too large to decode safely ({e}); "
-                                      "the file is corrupt or crafted") from e
-    except UnidentifiedImageError as e:
-        raise _unreadable_image(f, uri) from e
-    except (OSError, ValueError, SyntaxError) as e:
-        if "truncated" in str(e):
-            raise MediaError("truncated", f"{uri} is an image cut short ({e}); re-upload it complete") from e
-        raise MediaError("undecodable", f"{uri} is not a readable image ({e})") from e
-    height, width = rgb.shape[:2]
-    return Decoded("image", rgb[None], width, height, fmt, decoded_frames=1)
-
-
-def _rgb8(img) -> np.ndarray:
-    """8-bit RGB as a viewer shows it: transparency flattened onto white, 16-bit samples scaled
-    (Pillow's own conversion clips them: a 16-bit grey image would come out white)."""
-    from PIL import Image
-
-    if img.mode.startswith("I;16") or img.mode == "I":
-        grey = np.asarray(img).astype(np.uint32)
-        return np.repeat((np.clip(grey, 0, 65535) >> 8).astype(np.uint8)[..., None], 3, axis=2)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(img.convert("RGB"))
-
-
-def _unreadable_image(f, uri: str) -> MediaError:
-    """Pillow cannot read it: say why where we know (formats Pillow has no decoder for)."""
-    f.seek(0)
-    head = f.read(64 * 1024)
-    f.seek(0)
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
-        return MediaError("unsupported_codec", f"{uri} is a HEIC/HEIF image, which has no decoder here; "
-                                               "convert it to JPEG, PNG or AVIF")
-    sof = max(head.find(b"\xff\xc1"), head.find(b"\xff\xc2"))  # extended or progressive frame header
-    if head.startswith(b"\xff\xd8") and sof > 0 and head[sof + 4:sof + 5] == b"\x0c":  # sample precision 12
-        return MediaError("unsupported_codec", f"{uri} is a 12-bit JPEG, which Pillow cannot read; "
-                                               "convert it to an 8-bit JPEG or a 16-bit PNG")
-    return MediaError("undecodable", f"{uri} is not an image Pillow can read (unknown or unsupported format)")
-
-
-def _check_jpeg_scan(f, uri: str, img) -> None:
-    """A JPEG whose entropy-coded data is shorter than one bit per 8x8 block cannot hold its image:
-    libjpeg fills what is missing with grey and only warns, so Pillow returns it as fine."""
-    f.seek(0)
-    data = f.read()
-    f.seek(0)
-    scan, pos = 0, data.find(b"\xff\xda")
-    while pos >= 0:
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        body = pos + 2 + length
-        nxt = body
-        while True:  # the scan ends at the first marker that is not a stuffed 0xff00 or a restart
-            nxt = data.find(b"\xff", nxt)
-            if nxt < 0 or nxt + 1 >= len(data):
-                nxt = len(data)
-                break
-            if data[nxt + 1] == 0 or 0xd0 <= data[nxt + 1] <= 0xd7:
-                nxt += 2
-                continue
-            break
-        scan += nxt - body
-        pos = data.find(b"\xff\xda", nxt)
-    blocks = sum(-(-img.size[0] // 8) * -(-img.size[1] // 8) for _ in img.getbands()) // 2  # chroma subsampled
-    if scan * 8 < blocks:
-        raise MediaError("truncated", f"{uri} is a JPEG whose image data is missing ({scan} bytes for "
-                                      f"{img.size[0]}x{img.size[1]} pixels); re-upload it complete")
+from pipeline.media.containers import check_frames_fit, check_mp4_tables, check_not_truncated, mp4_box_overruns
+from pipeline.media.decoded import DEFAULT_MAX_PIXELS, Decoded, MediaError, check_pixels, out_of_memory
 
 
 def uniform_targets(start: float, end: float, fps: float, n: int) -> np.ndarray:
@@ -360,15 +120,15 @@ def _video_stream(container, uri: str):
 def decode_video(f, uri: str, num_frames: int, start_s: float | None, end_s: float | None,
                  max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
                  max_memory_bytes: int | None = None, at_s: list[float] | None = None) -> Decoded:
-    _check_mp4_tables(f, uri, max_memory_bytes)  # before FFmpeg builds the index in memory
+    check_mp4_tables(f, uri, max_memory_bytes)  # before FFmpeg builds the index in memory
     with _Source(f, uri, max_pixels) as source:
         # No frame threading: each seek flushes its pipeline of frames decoded ahead, and the
         # benchmarks measured it slower here; decoders run side by side, one per worker, instead.
         ctx = source.stream.codec_context
-        _check_pixels(uri, ctx.width, ctx.height, max_pixels)
+        check_pixels(uri, ctx.width, ctx.height, max_pixels)
         if max_memory_bytes:
-            _check_frames_fit(uri, ctx.width * ctx.height, num_frames, video_resize, max_memory_bytes)
-        _check_not_truncated(f, uri, source.stream)
+            check_frames_fit(uri, ctx.width * ctx.height, num_frames, video_resize, max_memory_bytes)
+        check_not_truncated(f, uri, source.stream)
         timeline = _timeline(source.container, source.stream)
         if timeline.duration is None:
             timeline = _scan_packets(source.container, source.stream, timeline.fps, timeline.origin)
@@ -404,7 +164,7 @@ def _sample_window(source, timeline: _Timeline, start: float, end: float, num_fr
             frames, times, cost = sampler.sample(targets)
         except av.FFmpegError as e:
             ctx = source.stream.codec_context
-            _check_pixels(uri, ctx.width, ctx.height, max_pixels)  # FFmpeg refused a frame over the budget
+            check_pixels(uri, ctx.width, ctx.height, max_pixels)  # FFmpeg refused a frame over the budget
             if isinstance(e, MemoryError) or (max_memory_bytes and e.errno == errno.EAGAIN):
                 raise out_of_memory(uri, max_memory_bytes) from e  # (EAGAIN: no memory for a thread's stack)
             at = f" at {sampler.cur[0] - origin:.3f} s" if sampler.cur else ""
@@ -458,7 +218,7 @@ class _Source:
             # must not make FFmpeg read local files or URLs on the worker.
             self.container = av.open(self.f, mode="r", options={"protocol_whitelist": "none"})
         except (av.FFmpegError, ValueError) as e:
-            if _mp4_box_overruns(self.f):
+            if mp4_box_overruns(self.f):
                 raise MediaError("truncated", f"{self.uri} is an MP4/MOV file cut short (its last box runs past "
                                               "the end of the file); re-upload it complete") from e
             raise MediaError("undecodable", f"{self.uri} is neither an image nor a video FFmpeg can open ({e})") from e
@@ -590,7 +350,7 @@ class _Sampler:
         self.decoded += 1
         self.index += 1
         if frame.width * frame.height > self.max_pixels:  # bigger than the header said
-            _check_pixels(self.source.uri, frame.width, frame.height, self.max_pixels)
+            check_pixels(self.source.uri, frame.width, frame.height, self.max_pixels)
         if not self.timeline.timed:
             t = (self.index - 1) / self.timeline.fps
         elif frame.time is not None:
@@ -676,114 +436,3 @@ def _upright_rgb(frame) -> np.ndarray:
     turns = round((frame.rotation or 0) / 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, k=turns)) if turns else rgb
 
-
-# Bytes FFmpeg's MP4 demuxer holds per declared sample (index entry, size, timing, with headroom):
-# what a sample table costs in memory before a single frame is decoded.
-_INDEX_BYTES_PER_SAMPLE = 64
-_MP4_CONTAINERS = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
-
-
-def _mp4_boxes(f, start: int, end: int):
-    """(type, payload start, box end) of the boxes in [start, end): headers only, no payloads read."""
-    pos = start
-    while pos + 8 <= end:
-        f.seek(pos)
-        header = f.read(16)
-        if len(header) < 8:
-            return
-        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
-        body = pos + 8
-        if length == 1 and len(header) == 16:
-            length, body = int.from_bytes(header[8:16], "big"), pos + 16
-        elif length == 0:
-            length = end - pos
-        if length < body - pos:
-            return
-        yield kind, body, min(pos + length, end)
-        pos += length
-
-
-def _mp4_tables(f, start: int, end: int, found: dict, depth: int = 0) -> None:
-    """Walk the boxes under [start, end) (headers only): samples the sample tables (stsz/stz2)
-    declare, summed over the tracks, and the sample entry types (avc1, encv, ...)."""
-    for kind, body, box_end in _mp4_boxes(f, start, end):
-        if kind in _MP4_CONTAINERS and depth < 6:
-            _mp4_tables(f, body, box_end, found, depth + 1)
-        elif kind in (b"stsz", b"stz2"):
-            f.seek(body + 8)  # version/flags, then sample size (stsz) or reserved + field size (stz2)
-            found["samples"] += int.from_bytes(f.read(4), "big")
-        elif kind == b"stsd":
-            found["entries"] += [entry for entry, _, _ in _mp4_boxes(f, body + 8, box_end)]
-
-
-def _check_mp4_tables(f, uri: str, max_memory_bytes: int | None) -> None:
-    """An MP4/MOV whose sample tables declare more samples than the decoder's memory can index
-    (a few KB can declare billions) is rejected before FFmpeg allocates the index; an encrypted
-    one (CENC: FFmpeg decodes it to garbage without the key) before anything is decoded."""
-    f.seek(0)
-    head = f.read(8)
-    found = {"samples": 0, "entries": []}
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
-        size = f.seek(0, 2)
-        for kind, body, end in _mp4_boxes(f, 0, size):
-            if kind == b"moov":
-                _mp4_tables(f, body, end, found)
-    f.seek(0)
-    if b"encv" in found["entries"]:
-        raise MediaError("unsupported_codec", f"{uri} is encrypted (CENC/DRM): its frames cannot be decoded "
-                                              "without the key; give the decrypted file")
-    needed = found["samples"] * _INDEX_BYTES_PER_SAMPLE
-    if max_memory_bytes and needed > max_memory_bytes // 2:
-        raise MediaError("too_large", f"{uri} declares {found['samples']:,} samples in its index, which alone would "
-                                      f"take {needed / 2**30:.1f} GiB of the decoder's {max_memory_bytes / 2**30:.1f} "
-                                      "GiB memory limit; the file is corrupt or crafted: re-encode it")
-
-
-def _check_frames_fit(uri: str, pixels: int, num_frames: int, video_resize: dict | None, max_memory_bytes: int):
-    """The frames asked for, held as RGB and copied once into the reply, must fit the memory limit."""
-    kept = video_resize["height"] * video_resize["width"] if video_resize else pixels
-    needed = num_frames * kept * 3 * 2 + pixels * 3 * 4  # + the frames being decoded and converted
-    if needed > max_memory_bytes:
-        raise MediaError("too_large", f"{num_frames} frames of {uri} need about {needed / 2**30:.1f} GiB, over the "
-                                      f"decoder's memory limit of {max_memory_bytes / 2**30:.1f} GiB; lower "
-                                      "num_frames or max_pixels, or raise decoder_memory_gb")
-
-
-def out_of_memory(uri: str, max_memory_bytes: int | None) -> MediaError:
-    limit = f" ({max_memory_bytes / 2**30:.1f} GiB)" if max_memory_bytes else ""
-    return MediaError("too_large", f"decoding {uri} needed more memory than the decoder's limit{limit}; the file "
-                                   "is very large or crafted: lower max_pixels or num_frames, or raise decoder_memory_gb")
-
-
-def _mp4_box_overruns(f) -> bool:
-    """True for an ISO-BMFF file (ftyp first) whose top-level boxes run past its end."""
-    f.seek(0)
-    size, pos = f.seek(0, 2), 0
-    while pos + 8 <= size:
-        f.seek(pos)
-        header = f.read(16)
-        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
-        if pos == 0 and kind != b"ftyp":
-            return False
-        if length == 1 and len(header) == 16:
-            length = int.from_bytes(header[8:16], "big")
-        elif length == 0:  # box extends to the end of the file
-            return False
-        if length < 8:
-            return False
-        pos += length
-    return pos > size
-
-
-def _check_not_truncated(f, uri: str, stream):
-    """MP4/MOV indexes give each sample's byte range: one past the end of the file means data is missing."""
-    entries = [e for e in stream.index_entries if e.pos >= 0]
-    if not entries:
-        return
-    needed = max(e.pos + e.size for e in entries)
-    position = f.tell()  # PyAV reads through this file object: leave it where it was
-    size = f.seek(0, 2)
-    f.seek(position)
-    if needed > size:
-        raise MediaError("truncated", f"{uri} is truncated: its index needs {needed:,} bytes but the file has "
-                                      f"{size:,}; re-upload it complete")
