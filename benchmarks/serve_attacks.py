@@ -4,7 +4,7 @@
     PYTHONPATH=/path/to/older/checkout python benchmarks/serve_attacks.py --label before ...
 
 Starts a local Ray + Serve on a fresh tiny RANDOM-WEIGHT checkpoint (4 prepare threads, 30 s
-request timeout, the server's other defaults) and runs each attack from pipeline.testing.hostile_media:
+request timeout, the server's other defaults) and runs each attack from tests.helpers.hostile_media:
 - index_bomb: one ~5 KB MP4 whose sample table declares 60 M samples;
 - slow_videos: four ~500 KB one-keyframe 1080p videos (16,000 frames each) at once.
 During each, 0.5 s in, an innocent request (the sample photo) is sent; the JSON holds the ingress
@@ -95,7 +95,7 @@ def main() -> int:
 
     from benchmarks.serve_load import free_port
     from pipeline.serve import build_app
-    from pipeline.testing.hostile_media import index_bomb_mp4, one_keyframe_video
+    from tests.helpers.hostile_media import index_bomb_mp4, one_keyframe_video
 
     work = Path(tempfile.mkdtemp(prefix="serve-attacks-"))
     subprocess.run([sys.executable, "-m", "pipeline.testing.samples", str(work / "samples")], check=True, cwd=REPO,

@@ -69,8 +69,6 @@ class ModelSettings(BaseModel):
     decoder_memory_gb: float = Field(8.0, gt=0, description=
             "Memory (heap and anonymous mappings) the isolated decoder process may use; media that need more, or whose "
             "index declares more, become `too_large` rows.")
-    decoder_module: str = Field("pipeline.media.decoder_process", description=
-            "Module run (python -m) as the isolated decoder process; tests swap in one that injects faults.")
     batch_size: int = Field(4, ge=1, description="Model inputs per generate call.")
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")
     tp: int = Field(1, ge=1, description=
@@ -82,8 +80,6 @@ class ModelSettings(BaseModel):
     replica_restarts: int = Field(2, ge=0, description=
             "Restarts of a tensor-parallel replica for one batch after a rank died or hung; then the batch's rows become "
             "`model_error` rows.")
-    rank_module: str = Field("pipeline.model.tensor_parallel", description=
-            "Module run (python -m) as a tensor-parallel rank process; tests swap in one that injects faults.")
     gpu_memory_gb: float | None = Field(None, gt=0, description=
             "Memory of one GPU for the sizing plan (pipeline/planning/sizing.py); default: measured on a GPU of the "
             "cluster at run start.")

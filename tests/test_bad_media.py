@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.config import RunConfig, StorageConfig
+from pipeline.config import StorageConfig
 from pipeline.media.decoded import MediaError
 from pipeline.media.decoder_process import DecoderProcess
 from pipeline.media.fetch import fetch_and_decode
 from pipeline.media.video import uniform_targets
 from pipeline.testing.samples import encode_video, synthetic_frame
+from tests.helpers.job_process import run_job_process
 
 STORAGE = StorageConfig()
 
@@ -137,7 +138,7 @@ def test_ffmpeg_may_not_open_files_named_inside_the_input(tmp_path, monkeypatch)
 
 
 def test_a_segfault_and_a_hang_cost_one_row_each(samples, tmp_path):
-    decoder = DecoderProcess(timeout_s=3, module="pipeline.testing.fault_decoder")
+    decoder = DecoderProcess(timeout_s=3, module="tests.helpers.fault_decoder")
     (tmp_path / "segfault.mp4").write_bytes((samples / "street.mp4").read_bytes())
     (tmp_path / "hang.mp4").write_bytes((samples / "street.mp4").read_bytes())
     request = dict(storage=STORAGE, declared_type=None, num_frames=2)
@@ -153,7 +154,7 @@ def test_a_segfault_and_a_hang_cost_one_row_each(samples, tmp_path):
 
 
 def test_past_its_memory_limit_the_decoder_answers_too_large_and_is_replaced(samples, tmp_path):
-    decoder = DecoderProcess(timeout_s=60, module="pipeline.testing.fault_decoder", max_memory_bytes=2 * 2**30)
+    decoder = DecoderProcess(timeout_s=60, module="tests.helpers.fault_decoder", max_memory_bytes=2 * 2**30)
     (tmp_path / "hog.mp4").write_bytes((samples / "street.mp4").read_bytes())
     request = dict(storage=STORAGE, declared_type=None, num_frames=2)
     with pytest.raises(MediaError) as hog:
@@ -168,9 +169,8 @@ def test_past_its_memory_limit_the_decoder_answers_too_large_and_is_replaced(sam
     decoder.close()
 
 
-def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model, tmp_path):
-    from pipeline.batch.run import run
-
+def test_a_manifest_of_bad_media_runs_to_the_end(samples, tiny_model, tmp_path):
+    """The job in its own process and cluster, whose decoders run tests.helpers.fault_decoder."""
     good = (samples / "street.mp4").read_bytes()
     files = {
         "ok-video": samples / "street.mp4",
@@ -198,14 +198,14 @@ def test_a_manifest_of_bad_media_runs_to_the_end(ray_local, samples, tiny_model,
     Image.new("CMYK", (30, 20), (0, 50, 100, 0)).save(files["cmyk"])
     rows = [{"id": k, "uri": str(v)} for k, v in files.items()] + [{"id": "ok-video", "uri": str(files["ok-image"])}]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model=str(tiny_model),
-                    # a budget the good files meet on a loaded machine too; only the hanging file uses it up
-                    num_frames=2, decode_timeout_s=20, decoder_module="pipeline.testing.fault_decoder",
-                    allowed_uri_prefixes=[str(tmp_path), str(samples)])
-    cfg.generation.max_new_tokens = 2
-    summary = run(cfg)
+    done = run_job_process(["--manifest", tmp_path / "m.jsonl", "--output", tmp_path / "out", "--model", tiny_model,
+                            # a budget the good files meet on a loaded machine too; only the hanging file uses it up
+                            "--num-frames", 2, "--decode-timeout-s", 20, "--max-new-tokens", 2,
+                            "--allow-uri-prefix", tmp_path, "--allow-uri-prefix", samples],
+                           env={"PIPELINE_TEST_DECODER_MODULE": "tests.helpers.fault_decoder"})
+    assert done.returncode == 0, done.stderr[-3000:]
     df = pd.read_parquet(tmp_path / "out")
-    assert summary.rows == len(df) == len(rows)
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["rows"] == len(df) == len(rows)
     got = dict(zip(df.id + "/" + df.status, df.error_type.fillna("")))
     assert got == {
         "ok-video/ok": "", "ok-image/ok": "", "wrong-ext/ok": "", "cmyk/ok": "",

@@ -19,6 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from jobs import caption_videos
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
@@ -26,9 +28,6 @@ CRD_DIR = Path(os.environ.get("KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-
 APP_DIR = "/home/ray/app"  # where cluster/Dockerfile puts the checkout
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
-
-sys.path.insert(0, str(REPO / "jobs"))
-import caption_videos  # noqa: E402
 
 
 def manifest_docs() -> list[tuple[str, dict]]:

@@ -187,7 +187,7 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
         copy_output(f"{root}/staged", out, s3_client)
         killed = cfg.model_copy(update={"output": out})
         (tmp_path / "cfg.json").write_text(killed.model_dump_json())
-        code = subprocess.run([sys.executable, "-m", "pipeline.testing.kill_commit", str(tmp_path / "cfg.json"),
+        code = subprocess.run([sys.executable, "-m", "tests.helpers.kill_commit", str(tmp_path / "cfg.json"),
                                str(step)], cwd=REPO, capture_output=True, text=True)
         if code.returncode == 0:
             break  # the commit needed fewer writes than `step`: every step has been killed once

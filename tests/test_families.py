@@ -24,7 +24,7 @@ from pipeline.config import GenerationConfig, RunConfig
 from pipeline.model.families import detect_family
 from pipeline.model.preprocess import Preprocessor
 from pipeline.planning.manifest import scan_manifest
-from pipeline.testing.textmatch import difference, generate_reference
+from tests.helpers.textmatch import difference, generate_reference
 
 MAX_NEW_TOKENS = 10
 FAMILIES = ["llava_onevision", "llava_interleave", "llava"]
@@ -115,6 +115,6 @@ def test_mixed_batch_equals_the_card_reference(family, tiny_checkpoint, manifest
     ok = [r for r in rows.values() if r["status"] == "ok"]
     assert len(ok) == (2 if family == "llava" else 4)
     reference = card_reference(family, path)
-    for r in ok:  # token for token, up to ties the reference cannot tell apart (pipeline/testing/textmatch.py)
+    for r in ok:  # token for token, up to ties the reference cannot tell apart (tests/helpers/textmatch.py)
         assert difference(reference(r), reference.tokenizer, r["text"]) is None, (r["id"], r["prompt"])
     assert len({r["text"] for r in ok}) == len(ok)  # the comparison is between texts that differ

@@ -1,7 +1,6 @@
 """The job end to end on a local Ray cluster: sample data, tiny checkpoint, Parquet out."""
 
 import json
-import sys
 
 import duckdb
 import pandas as pd
@@ -9,10 +8,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "jobs"))
-import caption_videos  # noqa: E402
-
-from pipeline import schemas  # noqa: E402
+from jobs import caption_videos
+from pipeline import schemas
 
 
 def run_job(*args) -> int:

@@ -1,14 +1,12 @@
 """Kill tests: SIGKILL the driver, kill actors mid-batch, lose the Ray head; then rerun the same
-command. 0 rows lost, 0 duplicates, no crash that was not injected (jobs/fault_scenarios.py)."""
+command. 0 rows lost, 0 duplicates, no crash that was not injected (tests/helpers/fault_scenarios.py,
+the runner of `python jobs/fault_scenarios.py`)."""
 
 import json
-import sys
 
 import pytest
-from conftest import REPO
 
-sys.path.insert(0, str(REPO / "jobs"))
-import fault_scenarios  # noqa: E402
+from tests.helpers import fault_scenarios
 
 
 def scenarios(tmp_path, *names, **kw):

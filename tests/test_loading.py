@@ -151,8 +151,7 @@ def test_attention_implementations(tiny_model):
 
 
 def test_job_flags_reach_the_config():
-    sys.path.insert(0, os.path.join(REPO, "jobs"))
-    import caption_videos
+    from jobs import caption_videos
 
     cfg = caption_videos.parse_args(["--manifest", "m.jsonl", "--output", "out", "--model", "acme/llava",
                                      "--revision", PINNED, "--trust-remote-code", "--quantization", "4bit",

@@ -10,7 +10,7 @@ from pyarrow import fs as pafs
 
 from pipeline.batch.run import run
 from pipeline.config import RunConfig, StorageConfig
-from pipeline.testing.s3_fault_proxy import FaultProxy
+from tests.helpers.s3_fault_proxy import FaultProxy
 
 FILES = ["street.mp4", "beach.webm", "photo.jpg", "logo.png", "palette.gif", "long_gop.mp4"]
 

@@ -1,6 +1,6 @@
 """The pipeline's text equals the model card's reference usage (processor + generate, batch size 1),
 for images, videos, several questions about one item, and a mixed batch: token for token, up to
-ties the reference itself cannot tell apart (pipeline/testing/textmatch.py)."""
+ties the reference itself cannot tell apart (tests/helpers/textmatch.py)."""
 
 import json
 import tempfile
@@ -15,7 +15,7 @@ from transformers import AutoProcessor, LlavaOnevisionForConditionalGeneration
 from pipeline.batch.stages import Generate, Preprocess, decode_media
 from pipeline.config import GenerationConfig, RunConfig
 from pipeline.planning.manifest import scan_manifest
-from pipeline.testing.textmatch import difference, generate_reference, mismatches, references
+from tests.helpers.textmatch import difference, generate_reference, mismatches, references
 
 MAX_NEW_TOKENS = 12
 

@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,12 +18,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from jobs import report
 from pipeline.schemas import output_arrow_schema
 from pipeline.testing.samples import synthetic_frame
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "jobs"))
-import report  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -25,7 +25,7 @@ from pipeline.config import GenerationConfig, RunConfig
 from pipeline.io.urls import URLRejected, check_uri
 from pipeline.planning.manifest import scan_manifest
 from pipeline.serve import ServeConfig, build_app, load_token, parse_args
-from pipeline.testing.textmatch import difference, references
+from tests.helpers.textmatch import difference, references
 
 TOKEN = "test-token-0123456789"
 MAX_NEW_TOKENS = 8
@@ -81,7 +81,7 @@ def batch_texts(tiny_model, samples, tmp_path_factory):
     generate = Generate(cfg, device="cpu")
     rows = generate(requests).to_pylist()
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
-    # token for token, up to ties the reference cannot tell apart (pipeline/testing/textmatch.py)
+    # token for token, up to ties the reference cannot tell apart (tests/helpers/textmatch.py)
     refs = references(generate.engine.model, generate.engine.tokenizer, requests.to_pylist(), MAX_NEW_TOKENS)
     tokenizer = generate.engine.tokenizer
     return {r["id"]: dict(r, matches=lambda text, key=(r["id"], r["prompt"]): difference(refs[key], tokenizer, text))

@@ -21,7 +21,7 @@ from conftest import free_port
 
 from pipeline.config import StorageConfig
 from pipeline.serve import build_app
-from pipeline.testing.hostile_media import index_bomb_mp4, one_keyframe_video
+from tests.helpers.hostile_media import index_bomb_mp4, one_keyframe_video
 
 TOKEN = "security-token-0123456789"
 REQUEST_TIMEOUT_S = 12

@@ -1,24 +1,22 @@
 """Tensor parallelism on CPU (gloo): --tp 2 gives the same tokens as --tp 1 (up to ties the
-reference itself cannot tell apart, pipeline/testing/textmatch.py); a rank that dies or
+reference itself cannot tell apart, tests/helpers/textmatch.py); a rank that dies or
 hangs takes its replica down, the replica is restarted and the run completes; out of memory on
 one rank splits the batch."""
 
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
 
+from jobs import caption_videos
 from pipeline.batch.stages import Preprocess, decode_media, unpack
 from pipeline.config import GenerationConfig, RunConfig
 from pipeline.model.batching import RowError, generate_rows
 from pipeline.model.engine import Engine
 from pipeline.planning.manifest import scan_manifest
-from pipeline.testing.textmatch import difference, mismatches, reference_generation, references
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import caption_videos  # noqa: E402
+from tests.helpers.job_process import run_job_process
+from tests.helpers.textmatch import difference, mismatches, reference_generation, references
 
 ARGS = ["--max-new-tokens", "6", "--num-frames", "4", "--batch-size", "3"]
 
@@ -55,7 +53,7 @@ def refs(samples, tiny_model):
 
 @pytest.fixture
 def fault_model(tiny_model, tmp_path):
-    """A copy of the tiny checkpoint whose folder's parent holds tests.fault_rank's state."""
+    """A copy of the tiny checkpoint whose folder's parent holds tests.helpers.fault_rank's state."""
     return Path(shutil.copytree(tiny_model, tmp_path / "model"))
 
 
@@ -69,14 +67,14 @@ def test_tp2_job_gives_the_same_tokens_as_tp1(tp1_answers, refs, samples, tiny_m
 
 
 def test_a_rank_killed_mid_batch_restarts_the_replica_and_the_run_completes(tp1_answers, refs, samples, fault_model):
-    from pipeline.batch.run import run
-
+    # the job in its own process and cluster, whose ranks run tests.helpers.fault_rank
     (fault_model.parent / "fault-mode").write_text("kill-once")
-    cfg = caption_videos.parse_args(["--manifest", str(samples / "manifest.jsonl"), "--output",
-                                     str(fault_model.parent / "out"), "--model", str(fault_model), *ARGS, "--tp", "2"])
-    summary = run(cfg.model_copy(update={"rank_module": "tests.fault_rank"}))
+    done = run_job_process(["--manifest", samples / "manifest.jsonl", "--output", fault_model.parent / "out",
+                            "--model", fault_model, *ARGS, "--tp", "2"],
+                           env={"PIPELINE_TEST_RANK_MODULE": "tests.helpers.fault_rank"})
+    assert done.returncode == 0, done.stderr[-3000:]
     assert len((fault_model.parent / "fault-log").read_text().splitlines()) == 1  # rank 1 did die
-    assert summary.rows == 7
+    assert len(answers(fault_model.parent / "out")) == 7
     assert_same_answers(answers(fault_model.parent / "out"), tp1_answers, *refs)
 
 
@@ -99,7 +97,7 @@ def test_hang_oom_and_a_replica_that_keeps_dying(samples, fault_model, monkeypat
 
     mode.write_text("hang-once")
     engine = TensorParallelEngine(str(fault_model), device="cpu", tp=2, timeout_s=20, restarts=1,
-                                  rank_module="tests.fault_rank")
+                                  rank_module="tests.helpers.fault_rank")
     try:
         assert matches(engine.generate(inputs, gen, seeds))  # after the timeout
         assert engine.starts == 2

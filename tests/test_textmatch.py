@@ -1,5 +1,5 @@
 """The rule that decides when two generations of a random-weight checkpoint count as the same
-(pipeline/testing/textmatch.py): it passes the pipeline's batched text on any machine and catches
+(tests/helpers/textmatch.py): it passes the pipeline's batched text on any machine and catches
 real faults (right padding instead of left, another row's prompt)."""
 
 import json
@@ -14,7 +14,7 @@ from pipeline.batch.stages import Generate, Preprocess, decode_media, unpack
 from pipeline.config import GenerationConfig, RunConfig
 from pipeline.model.engine import Engine
 from pipeline.planning.manifest import scan_manifest
-from pipeline.testing.textmatch import TOLERANCE, Reference, difference, mismatches, references
+from tests.helpers.textmatch import TOLERANCE, Reference, difference, mismatches, references
 
 MAX_NEW_TOKENS = 10
 

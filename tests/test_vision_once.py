@@ -10,7 +10,7 @@ import pytest
 from pipeline.batch.stages import Generate, Preprocess, decode_media, unpack
 from pipeline.config import GenerationConfig, RunConfig
 from pipeline.planning.manifest import scan_manifest
-from pipeline.testing.textmatch import mismatches, references
+from tests.helpers.textmatch import mismatches, references
 
 QUESTIONS = ["What is in it?", "What colors?", "Where is it?", "Is it day?"]
 
@@ -74,7 +74,7 @@ def test_k_questions_encode_each_item_once(family, tiny_checkpoint, manifest):
             batched[(r["id"], r["prompt"])] = r["text"]
     assert counter.rows == sum(items.values()) < per_item_separate
     assert counter.calls == len(items)
-    # equal text, up to ties the reference itself cannot tell apart (pipeline/testing/textmatch.py)
+    # equal text, up to ties the reference itself cannot tell apart (tests/helpers/textmatch.py)
     refs = references(generate.engine.model, generate.engine.tokenizer, requests.to_pylist(), cfg.generation.max_new_tokens)
     assert mismatches(refs, generate.engine.tokenizer, separate) == {}
     assert mismatches(refs, generate.engine.tokenizer, batched) == {}

@@ -72,9 +72,9 @@ _decoders = {}  # one decoder child process per worker process and settings
 def _decoder(cfg: RunConfig):
     from pipeline.media.decoder_process import DecoderProcess
 
-    key = (cfg.decoder_module, cfg.decode_timeout_s, cfg.decoder_memory_gb)
+    key = (cfg.decode_timeout_s, cfg.decoder_memory_gb)
     if key not in _decoders:
-        _decoders[key] = DecoderProcess(cfg.decode_timeout_s, cfg.decoder_module, int(cfg.decoder_memory_gb * 2**30))
+        _decoders[key] = DecoderProcess(cfg.decode_timeout_s, max_memory_bytes=int(cfg.decoder_memory_gb * 2**30))
     return _decoders[key]
 
 

@@ -24,7 +24,11 @@ from pipeline.io.child_process import HEADER_BYTES, body_length, receive, send
 from pipeline.media.decoded import Decoded, MediaError, out_of_memory
 from pipeline.media.fetch import fetch_and_decode
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # on the child's path: `pipeline` (and tests' modules) without installing
+DEFAULT_MODULE = "pipeline.media.decoder_process"
+# Test-only: a module run (python -m) as the decoder child instead, e.g. tests.helpers.fault_decoder,
+# which injects crashes and hangs. Read here only; not a user option.
+TEST_MODULE_ENV = "PIPELINE_TEST_DECODER_MODULE"
 MEMORY_ENV = "PIPELINE_DECODER_MAX_MEMORY_BYTES"  # the parent's limit, read by the child at start
 # A child's start-up (Python, PyAV, Pillow) on a loaded node can take far longer than a row's
 # decode_timeout_s; it is waited for on its own, so only the decode itself counts against a row.
@@ -62,10 +66,10 @@ def serve(decode=fetch_and_decode) -> None:
 
 
 class DecoderProcess:
-    def __init__(self, timeout_s: float, module: str = "pipeline.media.decoder_process",
-                 max_memory_bytes: int | None = None):
+    def __init__(self, timeout_s: float, module: str | None = None, max_memory_bytes: int | None = None):
+        """module: the child's module (python -m); default the batch decoder, or $PIPELINE_TEST_DECODER_MODULE."""
         self.timeout_s = timeout_s
-        self.module = module
+        self.module = module or os.environ.get(TEST_MODULE_ENV) or DEFAULT_MODULE
         self.max_memory_bytes = int(max_memory_bytes) if max_memory_bytes else None  # None: no limit
         self.proc: subprocess.Popen | None = None
 

@@ -35,7 +35,11 @@ from pipeline.model.failures import ReplicaFailed, free_cache, is_out_of_memory
 
 log = logging.getLogger("pipeline.model.tensor_parallel")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # on the ranks' path: `pipeline` (and tests' modules) without installing
+DEFAULT_RANK_MODULE = "pipeline.model.tensor_parallel"
+# Test-only: a module run (python -m) as each rank instead, e.g. tests.helpers.fault_rank, which
+# kills or hangs a rank. Read here only; not a user option.
+TEST_RANK_MODULE_ENV = "PIPELINE_TEST_RANK_MODULE"
 # After one rank reports an error, how long the others may take to report theirs; a rank still
 # silent then is stuck in a collective and the replica is out of step.
 DESYNC_GRACE_S = 30.0
@@ -58,8 +62,7 @@ def make_engine(settings: ModelSettings, model_path: str, device: str):
     return TensorParallelEngine(model_path, device=device, dtype=settings.dtype,
                                 attn_implementation=settings.attn_implementation, tp=settings.tp,
                                 load_options=settings.load_options(),
-                                timeout_s=settings.replica_timeout_s, restarts=settings.replica_restarts,
-                                rank_module=settings.rank_module)
+                                timeout_s=settings.replica_timeout_s, restarts=settings.replica_restarts)
 
 
 def _free_port() -> int:
@@ -94,11 +97,12 @@ class TensorParallelEngine:
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
                  tp: int = 2, timeout_s: float = 600.0, restarts: int = 2,
-                 rank_module: str = "pipeline.model.tensor_parallel", load_options: dict | None = None):
+                 rank_module: str | None = None, load_options: dict | None = None):
         # the ranks' own collective timeout only backs up this process's deadlines
         self.spec = dict(model_path=model_path, device=device, dtype=dtype, attn_implementation=attn_implementation,
                          timeout_s=max(timeout_s, LOAD_TIMEOUT_S), load_options=load_options or {})
-        self.tp, self.timeout_s, self.restarts, self.rank_module = tp, timeout_s, restarts, rank_module
+        self.tp, self.timeout_s, self.restarts = tp, timeout_s, restarts
+        self.rank_module = rank_module or os.environ.get(TEST_RANK_MODULE_ENV) or DEFAULT_RANK_MODULE
         self.ranks: list[_Rank] | None = None
         self.starts = 0  # replicas started so far (1 + restarts)
         self._lock = threading.Lock()  # one batch at a time: every rank must see the same sequence

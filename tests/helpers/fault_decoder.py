@@ -1,5 +1,6 @@
 """An isolated decoder that injects real faults: a segfault, a hang and a memory hog, chosen by the file name.
-Used as RunConfig.decoder_module = "pipeline.testing.fault_decoder"."""
+Run as the decoder child with PIPELINE_TEST_DECODER_MODULE=tests.helpers.fault_decoder (or
+DecoderProcess(module="tests.helpers.fault_decoder")); the repo root is on the child's path."""
 
 import ctypes
 import time

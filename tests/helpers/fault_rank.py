@@ -1,4 +1,5 @@
-"""A tensor-parallel rank that injects real faults: RunConfig.rank_module = "tests.fault_rank".
+"""A tensor-parallel rank that injects real faults: PIPELINE_TEST_RANK_MODULE=tests.helpers.fault_rank
+(or TensorParallelEngine(rank_module="tests.helpers.fault_rank")).
 
 The fault is chosen by the file `fault-mode` beside the model folder (the test writes it):
   kill-once    rank 1 kills itself (SIGKILL) inside the forward pass of the run's first batch,
@@ -31,7 +32,7 @@ def faulty_generate(engine, inputs, gen, seeds):
     if mode.startswith("oom-over-"):
         import torch
 
-        raise torch.OutOfMemoryError("CUDA out of memory (injected by tests.fault_rank)")
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by tests.helpers.fault_rank)")
     last_layer = [m for m in engine.model.modules() if type(m).__name__.endswith("DecoderLayer")][-1]
 
     def fault(*_):

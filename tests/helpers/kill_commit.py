@@ -1,6 +1,6 @@
 """Commit a staged run and die (os._exit, as SIGKILL would) just before its Nth write to the store.
 
-    python -m pipeline.testing.kill_commit CONFIG.json N
+    python -m tests.helpers.kill_commit CONFIG.json N      # from the repo root
 
 CONFIG.json is a RunConfig (model_dump_json) whose staging folder holds a finished run. A write is
 a change to the store: locally a file opened for writing, a rename, a delete, a mkdir (Python's
