@@ -32,6 +32,7 @@ class StorageConfig(BaseModel):
     endpoint_url: str | None = Field(
         None,
         description="S3-compatible endpoint (MinIO, moto, ...). Defaults to $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL.",
+        json_schema_extra={"cli": {"flag": "--s3-endpoint-url"}},
     )
 
     max_attempts: int = Field(5, ge=1, description="Attempts per S3 request: throttling (503 SlowDown), 5xx and "
@@ -73,7 +74,7 @@ class ModelSettings(BaseModel):
     replicas: int = Field(1, ge=1, description="Model replicas (generate actors) running side by side.")
     tp: int = Field(1, ge=1, description=
             "Tensor parallelism: devices per model replica (GPUs, or CPU processes on CPU), all on one node; the language "
-            "model's weights are split across them.")
+            "model's weights are split across them.", json_schema_extra={"cli": {"help": "GPUs used: tp x replicas."}})
     replica_timeout_s: float = Field(600.0, gt=0, description=
             "Longest a tensor-parallel replica may take to generate one batch; past it the replica counts as hung and is "
             "restarted (a rank that dies is noticed at once).")
@@ -100,8 +101,10 @@ class ModelSettings(BaseModel):
     dry_run: bool = Field(False, description=
             "Only check config, manifest, model location and output write access, and plan the run (on Ray) to print how "
             "many items are already committed and how many it would do; load no model, read no media.")
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How text is generated.")
+    # its flags: --s3-endpoint-url, --storage-max-attempts, ...
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.",
+                                   json_schema_extra={"cli": {"prefix": "storage-"}})
 
     @model_validator(mode="after")
     def _quantization_needs_cuda(self):
@@ -120,12 +123,16 @@ class RunConfig(ModelSettings):
     manifest: str = Field(description="Manifest file or prefix (JSONL, CSV or Parquet; any fsspec URI).")
     output: str = Field(description="Output prefix for the Parquet dataset (any fsspec URI).")
     task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
-    prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.")
+    prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.",
+                               json_schema_extra={"cli": {"help": "Default: " + ", ".join(
+                                   f"{text!r} ({kind})" for kind, text in DEFAULT_PROMPTS.items()) + "."}})
     allowed_uri_prefixes: list[str] = Field(
         default_factory=list,
         description="Where manifest URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
                     "others become `uri_not_allowed` rows before any I/O. Default: the manifest's own bucket, "
-                    "or for a local manifest its folder.")
+                    "or for a local manifest its folder.",
+        json_schema_extra={"cli": {"flag": "--allow-uri-prefix", "metavar": "PREFIX",
+                                   "help": "Repeat for several; replaces the default."}})
     retry_errors: bool = Field(False, description=
             "Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old "
             "error rows.")
@@ -151,10 +158,12 @@ class RunConfig(ModelSettings):
             "oversubscribed.")
     ray_address: str | None = Field(None, description=
             "Ray cluster to join (e.g. ray://head:10001 or head:6379). Default: RAY_ADDRESS (set by `ray job submit`), "
-            "else a new local cluster; a cluster merely running on this machine is never joined.")
+            "else a new local cluster; a cluster merely running on this machine is never joined.",
+            json_schema_extra={"cli": {"flag": "--address"}})
     model_resources: dict[str, float] = Field(default_factory=dict, description=
             "Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes "
-            "started with `ray start --resources` naming them.")
+            "started with `ray start --resources` naming them.",
+            json_schema_extra={"cli": {"flag": "--model-resource", "metavar": "NAME=AMOUNT", "help": "Repeat for several."}})
     lease_ttl_s: float = Field(60.0, ge=2, description=
             "Lifetime of the output's lease (pipeline/output/lease.py), renewed every third of it while the run runs: a "
             "run whose driver died blocks other runs on its output for at most this long.")
@@ -163,7 +172,7 @@ class RunConfig(ModelSettings):
             "benchmarks and profiling.")
     run_id: str = Field(
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
-        description="Identifies this run in every output row.",
+        description="Identifies this run in every output row (default: UTC time + random suffix).",
     )
 
     @field_validator("manifest", "output")
