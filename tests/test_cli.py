@@ -63,9 +63,19 @@ def test_the_spellings_users_know_are_kept():
     assert "GPUs used: tp x replicas." in by_option["--tp"].help
     assert "Describe this video in detail." in by_option["--prompt"].help
     assert "Repeat for several" in by_option["--allow-uri-prefix"].help and by_option["--model-resource"].metavar == "NAME=AMOUNT"
-    # test-only hooks are not user options
-    assert "--decoder-module" not in by_option and "--rank-module" not in by_option
-    assert not {"decoder_module", "rank_module"} & set(RunConfig.model_fields)
+
+
+def test_test_only_hooks_are_not_user_options_but_an_environment_variable(monkeypatch):
+    from pipeline.media.decoder_process import DecoderProcess
+    from pipeline.serve import ServeConfig
+
+    assert "--decoder-module" not in caption_videos.parser()._option_string_actions
+    assert not {"decoder_module", "rank_module"} & (set(RunConfig.model_fields) | set(ServeConfig.model_fields))
+    monkeypatch.delenv("PIPELINE_TEST_DECODER_MODULE", raising=False)
+    assert DecoderProcess(5).module == "pipeline.media.decoder_process"
+    monkeypatch.setenv("PIPELINE_TEST_DECODER_MODULE", "tests.helpers.fault_decoder")
+    assert DecoderProcess(5).module == "tests.helpers.fault_decoder"  # nothing starts until the first decode
+    assert DecoderProcess(5, module="pipeline.serve.media").module == "pipeline.serve.media"  # named: the server's own
 
 
 def sample(path: tuple[str, ...], field) -> tuple[list[str], object]:
