@@ -51,15 +51,24 @@ def cli_options(field: FieldInfo) -> dict:
 
 
 def flags(model: type[BaseModel], prefix: str = "", path: tuple[str, ...] = ()) -> list[Flag]:
-    """Every field of `model` as a flag, nested models' fields included; required fields first."""
+    """Every field of `model` as a flag, nested models' fields included. In --help's order: required
+    fields first, then a subclass's own fields before those it inherits (RunConfig's task and prompt
+    before ModelSettings' model options), each in declaration order."""
     found = []
-    for name, field in model.model_fields.items():
+    for name, field in _by_declaring_class(model):
         nested = _nested_model(field.annotation)
         if nested is not None:
             found += flags(nested, prefix + cli_options(field).get("prefix", ""), (*path, name))
         else:
             found.append(Flag((*path, name), cli_options(field).get("flag") or f"--{prefix}{name.replace('_', '-')}", field))
     return sorted(found, key=lambda f: not f.field.is_required())
+
+
+def _by_declaring_class(model: type[BaseModel]) -> list[tuple[str, FieldInfo]]:
+    def depth(name: str) -> int:  # 0: declared by `model` itself, 1: by its parent, ...
+        return next(i for i, cls in enumerate(model.__mro__) if name in cls.__dict__.get("__annotations__", {}))
+
+    return sorted(model.model_fields.items(), key=lambda item: depth(item[0]))
 
 
 def parser_for(model: type[BaseModel], **parser_kwargs) -> argparse.ArgumentParser:
