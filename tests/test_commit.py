@@ -209,3 +209,52 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
     else:
         pytest.fail("the commit never completed")
     assert "redone" in outcomes and outcomes.count("finished") >= 7, outcomes  # every move and ledger write was hit
+
+
+def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_model, tmp_path):
+    """Ids and prompts are user data: whatever their spelling (a NUL prefix that once marked rows
+    without an id, another row's source text, empty, a NUL inside, a prompt that is one NUL), each
+    (id, prompt) is committed exactly once, an id-less row is never taken for done because some id
+    looks like its key, and a rerun does nothing."""
+    import shutil
+
+    shutil.copy(samples / "photo.jpg", tmp_path / "photo.jpg")
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
+    source = f"{manifest}:line "  # how a row is named when it has no id (manifest file:line)
+    rows = [{"id": "\u0000source:evil", "uri": "photo.jpg"},
+            {"id": "", "uri": "photo.jpg"},  # invalid (empty): an error row that keeps its id
+            {"id": "a\u0000b", "uri": "photo.jpg"},
+            {"id": source + "5", "uri": "photo.jpg"},  # the source text of the id-less row below
+            {"uri": "photo.jpg"},  # no id: known by its source
+            {"id": "\u0000source:" + source + "7", "uri": "photo.jpg"},  # the old key of line 7, added later
+            {"id": "q"}]  # invalid (no uri): an error row of id q without a prompt
+    later = [{"uri": "photo.jpg"},  # line 7, without an id
+             {"id": "q", "uri": "photo.jpg", "prompt": "\u0000"}]  # a prompt that spells "no prompt" in joins
+
+    def write(lines):
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def check(df):
+        with_id, without = df[df.id.notna()], df[df.id.isna()]
+        assert not with_id.duplicated(["id", "prompt"]).any(), with_id[["id", "prompt", "source"]]
+        assert not without.duplicated(["source"]).any(), without[["source"]]
+
+    write(rows)
+    first = run(config(manifest, out, tiny_model))
+    assert first.items == len(rows)
+    check(pd.read_parquet(out))
+    write(rows + later)
+    second = run(config(manifest, out, tiny_model))
+    assert second.items == len(later)  # only the new rows: none taken for done, none done again
+    df = pd.read_parquet(out)
+    check(df)
+    assert sorted(df[df.id.isna()].source) == [source + "5", source + "7"]
+    prompt = config(manifest, out, tiny_model).default_prompt("image")
+    assert sorted(zip(df.id.fillna("-"), df.prompt.fillna("-"))) == sorted(
+        [("\u0000source:evil", prompt), ("", "-"), ("a\u0000b", prompt), (source + "5", prompt), ("-", "-"),
+         ("\u0000source:" + source + "7", prompt), ("q", "-"), ("-", "-"), ("q", "\u0000")])
+    assert run(config(manifest, out, tiny_model)).items == 0
+    run(config(manifest, out, tiny_model, retry_errors=True))  # redoes the invalid rows that have an id, replacing theirs
+    check(pd.read_parquet(out))
+    assert len(pd.read_parquet(out)) == len(df)
+    assert run(config(manifest, out, tiny_model)).items == 0
