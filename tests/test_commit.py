@@ -12,6 +12,7 @@ from pipeline.batch.run import run
 from pipeline.config import RunConfig
 from pipeline.io.storage import filesystem, join
 from pipeline.output import commit
+from pipeline.output.location import OutputLocation
 
 
 def config(manifest, output, model, **kw):
@@ -89,18 +90,18 @@ def test_nightly_runs_on_a_growing_prefix_do_only_new_rows(ray_local, samples, t
 def interrupted_commit(cfg, files_moved: int):
     """Stage a finished run, write its commit point, then stop after copying `files_moved` files
     without deleting them: a crash between the two requests of an S3 move."""
-    result = commit.staged(cfg)
+    out = OutputLocation.of(cfg.output, cfg.storage)
+    result = commit.staged(out, cfg.run_id)
     real_finish = commit._finish
     commit._finish = lambda *a: None
     try:
-        commit.commit(cfg, result, {"run_id": cfg.run_id})
+        commit.commit(out, cfg, result, {"run_id": cfg.run_id})
     finally:
         commit._finish = real_finish
-    fs, out = filesystem(cfg.output, cfg.storage)
-    staged_dir = filesystem(commit.staging_uri(cfg), cfg.storage)[1]
-    complete = json.loads(fs.cat(join(staged_dir, commit.COMPLETE)))
+    staged_dir = out.staging(cfg.run_id)
+    complete = json.loads(out.fs.cat(join(staged_dir, commit.COMPLETE)))
     for name, final in list(zip(complete["staged"], complete["ledger"]["files"]))[:files_moved]:
-        fs.copy(join(staged_dir, name), join(out, final))  # copied, never deleted
+        out.fs.copy(join(staged_dir, name), out.child(final))  # copied, never deleted
     return result
 
 
@@ -118,7 +119,7 @@ def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, sample
     cfg = config(samples / "manifest.jsonl", out, tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
     records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
-    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
+    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), OutputLocation.of(cfg.output, cfg.storage), cfg)
     staged = interrupted_commit(cfg, files_moved=2)
     assert len(staged.files) == 3 and staged.rows == 7
 
@@ -178,8 +179,9 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
     cfg = config(samples / "manifest.jsonl", f"{root}/staged", tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
     records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
-    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
-    assert len(commit.staged(cfg).files) == 3
+    staged = OutputLocation.of(cfg.output, cfg.storage)
+    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), staged, cfg)
+    assert len(commit.staged(staged, cfg.run_id).files) == 3
 
     outcomes = []
     for step in range(1, 40):
@@ -197,7 +199,7 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
         ledger = join(path, "_runs", f"{cfg.run_id}.json")
         if not commit._is_commit_point(fs, join(path, "_staging", cfg.run_id, commit.COMPLETE)) and not fs.exists(ledger):
             # killed before the commit point: nothing is committed; the next run computes it all
-            assert commit.recover(killed) == 7 and not fs.glob(join(path, "*.parquet")), step
+            assert commit.recover(OutputLocation.of(out, cfg.storage)) == 7 and not fs.glob(join(path, "*.parquet")), step
             outcomes.append("redone")
             continue
         rerun = run(config(samples / "manifest.jsonl", out, tiny_model, storage=cfg.storage))
