@@ -264,10 +264,11 @@ def _plan_main(mode: str, config: str, result: str) -> int:
     _start_ray()
     t1, cpu1 = time.time(), cpu_seconds()
     if mode == "plan":
-        from pipeline.planning.manifest import list_manifest_files
+        from pipeline.output.location import OutputLocation
+        from pipeline.planning.manifest import manifest_file_sizes
         from pipeline.planning.plan import plan_run
 
-        p = plan_run(cfg, list_manifest_files(cfg.manifest, cfg))
+        p = plan_run(cfg, OutputLocation.of(cfg.output, cfg.storage), manifest_file_sizes(cfg.manifest, cfg))
         counts = {"items": p.items, "todo": p.todo, "committed": p.committed, "invalid": p.invalid,
                   "manifest_files": len(p.files), "partitions": p.partitions, "line": p.line()}
     else:
@@ -375,6 +376,7 @@ def _commit_main(config: str, result: str) -> int:
 
     from pipeline.config import RunConfig, StorageConfig
     from pipeline.output import commit
+    from pipeline.output.location import OutputLocation
 
     c = json.loads(Path(config).read_text())
     server_log = Path(c["server_log"])
@@ -388,10 +390,11 @@ def _commit_main(config: str, result: str) -> int:
     _start_ray()
     marks = [s3_requests(server_log)]
     t0 = time.time()
-    written = commit.staged(cfg)
+    out = OutputLocation.of(cfg.output, cfg.storage)
+    written = commit.staged(out, cfg.run_id)
     t1 = time.time()
     marks.append(s3_requests(server_log))
-    commit.commit(cfg, written, {"run_id": cfg.run_id})
+    commit.commit(out, cfg, written, {"run_id": cfg.run_id})
     t2 = time.time()
     time.sleep(1)  # the server's last log lines
     marks.append(s3_requests(server_log))

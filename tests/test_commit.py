@@ -12,6 +12,7 @@ from pipeline.batch.run import run
 from pipeline.config import RunConfig
 from pipeline.io.storage import filesystem, join
 from pipeline.output import commit
+from pipeline.output.location import OutputLocation
 
 
 def config(manifest, output, model, **kw):
@@ -89,18 +90,18 @@ def test_nightly_runs_on_a_growing_prefix_do_only_new_rows(ray_local, samples, t
 def interrupted_commit(cfg, files_moved: int):
     """Stage a finished run, write its commit point, then stop after copying `files_moved` files
     without deleting them: a crash between the two requests of an S3 move."""
-    result = commit.staged(cfg)
+    out = OutputLocation.of(cfg.output, cfg.storage)
+    result = commit.staged(out, cfg.run_id)
     real_finish = commit._finish
     commit._finish = lambda *a: None
     try:
-        commit.commit(cfg, result, {"run_id": cfg.run_id})
+        commit.commit(out, cfg, result, {"run_id": cfg.run_id})
     finally:
         commit._finish = real_finish
-    fs, out = filesystem(cfg.output, cfg.storage)
-    staged_dir = filesystem(commit.staging_uri(cfg), cfg.storage)[1]
-    complete = json.loads(fs.cat(join(staged_dir, commit.COMPLETE)))
+    staged_dir = out.staging(cfg.run_id)
+    complete = json.loads(out.fs.cat(join(staged_dir, commit.COMPLETE)))
     for name, final in list(zip(complete["staged"], complete["ledger"]["files"]))[:files_moved]:
-        fs.copy(join(staged_dir, name), join(out, final))  # copied, never deleted
+        out.fs.copy(join(staged_dir, name), out.child(final))  # copied, never deleted
     return result
 
 
@@ -118,7 +119,7 @@ def test_a_crash_inside_the_commit_is_finished_by_the_next_run(ray_local, sample
     cfg = config(samples / "manifest.jsonl", out, tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
     records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
-    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
+    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), OutputLocation.of(cfg.output, cfg.storage), cfg)
     staged = interrupted_commit(cfg, files_moved=2)
     assert len(staged.files) == 3 and staged.rows == 7
 
@@ -178,8 +179,9 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
     cfg = config(samples / "manifest.jsonl", f"{root}/staged", tiny_model, batch_size=2, output_file_rows=1)
     cfg.storage.endpoint_url = s3_endpoint
     records = scan_manifest(cfg).records  # nothing is committed yet: every record is to do
-    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), cfg)
-    assert len(commit.staged(cfg).files) == 3
+    staged = OutputLocation.of(cfg.output, cfg.storage)
+    commit.write(build_dataset(cfg, records, records.num_rows, use_gpu=False).repartition(3), staged, cfg)
+    assert len(commit.staged(staged, cfg.run_id).files) == 3
 
     outcomes = []
     for step in range(1, 40):
@@ -197,7 +199,7 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
         ledger = join(path, "_runs", f"{cfg.run_id}.json")
         if not commit._is_commit_point(fs, join(path, "_staging", cfg.run_id, commit.COMPLETE)) and not fs.exists(ledger):
             # killed before the commit point: nothing is committed; the next run computes it all
-            assert commit.recover(killed) == 7 and not fs.glob(join(path, "*.parquet")), step
+            assert commit.recover(OutputLocation.of(out, cfg.storage)) == 7 and not fs.glob(join(path, "*.parquet")), step
             outcomes.append("redone")
             continue
         rerun = run(config(samples / "manifest.jsonl", out, tiny_model, storage=cfg.storage))
@@ -209,3 +211,52 @@ def test_a_kill_at_every_step_of_the_commit_leaves_every_row_once(ray_local, sam
     else:
         pytest.fail("the commit never completed")
     assert "redone" in outcomes and outcomes.count("finished") >= 7, outcomes  # every move and ledger write was hit
+
+
+def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_model, tmp_path):
+    """Ids and prompts are user data: whatever their spelling (a NUL prefix that once marked rows
+    without an id, another row's source text, empty, a NUL inside, a prompt that is one NUL), each
+    (id, prompt) is committed exactly once, an id-less row is never taken for done because some id
+    looks like its key, and a rerun does nothing."""
+    import shutil
+
+    shutil.copy(samples / "photo.jpg", tmp_path / "photo.jpg")
+    manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
+    source = f"{manifest}:line "  # how a row is named when it has no id (manifest file:line)
+    rows = [{"id": "\u0000source:evil", "uri": "photo.jpg"},
+            {"id": "", "uri": "photo.jpg"},  # invalid (empty): an error row that keeps its id
+            {"id": "a\u0000b", "uri": "photo.jpg"},
+            {"id": source + "5", "uri": "photo.jpg"},  # the source text of the id-less row below
+            {"uri": "photo.jpg"},  # no id: known by its source
+            {"id": "\u0000source:" + source + "7", "uri": "photo.jpg"},  # the old key of line 7, added later
+            {"id": "q"}]  # invalid (no uri): an error row of id q without a prompt
+    later = [{"uri": "photo.jpg"},  # line 7, without an id
+             {"id": "q", "uri": "photo.jpg", "prompt": "\u0000"}]  # a prompt that spells "no prompt" in joins
+
+    def write(lines):
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    def check(df):
+        with_id, without = df[df.id.notna()], df[df.id.isna()]
+        assert not with_id.duplicated(["id", "prompt"]).any(), with_id[["id", "prompt", "source"]]
+        assert not without.duplicated(["source"]).any(), without[["source"]]
+
+    write(rows)
+    first = run(config(manifest, out, tiny_model))
+    assert first.items == len(rows)
+    check(pd.read_parquet(out))
+    write(rows + later)
+    second = run(config(manifest, out, tiny_model))
+    assert second.items == len(later)  # only the new rows: none taken for done, none done again
+    df = pd.read_parquet(out)
+    check(df)
+    assert sorted(df[df.id.isna()].source) == [source + "5", source + "7"]
+    prompt = config(manifest, out, tiny_model).default_prompt("image")
+    assert sorted(zip(df.id.fillna("-"), df.prompt.fillna("-"))) == sorted(
+        [("\u0000source:evil", prompt), ("", "-"), ("a\u0000b", prompt), (source + "5", prompt), ("-", "-"),
+         ("\u0000source:" + source + "7", prompt), ("q", "-"), ("-", "-"), ("q", "\u0000")])
+    assert run(config(manifest, out, tiny_model)).items == 0
+    run(config(manifest, out, tiny_model, retry_errors=True))  # redoes the invalid rows that have an id, replacing theirs
+    check(pd.read_parquet(out))
+    assert len(pd.read_parquet(out)) == len(df)
+    assert run(config(manifest, out, tiny_model)).items == 0

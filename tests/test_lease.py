@@ -11,7 +11,8 @@ import pytest
 from pipeline.batch.run import RunError, run
 from pipeline.config import RunConfig, StorageConfig
 from pipeline.io.storage import filesystem, join
-from pipeline.output import commit, lease
+from pipeline.output import lease
+from pipeline.output.location import OutputLocation, output_overlaps_manifest
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -26,7 +27,7 @@ def output(request, tmp_path):
 
 def test_of_runs_that_start_at_once_exactly_one_takes_the_lease(output):
     out, storage = output
-    contenders = [lease.Lease(out, storage, f"run-{i}", ttl_s=30) for i in range(6)]
+    contenders = [lease.Lease(OutputLocation.of(out, storage), f"run-{i}", ttl_s=30) for i in range(6)]
     start, outcomes = threading.Barrier(len(contenders)), {}
 
     def take(one):
@@ -51,38 +52,38 @@ def test_of_runs_that_start_at_once_exactly_one_takes_the_lease(output):
 
 def test_an_expired_lease_is_taken_over_and_its_old_holder_may_not_commit(output):
     out, storage = output
-    dead = lease.Lease(out, storage, "dead-run", ttl_s=2)
+    dead = lease.Lease(OutputLocation.of(out, storage), "dead-run", ttl_s=2)
     dead.acquire()  # never renewed: its holder died
     with pytest.raises(lease.LeaseHeld):
-        lease.Lease(out, storage, "too-early", ttl_s=2).acquire()
+        lease.Lease(OutputLocation.of(out, storage), "too-early", ttl_s=2).acquire()
     time.sleep(2.2)
-    successor = lease.Lease(out, storage, "successor", ttl_s=30)
+    successor = lease.Lease(OutputLocation.of(out, storage), "successor", ttl_s=30)
     successor.acquire()
     with pytest.raises(lease.LeaseLost):
         dead.check()
     dead.release()  # a stale holder's release leaves the new holder's lease alone
     successor.check()
     with pytest.raises(lease.LeaseHeld, match="successor"):
-        lease.Lease(out, storage, "third", ttl_s=30).acquire()
+        lease.Lease(OutputLocation.of(out, storage), "third", ttl_s=30).acquire()
 
 
 def test_a_held_lease_is_renewed_while_the_run_runs_and_released_at_its_end(output):
     out, storage = output
-    with lease.held(out, storage, "long-run", ttl_s=2) as held:
+    with lease.held(OutputLocation.of(out, storage), "long-run", ttl_s=2) as held:
         time.sleep(3)  # longer than the TTL: only renewal keeps it
         held.check()
         with pytest.raises(lease.LeaseHeld, match="long-run"):
-            lease.Lease(out, storage, "second", ttl_s=2).acquire()
+            lease.Lease(OutputLocation.of(out, storage), "second", ttl_s=2).acquire()
     fs, folder = filesystem(join(out, lease.FOLDER), storage)
     fs.invalidate_cache()
     assert not fs.glob(join(folder, "*"))  # released: nothing left behind
-    with lease.held(out, storage, "next-run", ttl_s=2):
+    with lease.held(OutputLocation.of(out, storage), "next-run", ttl_s=2):
         pass
 
 
 def test_a_run_on_an_output_another_run_holds_stops_at_once_and_deletes_nothing(tmp_path, samples, tiny_model):
     out = tmp_path / "out"
-    holder = lease.Lease(str(out), StorageConfig(), "live-run", ttl_s=60)
+    holder = lease.Lease(OutputLocation.of(str(out), StorageConfig()), "live-run", ttl_s=60)
     holder.acquire()
     in_flight = out / "_staging" / "live-run"
     in_flight.mkdir(parents=True)
@@ -107,24 +108,26 @@ def test_an_output_inside_the_manifest_prefix_is_refused_before_anything_runs(tm
     assert not (manifests / inside).exists()
     link = tmp_path / "link-to-manifests"  # the same folder under another name
     link.symlink_to(manifests)
-    assert "inside the manifest prefix" in commit.output_overlaps_manifest(cfg.model_copy(update={"output": str(link / "o")}))
-    inside_out = cfg.model_copy(update={"manifest": str(tmp_path / "o" / "m.jsonl"), "output": str(tmp_path / "o")})
-    assert "inside --output" in commit.output_overlaps_manifest(inside_out)
-    beside = cfg.model_copy(update={"manifest": str(manifests / "day" / "part.jsonl"), "output": str(tmp_path / "out")})
-    assert commit.output_overlaps_manifest(beside) is None
+
+    def overlap(output, manifest):
+        return output_overlaps_manifest(OutputLocation.of(str(output), cfg.storage), str(manifest))
+
+    assert "inside the manifest prefix" in overlap(link / "o", manifests)
+    assert "inside --output" in overlap(tmp_path / "o", tmp_path / "o" / "m.jsonl")
+    assert overlap(tmp_path / "out", manifests / "day" / "part.jsonl") is None
 
 
 def test_the_lease_file_says_who_holds_it(tmp_path):
-    with lease.held(str(tmp_path / "out"), StorageConfig(), "named-run", ttl_s=30) as held:
+    with lease.held(OutputLocation.of(str(tmp_path / "out"), StorageConfig()), "named-run", ttl_s=30) as held:
         body = json.loads((tmp_path / "out" / "_lease" / f"{held.generation:08d}.json").read_text())
     assert body["run_id"] == "named-run" and body["host"] == socket.gethostname() and body["expires"] > time.time()
 
 
 def test_a_lease_that_expired_unrenewed_is_taken_again_only_if_no_other_run_took_it(output):
     out, storage = output
-    stalled = lease.Lease(out, storage, "stalled-run", ttl_s=2)
+    stalled = lease.Lease(OutputLocation.of(out, storage), "stalled-run", ttl_s=2)
     stalled.acquire()
     time.sleep(2.2)  # its renewals did not run (a driver starved of CPU)
     stalled.check()  # nobody took it over: taken again, the run may commit
     with pytest.raises(lease.LeaseHeld, match="stalled-run"):
-        lease.Lease(out, storage, "other", ttl_s=2).acquire()
+        lease.Lease(OutputLocation.of(out, storage), "other", ttl_s=2).acquire()

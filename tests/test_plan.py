@@ -155,15 +155,14 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
     """The per-record rules that planning had before it ran on Ray Data (pipeline/batch/run.py:pending
     and superseded), written out for comparison: (to do, done prompts, files whose error rows it
     replaces) per record. Committed rows of one (id, prompt): finished if any of them is."""
-    from pipeline.output.commit import NO_ID
     from pipeline.planning.manifest import prompts_for
 
     rows, sources = {}, set()
-    for key, prompt, status, media, path in committed:
-        if key.startswith(NO_ID):
-            sources.add(key.removeprefix(NO_ID))
+    for rid, source, prompt, status, media, path in committed:
+        if rid is None:
+            sources.add(source)
         else:
-            rows.setdefault(key, []).append((prompt, status, media, path))
+            rows.setdefault(rid, []).append((prompt, status, media, path))
     out = []
     for rec in records:
         if rec["id"] is None:
@@ -180,7 +179,7 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
 
 
 def random_plan_inputs(rng: random.Random, n: int):
-    from pipeline.output.commit import NO_ID
+    from pipeline.output.committed import item_keys
     from pipeline.planning.manifest import SCAN_SCHEMA
     from pipeline.planning.plan import COMMITTED_SCHEMA
 
@@ -188,6 +187,9 @@ def random_plan_inputs(rng: random.Random, n: int):
     for i in range(n):
         kind = rng.random()
         rid = None if kind < 0.05 else f"id{rng.randrange(n // 2)}"  # repeated ids on purpose
+        if 0.05 <= kind < 0.1:  # ids that spell another row's key, or what once marked a row without an id
+            line = f"m.jsonl:line {rng.randrange(n) + 1}"
+            rid = rng.choice(["\x00source:" + line, line, "s" + line, "i" + line, "", "\x00", "a\x00b"])
         error_type = rng.choice([None] * 8 + ["invalid_manifest_row", "duplicate_id", "uri_not_allowed"])
         if rid is None:
             error_type = "invalid_manifest_row"
@@ -198,15 +200,17 @@ def random_plan_inputs(rng: random.Random, n: int):
                    prompt=rng.choice([None, None, "Say it."]), questions=rng.choice([None, ["A?"], ["A?", "B?"]]),
                    uris=rng.choice([None, None, ["a.jpg", "b.jpg"], ["a.jpg"]]))
         records.append(rec)
-        key = rid or NO_ID + rec["source"]
         for _ in range(rng.choice([0, 0, 1, 2, 3])):
-            prompt = rng.choice([None, "Say it.", "A?", "B?", "Describe this video in detail.",
+            prompt = rng.choice([None, "Say it.", "A?", "B?", "\x00", "", "Describe this video in detail.",
                                  "Describe this image in detail.", "Describe these images in detail."])
             status = rng.choice(["ok", "ok", "error"])
-            committed.append((key, prompt, status, media if rid else None,
+            committed.append((rid, rec["source"], prompt, status, media if rid is not None else None,
                               f"out/part-{rng.randrange(3)}.parquet" if status == "error" else None))
+    ids, sources = pa.array([c[0] for c in committed], pa.string()), pa.array([c[1] for c in committed], pa.string())
+    keys = item_keys(ids, sources)  # as committed.committed_keys computes them from the output's columns
     return (pa.Table.from_pylist(records, schema=SCAN_SCHEMA),
-            pa.Table.from_pylist([dict(zip(COMMITTED_SCHEMA.names, c)) for c in committed], schema=COMMITTED_SCHEMA))
+            pa.Table.from_arrays([keys, *(pa.array([c[k] for c in committed], pa.string()) for k in range(2, 6))],
+                                 schema=COMMITTED_SCHEMA), committed)
 
 
 @pytest.mark.parametrize("task,retry", [("caption", False), ("caption", True), ("qa", False), ("qa", True)])
@@ -214,9 +218,9 @@ def test_a_partition_plans_as_the_per_record_rules_did(task, retry):
     from pipeline.planning.plan import still_to_do
 
     cfg = RunConfig(manifest="/tmp/m.jsonl", output="/tmp/unused", model="unused", task=task, retry_errors=retry)
-    records, committed = random_plan_inputs(random.Random(f"{task}{retry}"), 2000)
+    records, committed, raw = random_plan_inputs(random.Random(f"{task}{retry}"), 2000)
     got = still_to_do(records, committed, cfg).to_pylist()
-    want = reference_still_to_do(records.to_pylist(), [tuple(r.values()) for r in committed.to_pylist()], cfg)
+    want = reference_still_to_do(records.to_pylist(), raw, cfg)
     assert [(r["_todo"], r["done_prompts"], sorted(r["_replaces"]) if r["_replaces"] else None) for r in got] == want
     assert 0.1 < sum(t for t, _, _ in want) / len(want) < 0.9  # both kinds of record are there
 
@@ -227,7 +231,8 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
     from datetime import datetime, timezone
 
     import pipeline.planning.plan as plan
-    from pipeline.planning.manifest import list_manifest_files
+    from pipeline.output.location import OutputLocation
+    from pipeline.planning.manifest import manifest_file_sizes
     from pipeline.schemas import output_arrow_schema
 
     rng = random.Random(7)
@@ -246,10 +251,10 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
                  "created_at": [datetime.now(timezone.utc)] * len(done)}
     pq.write_table(pa.table({n: committed.get(n, pa.nulls(len(done), schema.field(n).type)) for n in schema.names},
                             schema=schema), tmp_path / "out" / "part-earlier-0.parquet")
-    files = list_manifest_files(cfg.manifest, cfg)
+    files = manifest_file_sizes(cfg.manifest, cfg)
 
     def planned():
-        p = plan.plan_run(cfg, files)
+        p = plan.plan_run(cfg, OutputLocation.of(cfg.output, cfg.storage), files)
         rows = sorted((r for r in p.records.take_all() if r["_todo"]), key=lambda r: r["_order"])
         return p, [(r["id"], r["source"], r["error_type"], r["done_prompts"]) for r in rows]
 
@@ -270,8 +275,9 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
 
 
 def test_an_unreadable_committed_file_stops_the_plan_naming_it(ray_local, tmp_path):
-    from pipeline.output.commit import OutputError
-    from pipeline.planning.manifest import list_manifest_files
+    from pipeline.output.committed import OutputError
+    from pipeline.output.location import OutputLocation
+    from pipeline.planning.manifest import manifest_file_sizes
     from pipeline.planning.plan import plan_run
 
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "uri": "s3://b/a.mp4"}) + "\n")
@@ -280,4 +286,4 @@ def test_an_unreadable_committed_file_stops_the_plan_naming_it(ray_local, tmp_pa
     cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model="unused",
                     allowed_uri_prefixes=["s3://b/"])
     with pytest.raises(OutputError, match=r"cannot read .*part-x-0.parquet in the output .*move it out of the output"):
-        plan_run(cfg, list_manifest_files(cfg.manifest, cfg))
+        plan_run(cfg, OutputLocation.of(cfg.output, cfg.storage), manifest_file_sizes(cfg.manifest, cfg))

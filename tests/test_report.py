@@ -170,17 +170,19 @@ def test_run_id_shows_one_run_of_an_output_with_two(tmp_path, capsys):
     run's rows and figures by default, another run's with --run-id, never a mix."""
     from pipeline.config import RunConfig
     from pipeline.output import commit
+    from pipeline.output.location import OutputLocation
 
     out = tmp_path / "captions"
     runs = {"run-1": ["a", "b", "c"], "run-2": ["d", "e"]}
     for run_id, ids in runs.items():
         cfg = RunConfig(manifest="unused", output=str(out), model="tiny", run_id=run_id)
-        staging = Path(commit.staging_uri(cfg))
+        location = OutputLocation.of(cfg.output, cfg.storage)
+        staging = Path(location.staging(run_id))
         staging.mkdir(parents=True)
         table = [row(id=i, uri=f"/media/{i}.jpg", source=f"m.jsonl:{n}", media_type="image", run_id=run_id,
                      prompt="Describe.", text=f"TEXT-{run_id}-{i}") for n, i in enumerate(ids)]
         pq.write_table(pa.Table.from_pylist(table, schema=output_arrow_schema()), staging / "0.parquet")
-        commit.commit(cfg, commit.staged(cfg), {"run_id": run_id, "items": len(ids), "wall_s": 2.0})
+        commit.commit(location, cfg, commit.staged(location, run_id), {"run_id": run_id, "items": len(ids), "wall_s": 2.0})
     assert len(list(out.glob("*.parquet"))) == 2
 
     def page(*args) -> str:

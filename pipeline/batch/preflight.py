@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import RunConfig
 from pipeline.io.storage import filesystem, join, protocol_of
+from pipeline.output.location import OutputLocation, output_overlaps_manifest
 
 
 class PreflightError(Exception):
@@ -34,18 +35,17 @@ class PreflightReport:
                           f"model: {self.model}", *self.sizing, self.plan])
 
 
-def check_output_writable(cfg: RunConfig) -> None:
+def check_output_writable(out: OutputLocation, run_id: str) -> None:
     """Write and delete a probe file under the output prefix (the run writes `_staging/` there)."""
-    probe = join(cfg.output, f"_dry_run-{cfg.run_id}")
+    probe = out.child(f"_dry_run-{run_id}")
     try:
-        fs, out = filesystem(cfg.output, cfg.storage)
-        if protocol_of(cfg.output) == "file":
-            fs.makedirs(out, exist_ok=True)
-        with fs.open(filesystem(probe, cfg.storage)[1], "wb") as f:
+        if out.is_local:
+            out.fs.makedirs(out.path, exist_ok=True)
+        with out.fs.open(probe, "wb") as f:
             f.write(b"probe")
-        fs.rm(filesystem(probe, cfg.storage)[1])
+        out.fs.rm(probe)
     except Exception as e:
-        raise PreflightError(f"cannot write to output {cfg.output}: {type(e).__name__}: {e}") from e
+        raise PreflightError(f"cannot write to output {out.uri}: {type(e).__name__}: {e}") from e
 
 
 def check_model(cfg: RunConfig) -> str:
@@ -65,26 +65,27 @@ def check_model(cfg: RunConfig) -> str:
 
 def preflight(cfg: RunConfig) -> PreflightReport:
     from pipeline.batch.run import connect_ray
-    from pipeline.output.commit import OutputError, output_overlaps_manifest
-    from pipeline.planning.manifest import ManifestError, list_manifest_files
+    from pipeline.output.committed import OutputError
+    from pipeline.planning.manifest import ManifestError, manifest_file_sizes
     from pipeline.planning.plan import plan_run
 
-    problem = output_overlaps_manifest(cfg)
+    out = OutputLocation.of(cfg.output, cfg.storage)
+    problem = output_overlaps_manifest(out, cfg.manifest)
     if problem:
         raise PreflightError(problem)
     try:
-        files = list_manifest_files(cfg.manifest, cfg)
+        files = manifest_file_sizes(cfg.manifest, cfg)  # the one listing of the manifest, with the bytes the plan weighs
     except ManifestError as e:
         raise PreflightError(str(e)) from e
-    check_output_writable(cfg)
+    check_output_writable(out, cfg.run_id)
     model = check_model(cfg)
     sizing = check_sizing(cfg)
     connect_ray(cfg.ray_address)  # the checks that need no cluster came first
     try:
-        plan = plan_run(cfg, files)
+        plan = plan_run(cfg, out, files)
     except (ManifestError, OutputError) as e:
         raise PreflightError(str(e)) from e
-    return PreflightReport(items=plan.items, invalid_rows=plan.invalid, manifest_files=files, model=model,
+    return PreflightReport(items=plan.items, invalid_rows=plan.invalid, manifest_files=plan.files, model=model,
                            sizing=sizing, plan=plan.line())
 
 

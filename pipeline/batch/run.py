@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pipeline.batch.stages import Generate, Preprocess, decode_media, format_output, video_resize
 from pipeline.config import RunConfig
 from pipeline.output import commit, lease
-from pipeline.planning.manifest import list_manifest_files
+from pipeline.output.committed import OutputError, staged_sources
+from pipeline.output.location import OutputLocation, output_overlaps_manifest
+from pipeline.planning.manifest import manifest_file_sizes
 from pipeline.planning.plan import Plan, plan_run
 
 log = logging.getLogger("pipeline")
@@ -99,24 +101,25 @@ def build_dataset(cfg: RunConfig, records, rows: int, use_gpu: bool, resize: dic
 def run(cfg: RunConfig) -> RunSummary:
     """One run, holding the output's lease (pipeline/output/lease.py) from before its recovery to the end
     of its commit: a second run on the same output stops at once, before it changes anything."""
-    problem = commit.output_overlaps_manifest(cfg)
+    out = OutputLocation.of(cfg.output, cfg.storage)  # resolved once: every step below writes through it
+    problem = output_overlaps_manifest(out, cfg.manifest)
     if problem:
         raise RunError(problem)
     try:
-        with lease.held(cfg.output, cfg.storage, cfg.run_id, cfg.lease_ttl_s) as held:
-            return _run(cfg, held)
-    except (lease.LeaseError, commit.CommitError, commit.OutputError) as e:
+        with lease.held(out, cfg.run_id, cfg.lease_ttl_s) as held:
+            return _run(cfg, out, held)
+    except (lease.LeaseError, commit.CommitError, OutputError) as e:
         raise RunError(str(e)) from e
 
 
-def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
+def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
     import ray
 
     started = time.time()
     connect_ray(cfg.ray_address)
-    files = list_manifest_files(cfg.manifest, cfg)
-    discarded = commit.recover(cfg)
-    plan = plan_run(cfg, files)
+    files = manifest_file_sizes(cfg.manifest, cfg)  # the run's one listing of the manifest
+    discarded = commit.recover(out)
+    plan = plan_run(cfg, out, files)
     log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
              plan.committed, cfg.output, plan.todo)
     gpus = ray.cluster_resources().get("GPU", 0)
@@ -129,12 +132,12 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     if plan.todo:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)
-        commit.write(build_dataset(cfg, plan.pending(), plan.todo, use_gpu, video_resize(cfg)), cfg)
-    written = commit.staged(cfg)
+        commit.write(build_dataset(cfg, plan.pending(), plan.todo, use_gpu, video_resize(cfg)), out, cfg)
+    written = commit.staged(out, cfg.run_id)
     # Every pending manifest row must have produced output (by its file:line) before the commit:
     # an incomplete run fails loudly, commits nothing, and a rerun redoes only what is missing.
     if plan.todo:
-        missing, examples = plan.missing(commit.staged_sources(cfg, written.files) if written.files else None)
+        missing, examples = plan.missing(staged_sources(out, written.files) if written.files else None)
         if missing:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")
@@ -144,7 +147,7 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
                          wall_s=wall, output=cfg.output, skipped=plan.committed, discarded=discarded)
     replaced = plan.superseded() if cfg.retry_errors and plan.todo else {}
     held.check()  # a run that lost its lease (it stalled past the TTL and another took over) commits nothing
-    commit.commit(cfg, written, ledger(cfg, summary, plan), replaced)
+    commit.commit(out, cfg, written, ledger(cfg, summary, plan), replaced)
     return summary
 
 

@@ -27,8 +27,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from pipeline.config import StorageConfig
-from pipeline.io.storage import create_whole, filesystem, join, put_whole
+from pipeline.io.storage import create_whole, join, put_whole
+from pipeline.output.location import OutputLocation
 
 log = logging.getLogger("pipeline")
 FOLDER = "_lease"
@@ -52,8 +52,7 @@ def _when(epoch: float) -> str:
 
 @dataclass
 class Lease:
-    output: str
-    storage: StorageConfig
+    out: OutputLocation
     run_id: str
     ttl_s: float
     generation: int = -1
@@ -61,9 +60,12 @@ class Lease:
     expires: float = 0.0
 
     @property
+    def output(self) -> str:
+        return self.out.uri
+
+    @property
     def _fs(self):
-        fs, path = filesystem(join(self.output, FOLDER), self.storage)
-        return fs, path
+        return self.out.fs, self.out.child(FOLDER)
 
     def _path(self, generation: int) -> str:
         return join(self._fs[1], f"{generation:08d}.json")
@@ -167,10 +169,10 @@ class Lease:
 
 
 @contextlib.contextmanager
-def held(output: str, storage: StorageConfig, run_id: str, ttl_s: float):
+def held(out: OutputLocation, run_id: str, ttl_s: float):
     """Hold the output's lease for the block, renewed in the background; released at the end.
     Raises LeaseHeld at once when another live run holds it."""
-    lease = Lease(output, storage, run_id, ttl_s)
+    lease = Lease(out, run_id, ttl_s)
     lease.acquire()
     stop = threading.Event()
 
@@ -182,7 +184,7 @@ def held(output: str, storage: StorageConfig, run_id: str, ttl_s: float):
                 log.error("%s; this run will not commit", e)
                 return
             except Exception as e:  # noqa: BLE001 - a storage error: retried at the next tick, checked at commit
-                log.warning("could not renew the lease on %s (%s: %s); retrying", output, type(e).__name__, e)
+                log.warning("could not renew the lease on %s (%s: %s); retrying", out.uri, type(e).__name__, e)
 
     renewer = threading.Thread(target=renew_until_stopped, name="lease-renewer", daemon=True)
     renewer.start()

@@ -14,7 +14,7 @@ from collections import defaultdict
 import pyarrow.dataset as pads
 
 from pipeline.config import StorageConfig
-from pipeline.io.storage import arrow_filesystem, filesystem, join
+from pipeline.output.location import OutputLocation
 from pipeline.schemas import output_arrow_schema
 
 THUMB_HEIGHT = 96
@@ -25,23 +25,23 @@ def read_output(output: str, storage: StorageConfig, run_id: str | None = None) 
     """The rows of one committed run (default: the last one, named by `_SUCCESS`) and its ledger
     (`_runs/RUN_ID.json`). Only the files its ledger lists are read, so the rows of the output's
     other runs never mix into this run's page and figures."""
-    fs, out = filesystem(output, storage)
+    out = OutputLocation.of(output, storage)
+    fs = out.fs
     fs.invalidate_cache()
     if run_id is None:
-        if not fs.exists(join(out, "_SUCCESS")):
+        if not fs.exists(out.success):
             raise FileNotFoundError(f"{output} holds no committed run (no _SUCCESS): the run did not complete, "
                                     "or this is not its --output")
-        run_id = _read_json(fs, join(out, "_SUCCESS"))["run_id"]
-    ledger_path = join(out, "_runs", f"{run_id}.json")
+        run_id = _read_json(fs, out.success)["run_id"]
+    ledger_path = out.ledger(run_id)
     if not fs.exists(ledger_path):
-        runs = sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(join(out, "_runs", "*.json")))
+        runs = sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(out.child("_runs", "*.json")))
         raise FileNotFoundError(f"no committed run {run_id} in {output} (committed runs: {', '.join(runs) or 'none'})")
     ledger = _read_json(fs, ledger_path)
-    paths = [join(out, name) for name in ledger.get("files", [])]
+    paths = [out.child(name) for name in ledger.get("files", [])]
     if not paths:
         return [], ledger
-    afs, _ = arrow_filesystem(output, storage)
-    rows = pads.dataset(paths, schema=output_arrow_schema(), format="parquet", filesystem=afs).to_table().to_pylist()
+    rows = pads.dataset(paths, schema=output_arrow_schema(), format="parquet", filesystem=out.arrow).to_table().to_pylist()
     return rows, ledger
 
 

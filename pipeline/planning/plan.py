@@ -3,7 +3,7 @@ already holds under the run's settings -> the records still to do.
 
     manifest files --(a task per file: scan_file)--> records -------------+
                                                                           +--> by id partition: plan_partition
-    committed part files --(a task per file: commit.committed_keys)--> keys -+  (duplicates, still to do, prompts done)
+    committed part files --(a task per file: committed.committed_keys)--> keys -+  (duplicates, still to do, prompts done)
 
 Every row of an id, from the manifest and from the output, lands in the same partition (a hash of
 the id), where pyarrow handles the partition as one table. The driver lists files and reads a few
@@ -20,12 +20,11 @@ import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.io.urls import media_prefixes
-from pipeline.output import commit
-from pipeline.planning.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, manifest_file_sizes, mark_duplicates, scan_file
+from pipeline.output.committed import COMMITTED_SCHEMA, OutputError, committed_keys, has_id, item_keys, prompt_keys
+from pipeline.output.location import OutputLocation
+from pipeline.planning.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, mark_duplicates, scan_file
 
-# The committed side's columns (commit.committed_keys); null on manifest rows, as the records' are on these.
-COMMITTED_SCHEMA = pa.schema([("c_key", pa.string()), ("c_prompt", pa.string()), ("c_status", pa.string()),
-                              ("c_media", pa.string()), ("c_path", pa.string())])
+# The committed side's columns (COMMITTED_SCHEMA) are null on manifest rows, as the records' are on these.
 PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.field("_part", pa.int32())])
 # `_todo`: the record has a prompt still to do; `_replaces`: committed files holding error rows of
 # its id that its new rows replace (--retry-errors)
@@ -34,7 +33,6 @@ PLANNED_SCHEMA = pa.schema(list(SCAN_SCHEMA) + [pa.field("_todo", pa.bool_()), p
                                                 pa.field("_items", pa.int64()), pa.field("_invalid", pa.int64())])
 MAX_SCAN_TASKS = 512
 PARTITION_BYTES = 128 << 20  # manifest bytes per partition (about a million rows of JSONL)
-NO_PROMPT = "\x00"  # stands for "no prompt" in joins (null never matches); no prompt is a NUL
 
 
 def _todo_expr():
@@ -112,16 +110,18 @@ def _replacing(rows: pa.Table) -> pa.Table:
     return rows.filter(pc.is_valid(rows["_replaces"])).select(["id", "_replaces"])
 
 
-def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
-    """The plan of a run over these manifest files, computed by Ray Data and materialized."""
+def plan_run(cfg: RunConfig, out: OutputLocation, files: dict[str, int]) -> Plan:
+    """The plan of a run over these manifest files ({file: bytes}, as manifest.manifest_file_sizes
+    lists them: the run's one listing of the manifest) against what `out` holds, computed by Ray
+    Data and materialized."""
     import ray
 
-    manifest_bytes = sum(manifest_file_sizes(cfg.manifest, cfg).values())  # one listing, not a request per file
+    manifest_bytes = sum(files.values())
     if "RAY_DATA_SHUFFLE_COMPRESSION" not in os.environ:
         # lz4, not Ray's default zstd, for the shuffle by id partition: zstd made a 10 M-row plan
         # twice as slow on 2 cores (135 s vs 70 s, benchmarks/scale.py)
         ray.data.DataContext.get_current().shuffle_compression = "lz4"
-    committed = commit.committed_keys(cfg)
+    committed = committed_keys(out, cfg.config_key())
     committed_bytes = committed.bytes if committed else 0
     # the output's Parquet holds a row in fewer bytes than JSONL: weigh it up
     parts = max(1, min(64, math.ceil((manifest_bytes + 4 * committed_bytes) / PARTITION_BYTES)))
@@ -139,11 +139,11 @@ def plan_run(cfg: RunConfig, files: list[str]) -> Plan:
         planned = planned.materialize()
     except Exception as e:  # a task's ManifestError or OutputError arrives wrapped in Ray's errors: raise it as itself
         cause = e
-        while cause is not None and not isinstance(cause, (ManifestError, commit.OutputError)):
+        while cause is not None and not isinstance(cause, (ManifestError, OutputError)):
             cause = getattr(cause, "cause", None) or cause.__cause__
         raise (type(cause)(str(cause)) if cause else e) from e
     counts = planned.map_batches(_counts, batch_format="pyarrow", batch_size=None).take_all()  # a row per block
-    return Plan(records=planned, files=files, items=sum(c["items"] for c in counts), todo=sum(c["todo"] for c in counts),
+    return Plan(records=planned, files=list(files), items=sum(c["items"] for c in counts), todo=sum(c["todo"] for c in counts),
                 invalid=sum(c["invalid"] for c in counts), partitions=parts)
 
 
@@ -162,10 +162,8 @@ def _committed_rows(keys: pa.Table, parts: int) -> pa.Table:
 
 
 def _key(records: pa.Table):
-    """An item's key in the output: its id, or for a row without one its manifest file:line."""
-    import pyarrow.compute as pc
-
-    return pc.coalesce(records["id"], pc.binary_join_element_wise(commit.NO_ID, records["source"], ""))
+    """An item's key in the output (committed.item_keys): the rule the committed rows' keys follow."""
+    return item_keys(records["id"], records["source"])
 
 
 def _partition_of(keys, parts: int):
@@ -205,7 +203,7 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     key = _key(records)
     # a finished committed row: ok, or any row without --retry-errors; a row without an id is done
     # once committed, whatever its status and prompt (it has none)
-    no_id = pc.starts_with(committed["c_key"], commit.NO_ID)
+    no_id = pc.invert(has_id(committed["c_key"]))
     finished = committed.set_column(1, "c_prompt", pc.if_else(no_id, pa.scalar(None, pa.string()), committed["c_prompt"]))
     finished = finished.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
                                                    no_id), False))
@@ -215,9 +213,9 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     expected = _expected_prompts(records, media, cfg)
     lengths = pc.list_value_length(expected).to_numpy(zero_copy_only=False)
     row_of = np.repeat(np.arange(n), lengths)
-    wanted = pa.table({"c_key": pc.take(key, pa.array(row_of)), "p": pc.fill_null(expected.flatten(), NO_PROMPT),
+    wanted = pa.table({"c_key": pc.take(key, pa.array(row_of)), "p": prompt_keys(expected.flatten()),
                        "row": pa.array(row_of)})
-    have = pa.table({"c_key": finished["c_key"], "p": pc.fill_null(finished["c_prompt"], NO_PROMPT)})
+    have = pa.table({"c_key": finished["c_key"], "p": prompt_keys(finished["c_prompt"])})
     found = wanted.join(have, keys=["c_key", "p"], join_type="left semi", use_threads=False)  # (a semi join: once each)
     found_per_row = np.bincount(found["row"].to_numpy(), minlength=n) if n else np.zeros(0, dtype=np.int64)
     todo = found_per_row < lengths

@@ -15,8 +15,8 @@ import os
 import sys
 
 from pipeline.config import RunConfig
-from pipeline.io.storage import filesystem, protocol_of
 from pipeline.output import commit
+from pipeline.output.location import OutputLocation
 
 S3_WRITES = {"PutObject", "CopyObject", "DeleteObject", "DeleteObjects", "CreateMultipartUpload",
              "UploadPart", "UploadPartCopy", "CompleteMultipartUpload"}
@@ -65,17 +65,17 @@ def main(argv=None) -> int:
     config, die_at = (argv or sys.argv[1:])[:2]
     with open(config) as f:
         cfg = RunConfig.model_validate_json(f.read())
-    result = commit.staged(cfg)
+    out = OutputLocation.of(cfg.output, cfg.storage)
+    result = commit.staged(out, cfg.run_id)
     killer = Killer(int(die_at))
-    if protocol_of(cfg.output) == "file":
+    if out.is_local:
         sys.addaudithook(killer.audit)
     else:
         from fsspec.asyn import sync
 
-        fs, _ = filesystem(cfg.output, cfg.storage)
-        sync(fs.loop, fs.set_session)
-        fs.s3.meta.events.register("before-call.s3", killer.before_call)
-    commit.commit(cfg, result, {"run_id": cfg.run_id})
+        sync(out.fs.loop, out.fs.set_session)
+        out.fs.s3.meta.events.register("before-call.s3", killer.before_call)
+    commit.commit(out, cfg, result, {"run_id": cfg.run_id})
     return 0
 
 
