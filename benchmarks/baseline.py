@@ -168,19 +168,20 @@ def driver_planning(cfg) -> dict:
                 sources.add(source)
             else:
                 rows.setdefault(i, {})[prompt] = (status, media, path)
-    # run.pending: a loop over every record -> the records to do, with the prompts they have
-    keep, done_prompts = [], []
+    # run.pending: a loop over every record -> the records to do, with the prompts they still have
+    keep, todo_prompts = [], []
     for rec in table.select(["id", "source", "media_type", "prompt", "questions", "error_type"]).to_pylist():
         if rec["id"] is None:
             keep.append(rec["source"] not in sources)
-            done_prompts.append(None)
+            todo_prompts.append([None])
             continue
         done = rows.get(rec["id"], {})
         finished = {p for p, (status, _, _) in done.items() if status == "ok" or not cfg.retry_errors}
         media = next((m for _, m, _ in done.values() if m), rec["media_type"])
-        keep.append(not finished.issuperset(prompts_for(rec, media, cfg)))
-        done_prompts.append(sorted(p for p in finished if p is not None) or None)
-    todo = table.set_column(table.schema.get_field_index("done_prompts"), "done_prompts",
-                            pa.array(done_prompts, pa.list_(pa.string()))).filter(pa.array(keep, pa.bool_()))
+        expected = prompts_for(rec, media, cfg)
+        keep.append(not finished.issuperset(expected))
+        todo_prompts.append([p for p in expected if p not in finished])
+    todo = table.set_column(table.schema.get_field_index("prompts"), "prompts",
+                            pa.array(todo_prompts, pa.list_(pa.string()))).filter(pa.array(keep, pa.bool_()))
     invalid = table.num_rows - table["error_type"].null_count
     return {"items": table.num_rows, "todo": todo.num_rows, "committed": table.num_rows - todo.num_rows, "invalid": invalid}

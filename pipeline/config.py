@@ -1,4 +1,8 @@
-"""Run configuration: one pydantic model, built once from the command line and passed to every stage."""
+"""Configuration: pydantic models, built once (from the command line, or by a user of pipeline.caption) and passed to every stage.
+
+ModelSettings (the model; shared with the server) <- CaptionConfig (what the stages need: the public API) <- RunConfig
+(the batch job: manifest, output, lease). The job's flags are generated from RunConfig (pipeline/cli.py).
+"""
 
 from __future__ import annotations
 
@@ -117,35 +121,26 @@ class ModelSettings(BaseModel):
         return {"quantization": self.quantization, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
 
 
-class RunConfig(ModelSettings):
-    """Everything one run needs. Stages receive this object (it pickles) and read what they use."""
+class CaptionConfig(ModelSettings):
+    """What the stages need (pipeline.caption, the public API): the model settings plus the task, the
+    prompts, where media may be and how the stages are sized. No manifest, output or lease: RunConfig
+    adds those for the batch job. Stages receive this object (it pickles) and read what they use."""
 
-    manifest: str = Field(description="Manifest file or prefix (JSONL, CSV or Parquet; any fsspec URI).")
-    output: str = Field(description="Output prefix for the Parquet dataset (any fsspec URI).")
     task: Literal["caption", "qa"] = Field("caption", description="caption: one row per item; qa: one row per question.")
     prompt: str | None = Field(None, description="Default instruction (caption) or question (qa) for rows without their own.",
                                json_schema_extra={"cli": {"help": "Default: " + ", ".join(
                                    f"{text!r} ({kind})" for kind, text in DEFAULT_PROMPTS.items()) + "."}})
+    # Required here: there is no manifest to default from, and an empty list would either refuse every
+    # row (a run of error rows) or, read as "anything", let a table's rows read any local file or host.
     allowed_uri_prefixes: list[str] = Field(
-        default_factory=list,
-        description="Where manifest URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
-                    "others become `uri_not_allowed` rows before any I/O. Default: the manifest's own bucket, "
-                    "or for a local manifest its folder.",
-        json_schema_extra={"cli": {"flag": "--allow-uri-prefix", "metavar": "PREFIX",
-                                   "help": "Repeat for several; replaces the default."}})
-    retry_errors: bool = Field(False, description=
-            "Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old "
-            "error rows.")
+        min_length=1,
+        description="Where media URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
+                    "others become `uri_not_allowed` rows before any I/O. At least one: there is no manifest "
+                    "to take a default from.")
     accelerator_type: str | None = Field(None, description=
             "Run the model stage only on nodes with this accelerator (Ray's accelerator_type, e.g. L40S, A100, H100: the "
             "`accelerator_type:NAME` resource Ray gives GPU nodes): keeps a model's replicas, and the autoscaling they "
             "cause, on the node group meant for it.")
-    output_file_rows: int = Field(100_000, ge=1, description=
-            "Rows per output Parquet file (about: the last file of a run is smaller): a million rows are ten files, not "
-            "thousands, whatever the decode parallelism.")
-    output_row_group_rows: int = Field(10_000, ge=1, description=
-            "Rows per Parquet row group in the output files: the unit in which readers (pandas, DuckDB, Spark) read and "
-            "skip a file.")
     preprocess_workers: int = Field(2, ge=1, description=
             "Most decode + preprocess actors (each holds one HF processor); the pool grows to this while the model keeps "
             "up.")
@@ -156,17 +151,10 @@ class RunConfig(ModelSettings):
             "Torch threads of each model actor when the model runs on the CPU; 0: as Ray sets them (one per CPU the actor "
             "holds). More threads help on an otherwise idle CPU node (+58 % measured) and hurt badly when its cores are "
             "oversubscribed.")
-    ray_address: str | None = Field(None, description=
-            "Ray cluster to join (e.g. ray://head:10001 or head:6379). Default: RAY_ADDRESS (set by `ray job submit`), "
-            "else a new local cluster; a cluster merely running on this machine is never joined.",
-            json_schema_extra={"cli": {"flag": "--address"}})
     model_resources: dict[str, float] = Field(default_factory=dict, description=
             "Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes "
             "started with `ray start --resources` naming them.",
             json_schema_extra={"cli": {"flag": "--model-resource", "metavar": "NAME=AMOUNT", "help": "Repeat for several."}})
-    lease_ttl_s: float = Field(60.0, ge=2, description=
-            "Lifetime of the output's lease (pipeline/output/lease.py), renewed every third of it while the run runs: a "
-            "run whose driver died blocks other runs on its output for at most this long.")
     trace_dir: str | None = Field(None, description=
             "Local folder where each model actor appends one JSON line per generate call (start, end, rows); for "
             "benchmarks and profiling.")
@@ -174,14 +162,6 @@ class RunConfig(ModelSettings):
         default_factory=lambda: datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8],
         description="Identifies this run in every output row (default: UTC time + random suffix).",
     )
-
-    @field_validator("manifest", "output")
-    @classmethod
-    def _local_paths_absolute(cls, v: str) -> str:
-        # Workers run in other folders than the driver: a relative local path means the driver's.
-        import os
-
-        return os.path.abspath(v) if "://" not in v else v
 
     def config_key(self) -> str:
         """Identifies the settings that shape the text: a rerun with the same key skips committed rows."""
@@ -195,3 +175,42 @@ class RunConfig(ModelSettings):
 
     def default_prompt(self, media_type: str | None) -> str:
         return self.prompt or DEFAULT_PROMPTS.get(media_type or "video", DEFAULT_PROMPTS["video"])
+
+
+class RunConfig(CaptionConfig):
+    """Everything one batch run needs: the stages' CaptionConfig plus the manifest, the output and the
+    run's own settings (lease, commit, cluster)."""
+
+    manifest: str = Field(description="Manifest file or prefix (JSONL, CSV or Parquet; any fsspec URI).")
+    output: str = Field(description="Output prefix for the Parquet dataset (any fsspec URI).")
+    allowed_uri_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Where manifest URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
+                    "others become `uri_not_allowed` rows before any I/O. Default: the manifest's own bucket, "
+                    "or for a local manifest its folder.",
+        json_schema_extra={"cli": {"flag": "--allow-uri-prefix", "metavar": "PREFIX",
+                                   "help": "Repeat for several; replaces the default."}})
+    retry_errors: bool = Field(False, description=
+            "Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old "
+            "error rows.")
+    output_file_rows: int = Field(100_000, ge=1, description=
+            "Rows per output Parquet file (about: the last file of a run is smaller): a million rows are ten files, not "
+            "thousands, whatever the decode parallelism.")
+    output_row_group_rows: int = Field(10_000, ge=1, description=
+            "Rows per Parquet row group in the output files: the unit in which readers (pandas, DuckDB, Spark) read and "
+            "skip a file.")
+    ray_address: str | None = Field(None, description=
+            "Ray cluster to join (e.g. ray://head:10001 or head:6379). Default: RAY_ADDRESS (set by `ray job submit`), "
+            "else a new local cluster; a cluster merely running on this machine is never joined.",
+            json_schema_extra={"cli": {"flag": "--address"}})
+    lease_ttl_s: float = Field(60.0, ge=2, description=
+            "Lifetime of the output's lease (pipeline/output/lease.py), renewed every third of it while the run runs: a "
+            "run whose driver died blocks other runs on its output for at most this long.")
+
+    @field_validator("manifest", "output")
+    @classmethod
+    def _local_paths_absolute(cls, v: str) -> str:
+        # Workers run in other folders than the driver: a relative local path means the driver's.
+        import os
+
+        return os.path.abspath(v) if "://" not in v else v

@@ -100,7 +100,8 @@ def test_mixed_batch_equals_the_card_reference(family, tiny_checkpoint, manifest
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(path), task="qa", num_frames=4,
                     allowed_uri_prefixes=[tempfile.gettempdir()],
                     generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
-    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    scan = scan_manifest(cfg)
+    requests = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes))
     rows = {(r["id"], r["prompt"]): r for r in Generate(cfg, device="cpu")(requests).to_pylist()}  # one batch
     assert len(rows) == 5
     gone = rows[("gone", "Any?")]

@@ -30,7 +30,8 @@ class OutOfMemoryOver:
 def stage(samples, tiny_model):
     cfg = RunConfig(manifest=str(samples / "manifest.jsonl"), output="/unused", model=str(tiny_model), num_frames=2)
     cfg.generation.max_new_tokens = 4
-    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    scan = scan_manifest(cfg)
+    requests = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes))
     return Generate(cfg, device="cpu"), requests.filter(pc.equal(requests.column("status"), "ok"))
 
 

@@ -45,8 +45,9 @@ def recorded(samples, tiny_model):
     mp.setattr(metrics, "_metric", recording)
     cfg = RunConfig(manifest=str(samples / "manifest.jsonl"), output="/unused", model=str(tiny_model),
                     num_frames=3, generation=GenerationConfig(max_new_tokens=4))
-    records = scan_manifest(cfg).records
-    items = pa.concat_tables([decode_media(records.slice(i, 1), cfg) for i in range(records.num_rows)])
+    scan = scan_manifest(cfg)
+    records = scan.records
+    items = pa.concat_tables([decode_media(records.slice(i, 1), cfg, prefixes=scan.prefixes) for i in range(records.num_rows)])
     requests = Preprocess(cfg)(items)
     generate = Generate(cfg, device="cpu")
     out = pa.concat_tables([format_output(generate(requests.slice(i, 3)), cfg) for i in range(0, requests.num_rows, 3)])

@@ -66,7 +66,8 @@ def manifest(samples, tmp_path_factory):
 
 def pipeline_rows(cfg, batch_size):
     """decode -> preprocess -> generate, as plain Python, in batches of batch_size."""
-    items = decode_media(scan_manifest(cfg).records, cfg)
+    scan = scan_manifest(cfg)
+    items = decode_media(scan.records, cfg, prefixes=scan.prefixes)
     requests = Preprocess(cfg)(items)
     generate = Generate(cfg, device="cpu")
     out = []
@@ -97,7 +98,8 @@ def test_mixed_batch_equals_reference_one_by_one(manifest, tiny_model, reference
 
 def test_batch_size_does_not_change_text(manifest, tiny_model, reference):
     cfg = config(manifest, tiny_model)
-    refs = references(reference.model, reference.tokenizer, Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg)).to_pylist(),
+    scan = scan_manifest(cfg)
+    refs = references(reference.model, reference.tokenizer, Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes)).to_pylist(),
                       MAX_NEW_TOKENS)
     for batch_size in (5, 1):
         texts = {(r["id"], r["prompt"]): r["text"] for r in pipeline_rows(cfg, batch_size=batch_size)}
@@ -121,7 +123,8 @@ def test_resize_in_decoder_gives_identical_model_inputs(manifest, tiny_model):
     runs = {}
     for resize in (True, False):
         cfg = config(manifest, tiny_model).model_copy(update={"resize_in_decoder": resize})
-        items = decode_media(scan_manifest(cfg).records, cfg, video_resize(cfg))  # as run.py hands it over
+        scan = scan_manifest(cfg)
+        items = decode_media(scan.records, cfg, video_resize(cfg), prefixes=scan.prefixes)  # as run.py hands it over
         frames = {r["id"]: unpack(r["frames"])["frames"].shape for r in items.to_pylist() if r["media_type"] == "video"}
         runs[resize] = frames, Preprocess(cfg)(items).to_pylist()
     (small, resized), (full, plain) = runs[True], runs[False]
@@ -139,6 +142,7 @@ def test_decoders_take_the_resize_as_data_and_never_read_the_checkpoint(manifest
     resize = video_resize(config(manifest, tiny_model))
     assert resize and (resize["height"], resize["width"]) == (32, 32)
     elsewhere = config(manifest, tmp_path / "not-on-this-node")  # no checkpoint where the decoder runs
-    items = decode_media(scan_manifest(elsewhere).records, elsewhere, resize).to_pylist()
+    scan_elsewhere = scan_manifest(elsewhere)
+    items = decode_media(scan_elsewhere.records, elsewhere, resize, prefixes=scan_elsewhere.prefixes).to_pylist()
     shapes = {unpack(r["frames"])["frames"].shape for r in items if r["media_type"] == "video"}
     assert shapes == {(6, 32, 32, 3)}

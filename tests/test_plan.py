@@ -153,8 +153,10 @@ def test_the_fast_uri_check_admits_only_what_the_per_row_check_admits(tmp_path):
 
 def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> list[tuple]:
     """The per-record rules that planning had before it ran on Ray Data (pipeline/batch/run.py:pending
-    and superseded), written out for comparison: (to do, done prompts, files whose error rows it
-    replaces) per record. Committed rows of one (id, prompt): finished if any of them is."""
+    and superseded), written out for comparison: (to do, prompts still to do, files whose error rows
+    it replaces) per record; the prompts are None for a record that takes the run's default prompt
+    (the decode stage picks it for the media type it finds). Committed rows of one (id, prompt):
+    finished if any of them is."""
     from pipeline.planning.manifest import prompts_for
 
     rows, sources = {}, set()
@@ -166,14 +168,18 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
     out = []
     for rec in records:
         if rec["id"] is None:
-            out.append((rec["source"] not in sources, None, None))
+            todo = rec["source"] not in sources
+            out.append((todo, [None] if todo else None, None))
             continue
         mine = rows.get(rec["id"], [])
         finished = {p for p, status, _, _ in mine if status == "ok" or not cfg.retry_errors}
         media = next((m for _, _, m, _ in mine if m), rec["media_type"])
-        todo = not finished.issuperset(prompts_for(rec, media, cfg))
+        expected = prompts_for(rec, media, cfg)
+        todo = not finished.issuperset(expected)
+        no_item = rec["error_type"] in ("invalid_manifest_row", "duplicate_id")
+        default = not no_item and not rec["prompt"] and not (cfg.task == "qa" and rec["questions"])
         errors = sorted({path for _, status, _, path in mine if status == "error"})
-        out.append((todo, (sorted(p for p in finished if p is not None) or None) if todo else None,  # (only the records to do need them)
+        out.append((todo, [p for p in expected if p not in finished] if todo and not default else None,  # (only the records to do need them)
                     errors if cfg.retry_errors and todo and errors else None))
     return out
 
@@ -221,7 +227,7 @@ def test_a_partition_plans_as_the_per_record_rules_did(task, retry):
     records, committed, raw = random_plan_inputs(random.Random(f"{task}{retry}"), 2000)
     got = still_to_do(records, committed, cfg).to_pylist()
     want = reference_still_to_do(records.to_pylist(), raw, cfg)
-    assert [(r["_todo"], r["done_prompts"], sorted(r["_replaces"]) if r["_replaces"] else None) for r in got] == want
+    assert [(r["_todo"], r["prompts"], sorted(r["_replaces"]) if r["_replaces"] else None) for r in got] == want
     assert 0.1 < sum(t for t, _, _ in want) / len(want) < 0.9  # both kinds of record are there
 
 
@@ -256,7 +262,7 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
     def planned():
         p = plan.plan_run(cfg, OutputLocation.of(cfg.output, cfg.storage), files)
         rows = sorted((r for r in p.records.take_all() if r["_todo"]), key=lambda r: r["_order"])
-        return p, [(r["id"], r["source"], r["error_type"], r["done_prompts"]) for r in rows]
+        return p, [(r["id"], r["source"], r["error_type"], r["prompts"]) for r in rows]
 
     one, rows_one = planned()
     monkeypatch.setattr(plan, "PARTITION_BYTES", 12_000)  # about 5 partitions
@@ -267,7 +273,7 @@ def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):
     kinds = [e for _, _, e, _ in rows_one]
     assert one.items == 903 and one.todo == len(rows_one) and kinds.count("invalid_manifest_row") == 3
     assert kinds.count("duplicate_id") > 100 and one.invalid == kinds.count("duplicate_id") + 3
-    # the first row of an id committed earlier is not done again; the others are, with no prompt done yet
+    # the first row of an id committed earlier is not done again; the others are, with the run's default prompt
     firsts = [rid for rid, _, e, _ in rows_one if e is None]
     assert len(firsts) == len(set(firsts)) and not set(firsts) & set(done)
     assert set(firsts) | set(done) == {f"i{i}" for i in range(400)} & ({r for r, _, _, _ in rows_one} | set(done))

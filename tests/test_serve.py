@@ -77,7 +77,8 @@ def batch_texts(tiny_model, samples, tmp_path_factory):
                                 for name, _, prompt in CASES))
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_model), num_frames=NUM_FRAMES,
                     allowed_uri_prefixes=[str(samples)], generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
-    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    scan = scan_manifest(cfg)
+    requests = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes))
     generate = Generate(cfg, device="cpu")
     rows = generate(requests).to_pylist()
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]

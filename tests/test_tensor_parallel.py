@@ -46,7 +46,8 @@ def refs(samples, tiny_model):
     """The reference generation of each ok row of the job's settings (ARGS), and the tokenizer."""
     cfg = caption_videos.parse_args(["--manifest", str(samples / "manifest.jsonl"), "--output", "/unused",
                                      "--model", str(tiny_model), *ARGS])
-    requests = [r for r in Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg)).to_pylist() if r["status"] == "ok"]
+    scan = scan_manifest(cfg)
+    requests = [r for r in Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes)).to_pylist() if r["status"] == "ok"]
     engine = Engine(str(tiny_model), device="cpu")
     return references(engine.model, engine.tokenizer, requests, cfg.generation.max_new_tokens), engine.tokenizer
 
@@ -85,7 +86,8 @@ def test_hang_oom_and_a_replica_that_keeps_dying(samples, fault_model, monkeypat
     from pipeline.model.tensor_parallel import TensorParallelEngine
 
     cfg = RunConfig(manifest=str(samples / "manifest.jsonl"), output="/unused", model=str(fault_model), num_frames=2)
-    table = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    scan = scan_manifest(cfg)
+    table = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes))
     inputs = [unpack(r["model_inputs"]) for r in table.to_pylist() if r["status"] == "ok"][:3]
     gen, seeds = GenerationConfig(max_new_tokens=4), [0, 1, 2]
     reference = Engine(str(fault_model), device="cpu")

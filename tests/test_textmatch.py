@@ -59,7 +59,8 @@ def rows(samples, tiny_model, tmp_path_factory):
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_model), task="qa", prompt="What?",
                     num_frames=4, allowed_uri_prefixes=[tempfile.gettempdir()],
                     generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS))
-    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg)).to_pylist()
+    scan = scan_manifest(cfg)
+    requests = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes)).to_pylist()
     assert len(requests) == 5 and len({len(unpack(r["model_inputs"])["input_ids"]) for r in requests}) > 2
     engine = Engine(str(tiny_model), device="cpu")
     return cfg, requests, engine, references(engine.model, engine.tokenizer, requests, MAX_NEW_TOKENS)

@@ -43,7 +43,8 @@ def manifest(samples, tmp_path_factory):
 def test_k_questions_encode_each_item_once(family, tiny_checkpoint, manifest):
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_checkpoint(family)), task="qa",
                     num_frames=4, allowed_uri_prefixes=[tempfile.gettempdir()], generation=GenerationConfig(max_new_tokens=8))
-    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg))
+    scan = scan_manifest(cfg)
+    requests = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes))
     requests = requests.filter(pc.equal(requests.column("status"), "ok"))  # LLaVA-1.5: the photo only
     items = {}  # item id -> vision rows one encoding of it takes
     generate = Generate(cfg, device="cpu")
@@ -84,7 +85,8 @@ def test_the_feature_cache_is_bounded_and_keeps_the_current_call(tiny_checkpoint
     cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(tiny_checkpoint("llava_onevision")),
                     task="qa", num_frames=4, allowed_uri_prefixes=[tempfile.gettempdir()],
                     generation=GenerationConfig(max_new_tokens=2))
-    requests = Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg)).to_pylist()
+    scan = scan_manifest(cfg)
+    requests = Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes)).to_pylist()
     engine = Generate(cfg, device="cpu").engine
     first = {r["id"]: unpack(r["model_inputs"]) for r in requests}  # one row per item
     engine.generate(list(first.values()), cfg.generation)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
 
-from pipeline.batch.stages import Generate, Preprocess, decode_media, format_output, video_resize
+from pipeline.batch.caption import DeviceError, DriverFacts, caption_records, model_device
+from pipeline.batch.stages import video_resize
 from pipeline.config import RunConfig
+from pipeline.io.urls import media_prefixes
 from pipeline.output import commit, lease
 from pipeline.output.committed import OutputError, staged_sources
 from pipeline.output.location import OutputLocation, output_overlaps_manifest
@@ -67,35 +68,13 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None
 
 
 def build_dataset(cfg: RunConfig, records, rows: int, use_gpu: bool, resize: dict | None = None):
-    """The Ray Data plan over `records` (a dataset of `rows` records). Nothing runs until the
+    """The Ray Data plan over `records` (a dataset of `rows` records): the public API's stages
+    (pipeline/batch/caption.py) with the facts the run found on its driver. Nothing runs until the
     dataset is written. `resize`: the video resize the decoders apply (stages.video_resize, read
     once on the driver)."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    if isinstance(records, ray.data.Dataset):  # the plan's partitions: large blocks
-        ds = records
-    else:
-        ds = ray.data.from_arrow(records)
-    # Small blocks: a decode task handles one block, so block size bounds decode parallelism.
-    ds = ds.repartition(target_num_rows_per_block=max(1, min(64, math.ceil(rows / 64))))
-    # Ray Data fuses decode into the preprocess actors (same CPUs, no full-resolution frames through
-    # the object store); the pool grows to preprocess_workers while the model stage keeps up.
-    ds = ds.map_batches(decode_media, fn_kwargs={"cfg": cfg, "resize": resize}, batch_format="pyarrow", batch_size=1,
-                        num_cpus=1)
-    ds = ds.map_batches(Preprocess, fn_constructor_kwargs={"cfg": cfg}, batch_format="pyarrow", batch_size=1,
-                        compute=ActorPoolStrategy(min_size=1, max_size=cfg.preprocess_workers), num_cpus=1)
-    # One actor per model replica, holding all its devices: Ray places it on one node, and with
-    # tp > 1 it starts one rank process per device there (pipeline/model/tensor_parallel.py).
-    model_resources = {"num_gpus": cfg.tp} if use_gpu else {"num_cpus": cfg.tp}
-    if cfg.accelerator_type:  # only nodes of that type: 7B actors stay off (and do not scale up) 8-GPU nodes
-        model_resources["accelerator_type"] = cfg.accelerator_type
-    if cfg.model_resources:
-        model_resources["resources"] = dict(cfg.model_resources)
-    ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
-                        batch_format="pyarrow", batch_size=cfg.batch_size,
-                        compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
-    return ds.map_batches(format_output, fn_kwargs={"cfg": cfg}, batch_format="pyarrow")
+    facts = DriverFacts(prefixes=media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest), device="cuda" if use_gpu else "cpu",
+                        video_resize=resize)
+    return caption_records(records, cfg, facts, rows)
 
 
 def run(cfg: RunConfig) -> RunSummary:
@@ -113,8 +92,6 @@ def run(cfg: RunConfig) -> RunSummary:
 
 
 def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
-    import ray
-
     started = time.time()
     connect_ray(cfg.ray_address)
     files = manifest_file_sizes(cfg.manifest, cfg)  # the run's one listing of the manifest
@@ -122,13 +99,10 @@ def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
     plan = plan_run(cfg, out, files)
     log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
              plan.committed, cfg.output, plan.todo)
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "cuda" and not gpus:
-        raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    if cfg.quantization and not use_gpu:
-        raise RunError(f"--quantization {cfg.quantization} needs GPUs (bitsandbytes) but the Ray cluster has none; "
-                       "add GPU nodes or drop --quantization")
+    try:
+        use_gpu = model_device(cfg) == "cuda"
+    except DeviceError as e:
+        raise RunError(str(e)) from e
     if plan.todo:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)

@@ -16,9 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import metrics, schemas
-from pipeline.config import RunConfig
-from pipeline.io.urls import media_prefixes
-from pipeline.planning.manifest import prompts_for
+from pipeline.config import CaptionConfig
 
 _MEDIA_FIELDS = [
     ("media_type", pa.string()),
@@ -69,7 +67,7 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 _decoders = {}  # one decoder child process per worker process and settings
 
 
-def _decoder(cfg: RunConfig):
+def _decoder(cfg: CaptionConfig):
     from pipeline.media.decoder_process import DecoderProcess
 
     key = (cfg.decode_timeout_s, cfg.decoder_memory_gb)
@@ -78,7 +76,7 @@ def _decoder(cfg: RunConfig):
     return _decoders[key]
 
 
-def video_resize(cfg: RunConfig) -> dict | None:
+def video_resize(cfg: CaptionConfig) -> dict | None:
     """The checkpoint's video resize (resize_in_decoder), read once on the driver and handed to the
     decode stage as data: decode workers never touch the checkpoint."""
     if not cfg.resize_in_decoder:
@@ -92,9 +90,11 @@ def video_resize(cfg: RunConfig) -> dict | None:
         return None
 
 
-def decode_media(records: pa.Table, cfg: RunConfig, resize: dict | None = None) -> pa.Table:
+def decode_media(records: pa.Table, cfg: CaptionConfig, resize: dict | None = None, *, prefixes: list[str]) -> pa.Table:
     """Fetch + decode each item, in a child process that may crash or hang without harm (CPU).
-    `resize`: the video resize of `video_resize(cfg)`, done in the decoder process (None: none)."""
+    Facts the driver computed once, handed over as data: `prefixes`, where media may be (the
+    decoder checks each opened file against them again); `resize`, the video resize of
+    `video_resize(cfg)`, done in the decoder process (None: none)."""
     from pipeline.media.decoded import MediaError
 
     items, started = [], metrics.clock()
@@ -103,17 +103,18 @@ def decode_media(records: pa.Table, cfg: RunConfig, resize: dict | None = None) 
         if rec["status"] == "ok":
             try:
                 if rec["uris"]:
-                    _decode_images(item, rec["uris"], cfg)
+                    _decode_images(item, rec["uris"], cfg, prefixes)
                 else:
                     d = _decoder(cfg).decode(uri=rec["uri"], storage=cfg.storage, declared_type=rec["media_type"],
                                              num_frames=cfg.num_frames, start_s=rec["start_s"], end_s=rec["end_s"],
                                              max_pixels=cfg.max_pixels, video_resize=resize,
-                                             allowed_prefixes=media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest))
+                                             allowed_prefixes=prefixes)
                     item.update(_media_fields(d), num_frames=len(d.frames), frames=pack({"frames": d.frames}))
             except MediaError as e:
                 _error(item, e.error_type, str(e))
-        done = set(rec.get("done_prompts") or ())  # committed by an earlier run
-        item["prompts"] = [p for p in prompts_for(rec, item["media_type"], cfg) if p not in done]
+        # the record's prompts still to do (the plan left out those committed); none given: the run's
+        # default, for the media type found (a file's bytes can say image where the manifest said nothing)
+        item["prompts"] = rec["prompts"] if rec["prompts"] is not None else [cfg.default_prompt(_prompt_kind(item))]
         items.append(item)
     metrics.decoded(items, started)
     return _table(items, ITEM_SCHEMA)
@@ -124,9 +125,13 @@ def _media_fields(d) -> dict:
                 fps=d.fps, codec=d.codec, width=d.width, height=d.height)
 
 
-def _decode_images(item: dict, uris: list[str], cfg: RunConfig) -> None:
+def _prompt_kind(item: dict) -> str | None:
+    """What the default prompt describes: several images, else the item's media type."""
+    return "images" if len(item["uris"] or []) > 1 else item["media_type"]
+
+
+def _decode_images(item: dict, uris: list[str], cfg: CaptionConfig, prefixes: list[str]) -> None:
     """The images of a `uris` row, each decoded alone; the row's media fields are the first image's."""
-    prefixes = media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest)
     images = [_decoder(cfg).decode(uri=uri, storage=cfg.storage, declared_type="image", num_frames=1,
                                    max_pixels=cfg.max_pixels, allowed_prefixes=prefixes) for uri in uris]
     item.update(_media_fields(images[0]), num_frames=len(images),
@@ -144,7 +149,7 @@ def unpack_frames(data: bytes) -> np.ndarray | list[np.ndarray]:
 class Preprocess:
     """Chat template + HF processor (CPU actor: the processor is loaded once)."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: CaptionConfig):
         from pipeline.model.checkpoint import local_checkpoint
         from pipeline.model.preprocess import Preprocessor
 
@@ -175,7 +180,7 @@ class Generate:
     """The model (GPU actor when the cluster has GPUs, else CPU): one model replica per actor,
     across `tp` GPUs (or CPU processes) of its node when tp > 1 (pipeline/model/tensor_parallel.py)."""
 
-    def __init__(self, cfg: RunConfig, device: str):
+    def __init__(self, cfg: CaptionConfig, device: str):
         from pipeline.model.checkpoint import local_checkpoint
         from pipeline.model.tensor_parallel import make_engine
 
@@ -217,7 +222,7 @@ class Generate:
             f.write(json.dumps({"start": started, "end": time.time(), "rows": rows, "node_id": node}) + "\n")
 
 
-def format_output(results: pa.Table, cfg: RunConfig) -> pa.Table:
+def format_output(results: pa.Table, cfg: CaptionConfig) -> pa.Table:
     """Rows in the output schema of schemas/output.schema.json."""
     n = results.num_rows
     metrics.rows_written(results.column("status").to_pylist(), results.column("error_type").to_pylist())

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import pyarrow as pa
 
 from pipeline import schemas
-from pipeline.config import RunConfig
+from pipeline.config import CaptionConfig, RunConfig
 from pipeline.io.storage import filesystem, protocol_of
 from pipeline.io.urls import media_prefixes
 
@@ -45,7 +45,9 @@ RECORD_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("error_type", pa.string()),
         ("error", pa.string()),
-        ("done_prompts", pa.list_(pa.string())),  # prompts of this item already committed (set by the run)
+        # the prompts still to do (own_prompts; the run's plan leaves out those committed): null where the
+        # item takes the run's default prompt, which the decode stage picks for the media type it finds
+        ("prompts", pa.list_(pa.string())),
     ]
 )
 
@@ -58,6 +60,7 @@ class ManifestError(Exception):
 class ManifestScan:
     records: pa.Table
     files: list[str]
+    prefixes: list[str]  # where the records' media may be (the decode stage checks again once a file is open)
 
     @property
     def num_items(self) -> int:
@@ -149,9 +152,10 @@ def validate_row(row: dict) -> str | None:
     return None
 
 
-def _resolve_relative(media_uri: str, manifest_file: str) -> str:
-    """A relative path in a manifest names a file beside the manifest (in the same folder or prefix)."""
-    if ":" in media_uri or media_uri.startswith("/"):
+def _resolve_relative(media_uri: str, manifest_file: str | None) -> str:
+    """A relative path in a manifest names a file beside the manifest (in the same folder or prefix);
+    rows with no manifest (pipeline.caption) keep it, and the URI rules refuse it."""
+    if manifest_file is None or ":" in media_uri or media_uri.startswith("/"):
         return media_uri
     return manifest_file.rsplit("/", 1)[0] + "/" + media_uri
 
@@ -165,8 +169,10 @@ def _record(row: dict, source: str, error: str | None = None, error_type: str | 
         rid, uri, uris = row.get("id"), row.get("uri"), row.get("uris")
         rec.update(id=rid if isinstance(rid, str) else None, uri=uri if isinstance(uri, str) else None,
                    uris=uris if isinstance(uris, list) and all(isinstance(u, str) for u in uris) else None)
+        # a row of a user's Dataset (pipeline.caption) has no file and line: it is named by its id
+        where = source or ("input row" + (f" {rid!r}" if isinstance(rid, str) else ""))
         rec.update(status="error", error_type=error_type or "invalid_manifest_row",
-                   error=f"{source}: {error}. Fix this manifest row and rerun.")
+                   error=f"{where}: {error}. Fix this {'manifest ' if source else ''}row and rerun.")
     rec["source"] = source
     return rec
 
@@ -415,7 +421,7 @@ def _parents(lists) -> "np.ndarray":
     return np.repeat(np.arange(len(lengths)), lengths)
 
 
-def _plain_rows(t: pa.Table, cfg: RunConfig) -> "np.ndarray":
+def _plain_rows(t: pa.Table, cfg: CaptionConfig) -> "np.ndarray":
     """Rows that validate_row accepts for certain (the schema and the checks after it), for the
     whole table at once; the others go through validate_row, which words what is wrong."""
     import pyarrow.compute as pc
@@ -441,10 +447,12 @@ def _plain_rows(t: pa.Table, cfg: RunConfig) -> "np.ndarray":
     return ok
 
 
-def _resolved(uris, manifest_file: str):
+def _resolved(uris, manifest_file: str | None):
     """_resolve_relative for a whole string array."""
     import pyarrow.compute as pc
 
+    if manifest_file is None:
+        return uris
     folder = manifest_file.rsplit("/", 1)[0] + "/"
     relative = pc.invert(pc.or_(pc.match_substring(uris, ":"), pc.starts_with(uris, "/")))
     return pc.if_else(relative, pc.binary_join_element_wise(folder, uris, ""), uris)
@@ -467,19 +475,20 @@ def _fast_records(t: pa.Table, numbers, uri: str, index: int, label: str, prefix
     flat_sure = media_uris_surely_allowed(many.flatten(), prefixes)
     sure[_parents(many)[~flat_sure]] = False
     n = t.num_rows
-    source = pc.binary_join_element_wise(f"{uri}:{label} ", pc.cast(pa.array(numbers), pa.string()), "")
+    source = (pc.binary_join_element_wise(f"{uri}:{label} ", pc.cast(pa.array(numbers), pa.string()), "") if uri
+              else pa.nulls(t.num_rows, pa.string()))
     nothing = pa.nulls(n, pa.string())
     records = pa.table({
         "id": t["id"], "uri": single, "uris": many, "media_type": t["media_type"], "prompt": t["prompt"],
         "questions": t["questions"], "start_s": t["start_s"], "end_s": t["end_s"], "source": source,
         "status": pa.repeat(pa.scalar("ok"), n), "error_type": nothing, "error": nothing,
-        "done_prompts": pa.nulls(n, pa.list_(pa.string())),
+        "prompts": pa.nulls(n, pa.list_(pa.string())),
         "_order": pa.array((index << ROW_BITS) | np.asarray(numbers, dtype=np.int64)),
     }, schema=SCAN_SCHEMA)
     return records.filter(pa.array(sure)), ~sure
 
 
-def _scan_row(source: str, row: dict | Exception, manifest_file: str, prefixes: list[str], cfg: RunConfig) -> dict:
+def _scan_row(source: str | None, row: dict | Exception, manifest_file: str | None, prefixes: list[str], cfg: CaptionConfig) -> dict:
     """One manifest row -> its record: ok, invalid_manifest_row or uri_not_allowed (repeated ids
     are marked by mark_duplicates, once all rows of an id are together)."""
     from pipeline.io.urls import URLRejected, check_media_uri
@@ -500,39 +509,58 @@ def _scan_row(source: str, row: dict | Exception, manifest_file: str, prefixes: 
         for media in row.get("uris") or [row["uri"]]:
             check_media_uri(media, prefixes)
     except URLRejected as e:
-        return _record(row, source, f"uri {media!r} is not allowed: {e}; if this source is trusted, "
-                                    "pass --allow-uri-prefix with its prefix", "uri_not_allowed")
+        hint = "pass --allow-uri-prefix with its prefix" if manifest_file else "add its prefix to allowed_uri_prefixes"
+        return _record(row, source, f"uri {media!r} is not allowed: {e}; if this source is trusted, {hint}", "uri_not_allowed")
     return _record(row, source)
 
 
 def scan_file(uri: str, index: int, prefixes: list[str], cfg: RunConfig) -> Iterator[pa.Table]:
     """The records (SCAN_SCHEMA) of the `index`-th manifest file, one table per chunk; repeated ids
     are not marked yet. ManifestError when the file cannot be read at all."""
-    import numpy as np
-
     fmt = manifest_format(uri)
     label = "row" if fmt == "parquet" else "line"
     try:
         for chunk in _file_chunks(uri, fmt, cfg):
-            parts, rows, numbers = [], chunk.rows or [], chunk.numbers
-            if chunk.table is not None:
-                table, slow = _conform(chunk.table, fmt)
-                slow |= ~_plain_rows(table, cfg)
-                plain = np.flatnonzero(~slow)
-                fast, unsure = _fast_records(table.take(plain), numbers[plain], uri, index, label, prefixes)
-                parts.append(fast)
-                pick = np.sort(np.concatenate([np.flatnonzero(slow), plain[unsure]]))
-                rows = chunk.reread(pick) if chunk.reread else chunk.table.take(pa.array(pick, pa.int64())).to_pylist()
-                if fmt == "csv":
-                    rows = [_coerce_csv_row(r) for r in rows]
-                numbers = numbers[pick]
-            if rows:
-                records = [dict(_scan_row(f"{uri}:{label} {n}", row, uri, prefixes, cfg), _order=(index << ROW_BITS) | int(n))
-                           for n, row in zip(numbers, rows)]
-                parts.append(pa.Table.from_pylist(records, schema=SCAN_SCHEMA))
-            yield pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+            yield _chunk_records(chunk, fmt, uri, index, label, prefixes, cfg)
     except (OSError, UnicodeDecodeError, pa.ArrowInvalid, csv.Error) as e:
         raise ManifestError(f"cannot read manifest file {uri}: {e}") from e
+
+
+def _chunk_records(chunk: Chunk, fmt: str, uri: str | None, index: int, label: str, prefixes: list[str],
+                   cfg: CaptionConfig) -> pa.Table:
+    """The records (SCAN_SCHEMA) of one chunk: plain rows for the whole table at once, the others
+    row by row. `uri`: the manifest file (None: the rows of a user's Dataset, pipeline.caption)."""
+    import numpy as np
+
+    parts, rows, numbers = [], chunk.rows or [], chunk.numbers
+    if chunk.table is not None:
+        table, slow = _conform(chunk.table, fmt)
+        slow |= ~_plain_rows(table, cfg)
+        plain = np.flatnonzero(~slow)
+        fast, unsure = _fast_records(table.take(plain), numbers[plain], uri, index, label, prefixes)
+        parts.append(fast)
+        pick = np.sort(np.concatenate([np.flatnonzero(slow), plain[unsure]]))
+        rows = chunk.reread(pick) if chunk.reread else chunk.table.take(pa.array(pick, pa.int64())).to_pylist()
+        if fmt == "csv":
+            rows = [_coerce_csv_row(r) for r in rows]
+        numbers = numbers[pick]
+    if rows:
+        records = [dict(_scan_row(f"{uri}:{label} {n}" if uri else None, row, uri, prefixes, cfg),
+                        _order=(index << ROW_BITS) | int(n)) for n, row in zip(numbers, rows)]
+        parts.append(pa.Table.from_pylist(records, schema=SCAN_SCHEMA))
+    return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def records_from_rows(rows: pa.Table, prefixes: list[str], cfg: CaptionConfig) -> pa.Table:
+    """A batch of a user's Dataset (manifest columns; others ignored) -> its records (RECORD_SCHEMA), in
+    its order, by the manifest's rules: invalid rows become `invalid_manifest_row` records, URIs outside
+    `prefixes` `uri_not_allowed` ones. Ids are not checked for repeats (that needs every row of an id
+    together: the batch job's plan does it). Ray Data runs this per batch (pipeline.caption)."""
+    import numpy as np
+
+    chunk = Chunk(np.arange(1, rows.num_rows + 1), table=rows)
+    records = _chunk_records(chunk, "table", None, 0, "row", prefixes, cfg).sort_by("_order")
+    return with_prompts(records.select(RECORD_SCHEMA.names), cfg)
 
 
 def claims_id(records: pa.Table):
@@ -571,11 +599,11 @@ def scan_manifest(cfg: RunConfig) -> ManifestScan:
     files = list_manifest_files(cfg.manifest, cfg)
     prefixes = media_prefixes(cfg.allowed_uri_prefixes, cfg.manifest)
     tables = [t for i, uri in enumerate(files) for t in scan_file(uri, i, prefixes, cfg)]
-    records = mark_duplicates(pa.concat_tables([SCAN_SCHEMA.empty_table(), *tables])).sort_by("_order")
-    return ManifestScan(records.drop_columns(["_order"]), files)
+    records = with_prompts(mark_duplicates(pa.concat_tables([SCAN_SCHEMA.empty_table(), *tables])).sort_by("_order"), cfg)
+    return ManifestScan(records.drop_columns(["_order"]), files, prefixes)
 
 
-def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[str | None]:
+def prompts_for(record: dict, media_type: str | None, cfg: CaptionConfig) -> list[str | None]:
     """The prompts of one item: its questions (qa), else its own prompt, else the run's default.
     A row that is not an item (invalid, or a repeated id) has one output row, without a prompt."""
     if record["error_type"] in ("invalid_manifest_row", "duplicate_id"):
@@ -584,3 +612,31 @@ def prompts_for(record: dict, media_type: str | None, cfg: RunConfig) -> list[st
         return list(record["questions"])
     kind = "images" if len(record.get("uris") or []) > 1 else media_type or record.get("media_type")
     return [record.get("prompt") or cfg.default_prompt(kind)]
+
+
+def own_prompts(records: pa.Table, cfg: CaptionConfig):
+    """prompts_for for a whole table, except the default: the prompts each record asks for itself (its
+    questions with qa, else its prompt), null where it takes the run's default prompt (that depends on
+    the media type its file turns out to have: the decode stage picks it), [null] for a row that is
+    not an item (invalid, a repeated id: one output row, without a prompt)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = records.num_rows
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32))  # one prompt per record
+    prompt = _array(records["prompt"])
+    own = pa.ListArray.from_arrays(offsets, prompt, mask=pc.is_null(prompt))
+    if cfg.task == "qa":
+        questions = _array(records["questions"])
+        own = pc.if_else(pc.is_valid(questions), questions, own)
+    no_item = pc.fill_null(pc.is_in(records["error_type"], pa.array(["invalid_manifest_row", "duplicate_id"])), False)
+    return _array(pc.if_else(no_item, pa.ListArray.from_arrays(offsets, pa.nulls(n, pa.string())), own))
+
+
+def with_prompts(records: pa.Table, cfg: CaptionConfig) -> pa.Table:
+    """`records` with their own prompts to do (own_prompts): nothing committed yet."""
+    return records.set_column(records.schema.get_field_index("prompts"), "prompts", own_prompts(records, cfg))
+
+
+def _array(values):
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values

@@ -22,7 +22,7 @@ from pipeline.config import RunConfig
 from pipeline.io.urls import media_prefixes
 from pipeline.output.committed import COMMITTED_SCHEMA, OutputError, committed_keys, has_id, item_keys, prompt_keys
 from pipeline.output.location import OutputLocation
-from pipeline.planning.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, mark_duplicates, scan_file
+from pipeline.planning.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError, mark_duplicates, own_prompts, scan_file
 
 # The committed side's columns (COMMITTED_SCHEMA) are null on manifest rows, as the records' are on these.
 PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.field("_part", pa.int32())])
@@ -193,9 +193,10 @@ def plan_partition(rows: pa.Table, cfg: RunConfig) -> pa.Table:
 
 
 def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Table:
-    """`records` (SCAN_SCHEMA, repeated ids marked) with `_todo`, `done_prompts` (for the records to
-    do) and `_replaces`, given the committed rows (COMMITTED_SCHEMA) of their keys: a record is to
-    do unless every prompt it expects is committed (with --retry-errors: committed ok)."""
+    """`records` (SCAN_SCHEMA, repeated ids marked) with `_todo`, `prompts` (for the records to do:
+    the prompts not committed yet, or null for the run's default prompt) and `_replaces`, given the
+    committed rows (COMMITTED_SCHEMA) of their keys: a record is to do unless every prompt it expects
+    is committed (with --retry-errors: committed ok)."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -210,24 +211,25 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     # the media type an earlier run found in the file (its first row that has one), else the manifest's
     typed = committed.filter(pc.is_valid(committed["c_media"]))
     media = pc.coalesce(pc.take(typed["c_media"], pc.index_in(key, typed["c_key"])), records["media_type"])
-    expected = _expected_prompts(records, media, cfg)
+    own = own_prompts(records, cfg)
+    expected = _expected_prompts(records, own, media, cfg)
     lengths = pc.list_value_length(expected).to_numpy(zero_copy_only=False)
     row_of = np.repeat(np.arange(n), lengths)
-    wanted = pa.table({"c_key": pc.take(key, pa.array(row_of)), "p": prompt_keys(expected.flatten()),
-                       "row": pa.array(row_of)})
+    expected_flat = expected.flatten()
+    wanted = pa.table({"c_key": pc.take(key, pa.array(row_of)), "p": prompt_keys(expected_flat), "prompt": expected_flat,
+                       "row": pa.array(row_of), "pos": pa.array(np.arange(len(row_of)))})
     have = pa.table({"c_key": finished["c_key"], "p": prompt_keys(finished["c_prompt"])})
-    found = wanted.join(have, keys=["c_key", "p"], join_type="left semi", use_threads=False)  # (a semi join: once each)
-    found_per_row = np.bincount(found["row"].to_numpy(), minlength=n) if n else np.zeros(0, dtype=np.int64)
-    todo = found_per_row < lengths
-    # the prompts a record to do has: its key's finished prompts, sorted
-    todo_keys = pc.filter(key, pa.array(todo))
-    mine = finished.filter(pc.and_(pc.is_valid(finished["c_prompt"]), pc.is_in(finished["c_key"], value_set=_array(todo_keys))))
-    prompts = (mine.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
-               .sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
-               .group_by("c_key", use_threads=False).aggregate([("c_prompt", "list")]))
-    done_prompts = pc.if_else(pa.array(todo), pc.take(prompts["c_prompt_list"], pc.index_in(key, prompts["c_key"])),
-                              pa.scalar(None, pa.list_(pa.string())))
-    records = records.set_column(records.schema.get_field_index("done_prompts"), "done_prompts", done_prompts)
+    # the expected prompts not finished, in each record's order: a record is to do while it has one
+    left = wanted.join(have, keys=["c_key", "p"], join_type="left anti", use_threads=False).sort_by("pos")
+    remaining = np.bincount(left["row"].to_numpy(), minlength=n) if n else np.zeros(0, dtype=np.int64)
+    todo = remaining > 0
+    offsets = pa.array(np.concatenate(([0], np.cumsum(remaining))).astype(np.int32))
+    unfinished = pa.ListArray.from_arrays(offsets, _array(left["prompt"]))
+    # the records to do carry them; one that takes the run's default prompt carries null: the decode
+    # stage picks the default for the media type it finds
+    asks = pc.is_valid(own).to_numpy(zero_copy_only=False)
+    prompts = pc.if_else(pa.array(todo & asks), unfinished, pa.scalar(None, pa.list_(pa.string())))
+    records = records.set_column(records.schema.get_field_index("prompts"), "prompts", prompts)
     records = records.append_column("_todo", pa.array(todo))
     errors = committed.filter(pc.fill_null(pc.and_(pc.equal(committed["c_status"], "error"), pc.is_valid(committed["c_path"])), False))
     replaces = pa.nulls(n, pa.list_(pa.string()))
@@ -239,8 +241,9 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     return records.append_column("_items", pa.nulls(n, pa.int64())).append_column("_invalid", pa.nulls(n, pa.int64())).cast(PLANNED_SCHEMA)
 
 
-def _expected_prompts(records: pa.Table, media, cfg: RunConfig):
-    """manifest.prompts_for for a whole table: a list of prompts per record (null: no prompt)."""
+def _expected_prompts(records: pa.Table, own, media, cfg: RunConfig):
+    """manifest.prompts_for for a whole table: a list of prompts per record (null: no prompt): its
+    `own` (manifest.own_prompts), else the run's default prompt for `media`."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -249,14 +252,7 @@ def _expected_prompts(records: pa.Table, media, cfg: RunConfig):
     default = pc.if_else(pc.equal(kind, "images"), cfg.default_prompt("images"),
                          pc.if_else(pc.equal(kind, "image"), cfg.default_prompt("image"), cfg.default_prompt("video")))
     offsets = pa.array(np.arange(records.num_rows + 1, dtype=np.int32))  # one prompt per record
-    singles = pa.ListArray.from_arrays(offsets, _array(pc.coalesce(records["prompt"], default)))
-    nothing = pa.ListArray.from_arrays(offsets, pa.nulls(records.num_rows, pa.string()))
-    no_item = pc.fill_null(pc.is_in(records["error_type"], pa.array(["invalid_manifest_row", "duplicate_id"])), False)
-    expected = pc.if_else(no_item, nothing, singles)
-    if cfg.task == "qa":
-        questions = _array(records["questions"])
-        expected = pc.if_else(pc.and_(pc.invert(no_item), pc.is_valid(questions)), questions, expected)
-    return _array(expected)
+    return _array(pc.if_else(pc.is_valid(own), own, pa.ListArray.from_arrays(offsets, _array(default))))
 
 
 def _array(values):
