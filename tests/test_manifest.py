@@ -194,3 +194,17 @@ def test_manifests_saved_with_a_utf8_byte_order_mark_parse(tmp_path, suffix):
     (row,) = scan_manifest(cfg_for(tmp_path / f"m{suffix}")).records.to_pylist()
     assert row["status"] == "ok", row["error"]
     assert row["id"] == "x1" and row["prompt"] == "Describe it."
+
+
+def test_a_line_nested_too_deep_is_an_error_row_not_a_crash(tmp_path):
+    """`{"id":"b","uri":"x.mp4","extra":` and 100,000 '[' raised RecursionError out of the scan."""
+    deep = '{"id": "b", "uri": "s3://b/x.mp4", "extra": ' + "[" * 100_000
+    (tmp_path / "m.jsonl").write_text("\n".join([json.dumps({"id": "a", "uri": "s3://b/a.mp4"}), deep,
+                                                 json.dumps({"id": "c", "uri": "s3://b/c.mp4"})]) + "\n")
+    rows = {r["source"].rsplit(" ", 1)[1]: r for r in scan_manifest(cfg_for(tmp_path / "m.jsonl")).records.to_pylist()}
+    assert rows["2"]["status"] == "error" and rows["2"]["error_type"] == "invalid_manifest_row", rows["2"]
+    assert "nests" in rows["2"]["error"]
+    assert rows["1"]["status"] == rows["3"]["status"] == "ok"
+    (tmp_path / "m.csv").write_text('id,uri,questions\nq,s3://b/q.mp4,"' + "[" * 100_000 + '"\n')
+    [row] = scan_manifest(cfg_for(tmp_path / "m.csv", task="qa")).records.to_pylist()
+    assert row["error_type"] == "invalid_manifest_row", row

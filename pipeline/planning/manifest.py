@@ -113,8 +113,8 @@ def _coerce_csv_row(row: dict) -> dict:
         elif key in ("questions", "uris"):
             try:
                 value = json.loads(value) if value.lstrip().startswith("[") else [value]
-            except ValueError:
-                pass
+            except (ValueError, RecursionError):
+                pass  # left as it is so validation names the column
         out[key] = value
     return out
 
@@ -311,6 +311,8 @@ def _json_row(line: bytes) -> dict | Exception:
         raise
     except ValueError as e:
         return e
+    except RecursionError:  # json's parser recurses per nesting level: 100,000 '[' exhaust the stack
+        return ValueError("the line nests arrays or objects too deeply to be a manifest row")
 
 
 def _csv_chunks(open_binary) -> Iterator[Chunk]:
