@@ -1,7 +1,7 @@
 """Turn a run's output table into a static HTML page: sampled frames beside captions/answers,
 error rows grouped by type, the run's figures.
 
-    python jobs/report.py --input s3://bucket/captions/ --output report.html [--run-id RUN_ID]
+    python jobs/report.py --input s3://bucket/captions/ --output report.html --allow-uri-prefix s3://bucket/media/ [--run-id RUN_ID]
 
 One committed run per page: the last one by default, or the one --run-id names (its ledger,
 OUTPUT/_runs/RUN_ID.json, lists its files; the runs are the names in that folder).

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Each entry point, with options its help must name (beyond -h/--help).
 ENTRY_POINTS = {
     "jobs/caption_videos.py": ["--manifest", "--output", "--model", "--task", "--num-frames", "--address", "--dry-run"],
-    "jobs/report.py": ["--output"],
+    "jobs/report.py": ["--output", "--allow-uri-prefix", "--frames-from-ledger"],
     "jobs/fault_scenarios.py": ["--only"],
     "-m benchmarks": ["--quick", "--only"],
     "-m pipeline.planning.sizing": ["--model", "--gpus"],
