@@ -90,7 +90,16 @@ class ChatIngress:
             raise APIError(401, "missing or wrong bearer token (Authorization: Bearer ...)", "invalid_api_key",
                            "authentication_error")
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, deadline: float) -> bytes:
+        """The whole body within body_timeout_s (and the request's deadline), else 408."""
+        timeout = min(self.cfg.body_timeout_s, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(self._receive_body(request), timeout=max(timeout, 0))
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:.0f} s; send it faster or "
+                                "in a smaller request", "request_timeout") from None
+
+    async def _receive_body(self, request: Request) -> bytes:
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -139,7 +148,7 @@ class ChatIngress:
         started = time.monotonic()
         deadline = started + self.cfg.request_timeout_s
         self.authorize(request)
-        req = parse_request(await self.read_body(request))
+        req = parse_request(await self.read_body(request, deadline))
         if req.model != self.cfg.model_name():
             raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models", "model_not_found",
                            param="model")
