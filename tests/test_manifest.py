@@ -208,3 +208,20 @@ def test_a_line_nested_too_deep_is_an_error_row_not_a_crash(tmp_path):
     (tmp_path / "m.csv").write_text('id,uri,questions\nq,s3://b/q.mp4,"' + "[" * 100_000 + '"\n')
     [row] = scan_manifest(cfg_for(tmp_path / "m.csv", task="qa")).records.to_pylist()
     assert row["error_type"] == "invalid_manifest_row", row
+
+
+def test_folders_whose_names_start_with_a_dot_or_underscore_hold_no_manifests(tmp_path):
+    """.git/, _temporary/ (Spark's and Hadoop's writers), _runs/ under a manifest prefix used to be read
+    as manifests although the README says `.` and `_` names are skipped."""
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day1" / "a.jsonl").write_text(json.dumps({"id": "a", "uri": "s3://b/a.mp4"}) + "\n")
+    for folder in (".git/objects", "_temporary/0/task", "_runs", "day1/.hidden", "day1/_staging/run"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "part.jsonl").write_text(json.dumps({"id": f"from-{folder}", "uri": "s3://b/x.mp4"}) + "\n")
+    scan = scan_manifest(cfg_for(tmp_path))
+    assert scan.files == [str(tmp_path / "day1" / "a.jsonl")]
+    assert set(by_id(scan)) == {"a"}
+    inside_dot = tmp_path / ".cache" / "manifests"  # a prefix that itself sits under a dot folder is still read
+    inside_dot.mkdir(parents=True)
+    (inside_dot / "m.jsonl").write_text(json.dumps({"id": "d", "uri": "s3://b/d.mp4"}) + "\n")
+    assert set(by_id(scan_manifest(cfg_for(inside_dot)))) == {"d"}

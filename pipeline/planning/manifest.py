@@ -72,7 +72,8 @@ def manifest_format(path: str) -> str | None:
 
 
 def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
-    """The manifest file itself, or every manifest file under a prefix (sorted, hidden files skipped)."""
+    """The manifest file itself, or every manifest file under a prefix (sorted; files and folders whose
+    names start with `.` or `_` are skipped: .git/, _temporary/, _runs/ hold no manifests)."""
     return list(manifest_file_sizes(uri, cfg))
 
 
@@ -88,10 +89,10 @@ def manifest_file_sizes(uri: str, cfg: RunConfig) -> dict[str, int]:
         # a local manifest by its absolute path: relative media paths in it resolve beside it wherever
         # the run's working directory is
         return {path if proto == "file" else uri: fs.size(path)}
-    found = {}
+    found, root = {}, path.rstrip("/") + "/"
     for p, info in sorted(fs.find(path, detail=True).items()):
-        name = p.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")) or manifest_format(p) is None:
+        under = p[len(root):] if p.startswith(root) else p.rsplit("/", 1)[-1]
+        if any(part.startswith((".", "_")) for part in under.split("/")) or manifest_format(p) is None:
             continue
         found[p if proto == "file" else f"{proto}://{p}"] = info.get("size") or 0
     if not found:
