@@ -225,3 +225,44 @@ def test_folders_whose_names_start_with_a_dot_or_underscore_hold_no_manifests(tm
     inside_dot.mkdir(parents=True)
     (inside_dot / "m.jsonl").write_text(json.dumps({"id": "d", "uri": "s3://b/d.mp4"}) + "\n")
     assert set(by_id(scan_manifest(cfg_for(inside_dot)))) == {"d"}
+
+
+def test_an_overlong_jsonl_line_is_an_error_row_read_past_without_being_held(tmp_path):
+    """A line without a newline used to be held whole (carry + block, again and again, then parsed:
+    ~10x its size). Scanned in a fresh process whose peak memory (VmHWM) is read before and after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    good = [json.dumps({"id": f"g{i}", "uri": "s3://b/a.mp4"}) for i in range(3)]
+    huge = '{"id": "huge", "uri": "s3://b/x.mp4", "prompt": "' + "x" * (40 << 20)  # 40 MB, no newline in it
+    (tmp_path / "m.jsonl").write_text("\n".join([good[0], huge + '"}', good[1], huge]) + "\n" + good[2])
+    (tmp_path / "end.jsonl").write_text(good[0] + "\n" + huge)  # an overlong last line without a newline
+    (tmp_path / "warm.jsonl").write_text("\n".join(good + ['{"id": "bad", "uri": 3}', "{not json"]) + "\n")
+    del huge
+    code = f"""
+import json, re
+from pipeline.config import RunConfig
+from pipeline.planning import manifest
+def peak_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+manifest.MAX_LINE_BYTES = 1 << 20
+manifest.SCAN_CHUNK_BYTES = 64 << 10
+warm = RunConfig(manifest={str(tmp_path)!r} + "/warm.jsonl", output="/tmp/unused", model="unused", allowed_uri_prefixes=["s3://b/"])
+manifest.scan_manifest(warm)  # the scan's own imports and buffers, before the measurement
+before = peak_mb()
+out = {{}}
+for name in ("m.jsonl", "end.jsonl"):
+    cfg = RunConfig(manifest={str(tmp_path)!r} + "/" + name, output="/tmp/unused", model="unused", allowed_uri_prefixes=["s3://b/"])
+    out[name] = [[r["status"], r["error_type"], r["error"]] for r in manifest.scan_manifest(cfg).records.to_pylist()]
+print(json.dumps({{"grown_mb": peak_mb() - before, "rows": out}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["grown_mb"] < 30, result["grown_mb"]  # the two 40 MB lines were never held
+    rows = result["rows"]["m.jsonl"]
+    assert [r[0] for r in rows] == ["ok", "error", "ok", "error", "ok"], rows
+    assert all(rows[n][1] == "invalid_manifest_row" and "longer than 1 MB" in rows[n][2] for n in (1, 3))
+    assert [r[0] for r in result["rows"]["end.jsonl"]] == ["ok", "error"]
