@@ -469,3 +469,11 @@ def test_internal_addresses_in_any_ipv6_spelling_are_not_public(address):
                                      "2002:808:808::1"])
 def test_public_addresses_stay_public(address):
     assert is_public_address(address)
+
+
+def test_a_prompt_past_the_models_context_is_refused_with_the_numbers(server, samples):
+    """The server's own cap (32,768) is above the tiny model's context (8,192): the model's decides."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": [
+            image_part(samples, "photo.jpg"), {"type": "text", "text": "word " * 9000}]}])
+    assert e.value.code == "prompt_too_long" and "context of 8,192 tokens" in str(e.value)
