@@ -14,6 +14,7 @@ ENTRY_POINTS = {
     "jobs/report.py": ["--output", "--allow-uri-prefix", "--frames-from-ledger"],
     "jobs/fault_scenarios.py": ["--only"],
     "-m benchmarks": ["--quick", "--only"],
+    "-m benchmarks.validators": ["--rows", "--out"],
     "-m pipeline.planning.sizing": ["--model", "--gpus"],
     "-m pipeline.sizing": ["--model", "--gpus"],  # the spelling before pipeline/ had folders
     "-m pipeline.testing.samples": [],
