@@ -11,9 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Each entry point, with options its help must name (beyond -h/--help).
 ENTRY_POINTS = {
     "jobs/caption_videos.py": ["--manifest", "--output", "--model", "--task", "--num-frames", "--address", "--dry-run"],
-    "jobs/report.py": ["--output"],
+    "jobs/report.py": ["--output", "--allow-uri-prefix", "--frames-from-ledger"],
     "jobs/fault_scenarios.py": ["--only"],
     "-m benchmarks": ["--quick", "--only"],
+    "-m benchmarks.validators": ["--rows", "--out"],
     "-m pipeline.planning.sizing": ["--model", "--gpus"],
     "-m pipeline.sizing": ["--model", "--gpus"],  # the spelling before pipeline/ had folders
     "-m pipeline.testing.samples": [],

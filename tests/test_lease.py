@@ -2,9 +2,14 @@
 If-None-Match: * like S3)."""
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +18,8 @@ from pipeline.config import RunConfig, StorageConfig
 from pipeline.io.storage import filesystem, join
 from pipeline.output import lease
 from pipeline.output.location import OutputLocation, output_overlaps_manifest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -131,3 +138,72 @@ def test_a_lease_that_expired_unrenewed_is_taken_again_only_if_no_other_run_took
     stalled.check()  # nobody took it over: taken again, the run may commit
     with pytest.raises(lease.LeaseHeld, match="stalled-run"):
         lease.Lease(OutputLocation.of(out, storage), "other", ttl_s=2).acquire()
+
+
+@pytest.mark.parametrize("body", [b"", b'{"run_id": "x", "tok', b"{}", b"[1, 2]", b"null",
+                                  b'{"run_id": "x", "host": "h", "pid": 1, "token": "t", "expires": "soon", "expires_utc": "x"}',
+                                  b'{"run_id": "x", "host": "h", "pid": "one", "token": "t", "expires": 1e12, "expires_utc": "x"}'])
+def test_a_lease_file_that_is_no_lease_holds_nothing_and_is_taken_over(tmp_path, body, caplog):
+    """A corrupt file under _lease/ (cut short, empty, missing keys, wrong types) used to crash every
+    later run on the output with JSONDecodeError/KeyError/TypeError."""
+    folder = tmp_path / "out" / "_lease"
+    folder.mkdir(parents=True)
+    (folder / "00000000.json").write_bytes(body)
+    with lease.held(OutputLocation.of(str(tmp_path / "out"), StorageConfig()), "after-corruption", ttl_s=30) as held:
+        assert held.generation == 1
+        held.check()
+    assert not (folder / "00000000.json").exists()  # an older generation: removed once taken over
+    assert "is not a lease" in caplog.text
+
+
+def _holder_in_a_child(out: str, ttl_s: float, then: str) -> subprocess.Popen:
+    """A process on this host that takes the lease, says so, and then sleeps (`then`)."""
+    code = ("import sys, time; from pipeline.config import StorageConfig; from pipeline.output.lease import Lease; "
+            "from pipeline.output.location import OutputLocation; "
+            f"l = Lease(OutputLocation.of({out!r}, StorageConfig()), 'crashed-run', ttl_s={ttl_s}); l.acquire(); "
+            f"print('held', flush=True); {then}")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_crashed_runs_lease_on_this_host_is_taken_over_at_once(tmp_path):
+    """SIGKILL a run and rerun at once on the same machine: its lease names a pid that is gone, so
+    the rerun does not wait out the TTL (it used to exit 2 for up to --lease-ttl-s)."""
+    out = str(tmp_path / "out")
+    child = _holder_in_a_child(out, 600, "time.sleep(600)")
+    with pytest.raises(lease.LeaseHeld, match="crashed-run"):  # alive: held
+        lease.Lease(OutputLocation.of(out, StorageConfig()), "too-early", ttl_s=30).acquire()
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    rerun = lease.Lease(OutputLocation.of(out, StorageConfig()), "rerun", ttl_s=30)
+    rerun.acquire()  # at once, 600 s before the dead holder's lease would expire
+    assert rerun.generation == 1
+
+
+def test_a_lease_whose_pid_now_names_another_process_is_taken_over(tmp_path):
+    """The dead holder's pid was reused by a process that started later: still dead."""
+    out = tmp_path / "out"
+    first = lease.Lease(OutputLocation.of(str(out), StorageConfig()), "first", ttl_s=600)
+    first.acquire()
+    path = out / "_lease" / "00000000.json"
+    body = json.loads(path.read_text())
+    assert body["pid"] == os.getpid() and body["pid_start"]
+    path.write_text(json.dumps(dict(body, token="another-process", pid_start=body["pid_start"] - 1)))
+    second = lease.Lease(OutputLocation.of(str(out), StorageConfig()), "second", ttl_s=30)
+    second.acquire()
+    assert second.generation == 1
+    with pytest.raises(lease.LeaseLost):
+        first.check()
+
+
+@pytest.mark.parametrize("change", [{"host": "another-host"}, {"boot_id": "another-boot"}, {"pid_ns": 1},
+                                    {"boot_id": None}])
+def test_a_lease_of_another_host_or_namespace_waits_for_expiry_even_if_the_pid_is_gone_here(tmp_path, change):
+    out = tmp_path / "out"
+    child = _holder_in_a_child(str(out), 600, "")
+    child.wait()  # the holder exited without releasing: gone here
+    path = out / "_lease" / "00000000.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **change)))
+    with pytest.raises(lease.LeaseHeld, match="crashed-run"):
+        lease.Lease(OutputLocation.of(str(out), StorageConfig()), "rerun", ttl_s=30).acquire()

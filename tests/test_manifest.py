@@ -194,3 +194,75 @@ def test_manifests_saved_with_a_utf8_byte_order_mark_parse(tmp_path, suffix):
     (row,) = scan_manifest(cfg_for(tmp_path / f"m{suffix}")).records.to_pylist()
     assert row["status"] == "ok", row["error"]
     assert row["id"] == "x1" and row["prompt"] == "Describe it."
+
+
+def test_a_line_nested_too_deep_is_an_error_row_not_a_crash(tmp_path):
+    """`{"id":"b","uri":"x.mp4","extra":` and 100,000 '[' raised RecursionError out of the scan."""
+    deep = '{"id": "b", "uri": "s3://b/x.mp4", "extra": ' + "[" * 100_000
+    (tmp_path / "m.jsonl").write_text("\n".join([json.dumps({"id": "a", "uri": "s3://b/a.mp4"}), deep,
+                                                 json.dumps({"id": "c", "uri": "s3://b/c.mp4"})]) + "\n")
+    rows = {r["source"].rsplit(" ", 1)[1]: r for r in scan_manifest(cfg_for(tmp_path / "m.jsonl")).records.to_pylist()}
+    assert rows["2"]["status"] == "error" and rows["2"]["error_type"] == "invalid_manifest_row", rows["2"]
+    assert "nests" in rows["2"]["error"]
+    assert rows["1"]["status"] == rows["3"]["status"] == "ok"
+    (tmp_path / "m.csv").write_text('id,uri,questions\nq,s3://b/q.mp4,"' + "[" * 100_000 + '"\n')
+    [row] = scan_manifest(cfg_for(tmp_path / "m.csv", task="qa")).records.to_pylist()
+    assert row["error_type"] == "invalid_manifest_row", row
+
+
+def test_folders_whose_names_start_with_a_dot_or_underscore_hold_no_manifests(tmp_path):
+    """.git/, _temporary/ (Spark's and Hadoop's writers), _runs/ under a manifest prefix used to be read
+    as manifests although the README says `.` and `_` names are skipped."""
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day1" / "a.jsonl").write_text(json.dumps({"id": "a", "uri": "s3://b/a.mp4"}) + "\n")
+    for folder in (".git/objects", "_temporary/0/task", "_runs", "day1/.hidden", "day1/_staging/run"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "part.jsonl").write_text(json.dumps({"id": f"from-{folder}", "uri": "s3://b/x.mp4"}) + "\n")
+    scan = scan_manifest(cfg_for(tmp_path))
+    assert scan.files == [str(tmp_path / "day1" / "a.jsonl")]
+    assert set(by_id(scan)) == {"a"}
+    inside_dot = tmp_path / ".cache" / "manifests"  # a prefix that itself sits under a dot folder is still read
+    inside_dot.mkdir(parents=True)
+    (inside_dot / "m.jsonl").write_text(json.dumps({"id": "d", "uri": "s3://b/d.mp4"}) + "\n")
+    assert set(by_id(scan_manifest(cfg_for(inside_dot)))) == {"d"}
+
+
+def test_an_overlong_jsonl_line_is_an_error_row_read_past_without_being_held(tmp_path):
+    """A line without a newline used to be held whole (carry + block, again and again, then parsed:
+    ~10x its size). Scanned in a fresh process whose peak memory (VmHWM) is read before and after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    good = [json.dumps({"id": f"g{i}", "uri": "s3://b/a.mp4"}) for i in range(3)]
+    huge = '{"id": "huge", "uri": "s3://b/x.mp4", "prompt": "' + "x" * (40 << 20)  # 40 MB, no newline in it
+    (tmp_path / "m.jsonl").write_text("\n".join([good[0], huge + '"}', good[1], huge]) + "\n" + good[2])
+    (tmp_path / "end.jsonl").write_text(good[0] + "\n" + huge)  # an overlong last line without a newline
+    (tmp_path / "warm.jsonl").write_text("\n".join(good + ['{"id": "bad", "uri": 3}', "{not json"]) + "\n")
+    del huge
+    code = f"""
+import json, re
+from pipeline.config import RunConfig
+from pipeline.planning import manifest
+def peak_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+manifest.MAX_LINE_BYTES = 1 << 20
+manifest.SCAN_CHUNK_BYTES = 64 << 10
+warm = RunConfig(manifest={str(tmp_path)!r} + "/warm.jsonl", output="/tmp/unused", model="unused", allowed_uri_prefixes=["s3://b/"])
+manifest.scan_manifest(warm)  # the scan's own imports and buffers, before the measurement
+before = peak_mb()
+out = {{}}
+for name in ("m.jsonl", "end.jsonl"):
+    cfg = RunConfig(manifest={str(tmp_path)!r} + "/" + name, output="/tmp/unused", model="unused", allowed_uri_prefixes=["s3://b/"])
+    out[name] = [[r["status"], r["error_type"], r["error"]] for r in manifest.scan_manifest(cfg).records.to_pylist()]
+print(json.dumps({{"grown_mb": peak_mb() - before, "rows": out}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["grown_mb"] < 30, result["grown_mb"]  # the two 40 MB lines were never held
+    rows = result["rows"]["m.jsonl"]
+    assert [r[0] for r in rows] == ["ok", "error", "ok", "error", "ok"], rows
+    assert all(rows[n][1] == "invalid_manifest_row" and "longer than 1 MB" in rows[n][2] for n in (1, 3))
+    assert [r[0] for r in result["rows"]["end.jsonl"]] == ["ok", "error"]

@@ -25,6 +25,7 @@ from pipeline.testing.samples import synthetic_frame
 REPO = Path(__file__).resolve().parents[1]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+MEDIA_PREFIXES: list[str] = []  # the folders of the `output` fixture's media
 
 
 def row(**kw) -> dict:
@@ -79,13 +80,15 @@ def output(samples, tmp_path_factory) -> Path:
     (out / "_runs").mkdir()
     (out / "_runs" / "run-1.json").write_text(ledger)
     (out / "_SUCCESS").write_text(ledger)
+    MEDIA_PREFIXES[:] = [str(samples), str(media)]  # what the operator allows the report to read
     return out
 
 
 @pytest.fixture(scope="module")
 def page(output, tmp_path_factory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("report") / "report.html"
-    assert report.main(["--input", str(output), "--output", str(path)]) == 0
+    prefixes = [arg for p in MEDIA_PREFIXES for arg in ("--allow-uri-prefix", p)]
+    assert report.main(["--input", str(output), "--output", str(path), *prefixes]) == 0
     return path, path.read_text()
 
 
@@ -198,3 +201,49 @@ def test_run_id_shows_one_run_of_an_output_with_two(tmp_path, capsys):
     capsys.readouterr()
     assert report.main(["--input", str(out), "--output", str(tmp_path / "x.html"), "--run-id", "run-3"]) == 2
     assert "no committed run run-3" in (err := capsys.readouterr().err) and "run-1, run-2" in err
+
+
+def test_frames_come_only_from_where_the_operator_allows_not_from_the_ledger(output, tmp_path):
+    """Anyone who can write to the output can rewrite its ledger: `allowed_uri_prefixes: ["/"]` there
+    must not make the report read media outside the folders the operator names."""
+    forged = tmp_path / "forged"
+    shutil.copytree(output, forged)
+    for name in ("_SUCCESS", "_runs/run-1.json"):
+        ledger = json.loads((forged / name).read_text())
+        ledger["config"]["allowed_uri_prefixes"] = ["/"]
+        (forged / name).write_text(json.dumps(ledger))
+    html_path = tmp_path / "r.html"
+    assert report.main(["--input", str(forged), "--output", str(html_path)]) == 0
+    text = html_path.read_text()
+    assert "<img" not in text and "pass --allow-uri-prefix" in text  # no operator rules: no media read at all
+    samples_only = ["--allow-uri-prefix", MEDIA_PREFIXES[0]]
+    assert report.main(["--input", str(forged), "--output", str(html_path), *samples_only]) == 0
+    text = html_path.read_text()
+    assert thumbnails(text, "street") and not thumbnails(text, "phone")  # phone.mp4 is outside the samples folder
+    assert report.main(["--input", str(output), "--output", str(html_path), "--frames-from-ledger"]) == 0
+    assert thumbnails(html_path.read_text(), "phone")  # the run's own rules, when the operator trusts them
+
+
+@pytest.mark.parametrize("forge", [
+    {"_SUCCESS": {"run_id": "../../elsewhere/x"}},
+    {"_SUCCESS": {"run_id": None}},
+    {"_runs/run-1.json": {"files": ["../elsewhere.parquet"]}},
+    {"_runs/run-1.json": {"files": ["/etc/passwd.parquet"]}},
+    {"_runs/run-1.json": {"files": ["sub/dir.parquet"]}},
+])
+def test_a_forged_ledger_cannot_point_the_report_outside_the_output(output, tmp_path, capsys, forge):
+    forged = tmp_path / "forged"
+    shutil.copytree(output, forged)
+    outside = tmp_path / "elsewhere.parquet"
+    shutil.copy(next(output.glob("*.parquet")), outside)
+    (name, change), = forge.items()
+    (forged / name).write_text(json.dumps(dict(json.loads((forged / name).read_text()), **change)))
+    capsys.readouterr()
+    assert report.main(["--input", str(forged), "--output", str(tmp_path / "r.html"), "--no-frames"]) == 2
+    assert "which no run writes" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_run_id_with_a_path_in_it_is_refused(output, tmp_path, capsys):
+    assert report.main(["--input", str(output), "--output", str(tmp_path / "r.html"), "--run-id", "../run-1"]) == 2
+    assert "which no run writes" in capsys.readouterr().err

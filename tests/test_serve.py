@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from pipeline.batch.stages import Generate, Preprocess, decode_media
 from pipeline.config import GenerationConfig, RunConfig
-from pipeline.io.urls import URLRejected, check_uri
+from pipeline.io.urls import URLRejected, check_uri, is_public_address
 from pipeline.planning.manifest import scan_manifest
 from pipeline.serve import ServeConfig, build_app, load_token, parse_args
 from tests.helpers.textmatch import difference, references
@@ -450,3 +450,31 @@ def test_serve_deploy_config_is_valid():
         build_app(app["args"])  # the deployments' options are accepted by Serve
         # fail closed: the token comes from a mounted Secret, never from an open default
         assert cfg.device == "cuda" and cfg.max_replicas and cfg.api_token_file and not cfg.allow_unauthenticated
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.0.0.7", "169.254.169.254", "::1", "::", "fd00:ec2::254", "fe80::1%eth0",
+    "::ffff:127.0.0.1", "::ffff:10.0.0.1",  # IPv4-mapped
+    "::127.0.0.1", "::8.8.8.8",  # IPv4-compatible (deprecated): never public
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::10.0.0.1",  # NAT64 well-known prefix, internal IPv4
+    "64:ff9b:1::a00:1", "64:ff9b:1::808:808",  # RFC 8215 local-use NAT64: the translator decides
+    "2002:7f00:1::1", "2002:a00:1::1", "2002:a9fe:a9fe::1",  # 6to4 of loopback, private, metadata
+    "::ffff:0:127.0.0.1", "::ffff:0:a00:1",  # SIIT IPv4-translated
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+])
+def test_internal_addresses_in_any_ipv6_spelling_are_not_public(address):
+    assert not is_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808",
+                                     "2002:808:808::1"])
+def test_public_addresses_stay_public(address):
+    assert is_public_address(address)
+
+
+def test_a_prompt_past_the_models_context_is_refused_with_the_numbers(server, samples):
+    """The server's own cap (32,768) is above the tiny model's context (8,192): the model's decides."""
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server).chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": [
+            image_part(samples, "photo.jpg"), {"type": "text", "text": "word " * 9000}]}])
+    assert e.value.code == "prompt_too_long" and "context of 8,192 tokens" in str(e.value)

@@ -26,6 +26,7 @@ from tests.helpers.hostile_media import index_bomb_mp4, one_keyframe_video
 TOKEN = "security-token-0123456789"
 REQUEST_TIMEOUT_S = 12
 DECODE_TIMEOUT_S = 2
+BODY_TIMEOUT_S = 3
 
 
 def data_url(data: bytes, mime: str) -> str:
@@ -41,7 +42,8 @@ def server(ray_local, tiny_model, tmp_path_factory):
     app = build_app({"model": str(tiny_model), "served_model_name": "tiny-llava", "num_frames": "8",
                      "max_new_tokens": "4", "frontend_num_cpus": "0.5", "model_num_cpus": "0.5",
                      "api_token_file": str(token_file), "prepare_threads": "2", "max_prompt_tokens": "400",
-                     "decode_timeout_s": str(DECODE_TIMEOUT_S), "request_timeout_s": str(REQUEST_TIMEOUT_S)})
+                     "decode_timeout_s": str(DECODE_TIMEOUT_S), "request_timeout_s": str(REQUEST_TIMEOUT_S),
+                     "body_timeout_s": str(BODY_TIMEOUT_S)})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app, name="guarded", route_prefix="/")
@@ -134,6 +136,48 @@ def test_slow_one_keyframe_videos_do_not_hold_other_requests(server, samples, tm
     # each decode is killed at decode_timeout_s: the innocent request gets a thread and its answer in time
     assert result["attack_statuses"] == [504, 504]
     assert result["innocent_status"] == 200 and result["innocent_s"] < REQUEST_TIMEOUT_S
+
+
+def _trickle(server: str) -> bytes:
+    """An authenticated client that sends a 2,000-byte body one byte at a time (at most ~200 s)."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 2000\r\n\r\n".encode())
+        s.settimeout(0.1)
+        for _ in range(2000):
+            try:
+                s.sendall(b" ")
+                answer = s.recv(65536)
+                if answer:
+                    return answer + s.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:  # the server closed the connection
+                break
+    return b""
+
+
+def test_clients_that_trickle_their_body_get_408_and_free_the_server(server, samples):
+    """Four authenticated clients sending a 2,000-byte body at ~10 bytes/s used to hold the ingress
+    (request_timeout_s started after the body was read): an innocent request timed out."""
+    answers: list[bytes] = []
+    slow = [threading.Thread(target=lambda: answers.append(_trickle(server))) for _ in range(4)]
+    for t in slow:
+        t.start()
+    try:
+        time.sleep(1)
+        innocent = asyncio.run(client(server).chat.completions.create(
+            model="tiny-llava", messages=media_message(data_url((samples / "photo.jpg").read_bytes(), "image/jpeg"))))
+        assert innocent.choices[0].message.content is not None
+    finally:
+        for t in slow:  # each gives up by itself after its 2,000 bytes
+            t.join()
+    assert len(answers) == 4
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert b'"code":"request_timeout"' in body.replace(b" ", b""), body[:300]
 
 
 # ---- http(s) fetches: the checked address, no redirects, timeouts (batch job and server) ----------

@@ -155,9 +155,11 @@ class Preprocess:
 
         self.preprocessor = Preprocessor(local_checkpoint(cfg.model, cfg.storage, weights=False), revision=cfg.revision,
                                          trust_remote_code=cfg.trust_remote_code)
+        self.max_new_tokens = cfg.generation.max_new_tokens
 
     def __call__(self, items: pa.Table) -> pa.Table:
         from pipeline.model.families import UnsupportedMedia
+        from pipeline.model.preprocess import PromptTooLong
 
         requests = []
         for item in items.to_pylist():
@@ -167,8 +169,10 @@ class Preprocess:
                 if frames is not None:
                     try:
                         inputs = self.preprocessor.build(item["media_type"], frames, prompt)
-                        row.update(prompt_tokens=len(inputs["input_ids"]), model_inputs=pack(inputs))
-                    except UnsupportedMedia as e:
+                        row.update(prompt_tokens=len(inputs["input_ids"]))
+                        self.preprocessor.check_fits(len(inputs["input_ids"]), self.max_new_tokens)
+                        row.update(model_inputs=pack(inputs))
+                    except (UnsupportedMedia, PromptTooLong) as e:
                         _error(row, e.error_type, str(e))
                     except Exception as e:
                         _error(row, "preprocess_error", f"the processor rejected this input: {type(e).__name__}: {e}")

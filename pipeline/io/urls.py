@@ -38,10 +38,31 @@ def _addresses(host: str, resolve: Callable) -> set[str]:
         raise URLRejected(f"host {host!r} does not resolve ({e})") from e
 
 
+# IPv6 forms that carry an IPv4 address in their last 32 bits (ipaddress knows mapped, 6to4 and
+# Teredo itself): the well-known NAT64 prefix (RFC 6052), SIIT's IPv4-translated addresses (RFC 2765).
+_V4_IN_LOW_BITS = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::ffff:0:0:0/96"))
+# Never public: IPv4-compatible addresses (deprecated, ::a.b.c.d) and the local-use NAT64 prefix
+# (RFC 8215), which an operator's translator maps to whatever IPv4 it chooses, internal ones included.
+_V6_NEVER_PUBLIC = (ipaddress.ip_network("::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4] + list(ip.teredo or ())
+    if any(ip in net for net in _V4_IN_LOW_BITS):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def is_public_address(address: str) -> bool:
+    """A globally routable unicast address; an IPv6 address that embeds an IPv4 address (mapped,
+    NAT64, 6to4, Teredo, translated) only when that IPv4 address is public too."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _V6_NEVER_PUBLIC):
+            return False
+        embedded = _embedded_ipv4(ip)
+        if embedded:
+            return all(v4.is_global and not v4.is_multicast for v4 in embedded)
     return ip.is_global and not ip.is_multicast
 
 

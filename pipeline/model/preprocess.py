@@ -13,6 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 
 
+class PromptTooLong(Exception):
+    """The prompt (media tokens included) and the answer it may get do not fit the model's context."""
+
+    error_type = "prompt_too_long"
+
+
 class Preprocessor:
     def __init__(self, model_path: str, revision: str | None = None, trust_remote_code: bool = False):
         from pipeline.model.families import detect_family
@@ -20,7 +26,19 @@ class Preprocessor:
 
         options = LoadOptions(revision=revision, trust_remote_code=trust_remote_code)
         self.processor = load_processor(model_path, options)
-        self.family = detect_family(load_config(model_path, options))
+        config = load_config(model_path, options)
+        self.family = detect_family(config)
+        # The language model's trained positions: past them a RoPE model still runs, but on nonsense.
+        text = getattr(config, "text_config", None) or config
+        self.context_tokens: int | None = getattr(text, "max_position_embeddings", None)
+
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise PromptTooLong unless the prompt and max_new_tokens new tokens fit the model's context."""
+        if self.context_tokens and prompt_tokens + max_new_tokens > self.context_tokens:
+            raise PromptTooLong(
+                f"the prompt is {prompt_tokens:,} tokens (media included); with max_new_tokens {max_new_tokens:,} "
+                f"that is past the model's context of {self.context_tokens:,} tokens: shorten the prompt, use fewer "
+                "frames or images, or lower max_new_tokens")
 
     def content(self, media_type: str, num_images: int) -> list[dict]:
         """The media parts of the user turn, as the family's card writes them."""

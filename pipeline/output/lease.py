@@ -12,6 +12,12 @@ lease (one that expired unrenewed, say while its driver was starved of CPU, is t
 same exclusive create of the next generation, unless another run took it first); it deletes its
 file at the end. Expiry times come from the holder's clock: the hosts that
 run jobs on one output need clocks that agree to well within the TTL (NTP does).
+
+A holder that provably died is not waited for: when the lease names this host (same hostname, boot
+and PID namespace) and its pid is gone, or is now another process (one that started at another
+time), it is taken over at once, so a crashed run's rerun on the same machine starts at once. Other
+hosts' leases wait for expiry. A lease file that is not a lease (cut short, empty, missing keys,
+wrong types: written by something else) holds nothing and is taken over, with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+
+from pydantic import BaseModel, ValidationError
 
 from pipeline.io.storage import create_whole, join, put_whole
 from pipeline.output.location import OutputLocation
@@ -44,6 +52,54 @@ class LeaseHeld(LeaseError):
 
 class LeaseLost(LeaseError):
     """This run's lease expired or was taken over: it must not commit."""
+
+
+class Holder(BaseModel):
+    """What a lease file says of its holder (pydantic: a file that says something else is no lease)."""
+
+    run_id: str
+    host: str
+    pid: int
+    token: str
+    expires: float
+    expires_utc: str
+    boot_id: str | None = None  # written since holders on this host can be proven dead
+    pid_ns: int | None = None
+    pid_start: int | None = None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _pid_ns() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot: /proc/PID/stat field 22), None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after the command name, which may hold spaces
+
+
+def provably_dead(holder: Holder) -> bool:
+    """The holder ran on this host, in this boot and PID namespace, and its process is gone or is
+    another process now (pid reused). False whenever that cannot be known (another host, no /proc)."""
+    if (holder.host != socket.gethostname() or holder.boot_id is None or holder.boot_id != _boot_id()
+            or holder.pid_ns is None or holder.pid_ns != _pid_ns()):
+        return False
+    return _start_time(holder.pid) != holder.pid_start
 
 
 def _when(epoch: float) -> str:
@@ -74,7 +130,8 @@ class Lease:
         self.expires = time.time() + self.ttl_s
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                            "token": self.token, "generation": self.generation, "ttl_s": self.ttl_s,
-                           "expires": self.expires, "expires_utc": _when(self.expires)}).encode()
+                           "expires": self.expires, "expires_utc": _when(self.expires), "boot_id": _boot_id(),
+                           "pid_ns": _pid_ns(), "pid_start": _start_time(os.getpid())}).encode()
 
     def _generations(self) -> list[int]:
         fs, folder = self._fs
@@ -84,12 +141,17 @@ class Lease:
         names = (p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
         return sorted(int(n[:-5]) for n in names if n.endswith(".json") and n[:-5].isdigit())
 
-    def _read(self, generation: int) -> dict | None:
+    def _read(self, generation: int) -> Holder | None | bool:
+        """The holder of a generation; None when its file is gone; False when the file is no lease."""
         fs, _ = self._fs
         try:
-            return json.loads(fs.cat_file(self._path(generation)))
+            return Holder.model_validate_json(fs.cat_file(self._path(generation)))
         except FileNotFoundError:
             return None
+        except ValidationError as e:
+            log.warning("lease file %s is not a lease (%s); it holds nothing", self._path(generation),
+                        e.errors()[0]["msg"] if e.errors() else e)
+            return False
 
     def acquire(self) -> None:
         """Take the lease, or raise LeaseHeld naming the live holder (LeaseError if the store refuses)."""
@@ -108,12 +170,12 @@ class Lease:
             holder = self._read(top) if top is not None else None
             if top is not None and holder is None:
                 continue  # released meanwhile
-            if holder and holder["token"] == self.token:
+            if holder and holder.token == self.token:
                 break  # ours: a create retried after its response was lost found its own file
-            if holder and holder["expires"] > time.time():
+            if holder and holder.expires > time.time() and not provably_dead(holder):
                 raise LeaseHeld(
-                    f"output {self.output} is being written by run {holder['run_id']} on host {holder['host']} "
-                    f"(pid {holder['pid']}); its lease expires at {holder['expires_utc']} unless renewed. "
+                    f"output {self.output} is being written by run {holder.run_id} on host {holder.host} "
+                    f"(pid {holder.pid}); its lease expires at {holder.expires_utc} unless renewed. "
                     "Only one run may write to an output: wait for that run to finish, or if it died, "
                     "rerun after its lease has expired")
             self.generation = 0 if top is None else top + 1
@@ -122,8 +184,9 @@ class Lease:
             except FileExistsError:
                 continue  # another run took this generation first: look at it again
             if holder:
-                log.info("took over the expired lease of run %s (host %s) on %s", holder["run_id"],
-                         holder["host"], self.output)
+                how = "expired" if holder.expires <= time.time() else "dead (its process is gone)"
+                log.info("took over the %s lease of run %s (host %s, pid %d) on %s", how, holder.run_id,
+                         holder.host, holder.pid, self.output)
             break
         else:
             raise LeaseHeld(f"could not take the lease on {self.output}: other runs keep taking it; retry later")
@@ -137,7 +200,7 @@ class Lease:
         """Raise LeaseLost unless this run still holds the lease (before anything irreversible)."""
         mine = self._read(self.generation)
         newer = [g for g in self._generations() if g > self.generation]
-        if not mine or mine["token"] != self.token or newer:
+        if not mine or mine.token != self.token or newer:
             raise LeaseLost(f"run {self.run_id} lost its lease on {self.output} to another run")
         if time.time() >= self.expires:
             self._retake()

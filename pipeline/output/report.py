@@ -9,6 +9,7 @@ import base64
 import html
 import io
 import json
+import re
 from collections import defaultdict
 
 import pyarrow.dataset as pads
@@ -19,6 +20,21 @@ from pipeline.schemas import output_arrow_schema
 
 THUMB_HEIGHT = 96
 MAX_FRAMES_SHOWN = 8
+# What the commit writes (run ids, part file names): anything else in a ledger or _SUCCESS was not
+# written by a run and could point the report outside the output (`../../elsewhere/x`).
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_PART_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.parquet")
+
+
+class ForgedOutput(ValueError):
+    """The output's ledger or _SUCCESS names something a run never writes; the message says what."""
+
+
+def _checked(name: str, pattern: re.Pattern, what: str, where: str) -> str:
+    if not isinstance(name, str) or not pattern.fullmatch(name) or ".." in name:
+        raise ForgedOutput(f"{where} names {what} {name!r}, which no run writes (it may have been altered): "
+                           "restore the file from a backup, or pass --run-id with a run of _runs/")
+    return name
 
 
 def read_output(output: str, storage: StorageConfig, run_id: str | None = None) -> tuple[list[dict], dict]:
@@ -32,13 +48,18 @@ def read_output(output: str, storage: StorageConfig, run_id: str | None = None) 
         if not fs.exists(out.success):
             raise FileNotFoundError(f"{output} holds no committed run (no _SUCCESS): the run did not complete, "
                                     "or this is not its --output")
-        run_id = _read_json(fs, out.success)["run_id"]
+        success = _read_json(fs, out.success)
+        run_id = success.get("run_id") if isinstance(success, dict) else None
+        _checked(run_id, _RUN_ID, "the run id", f"{output}/_SUCCESS")
+    else:
+        _checked(run_id, _RUN_ID, "the run id", "--run-id")
     ledger_path = out.ledger(run_id)
     if not fs.exists(ledger_path):
         runs = sorted(p.rsplit("/", 1)[-1].removesuffix(".json") for p in fs.glob(out.child("_runs", "*.json")))
         raise FileNotFoundError(f"no committed run {run_id} in {output} (committed runs: {', '.join(runs) or 'none'})")
     ledger = _read_json(fs, ledger_path)
-    paths = [out.child(name) for name in ledger.get("files", [])]
+    where = f"{output}/_runs/{run_id}.json"
+    paths = [out.child(_checked(name, _PART_FILE, "the file", where)) for name in ledger.get("files", [])]
     if not paths:
         return [], ledger
     rows = pads.dataset(paths, schema=output_arrow_schema(), format="parquet", filesystem=out.arrow).to_table().to_pylist()
@@ -71,17 +92,22 @@ def _shown(timestamps: list[float]) -> list[float]:
 class FrameReader:
     """The frames a run showed the model, decoded as the run decoded them: the pipeline's media
     code (rotation, colour, 16-bit scaling) in its isolated decoder process (a bad file costs one
-    strip, not the report), under the run's URL rules and pixel budget (from its ledger config)."""
+    strip, not the report), with the run's pixel budget (from its ledger config), under the URL
+    rules the operator gives (`allowed_prefixes`; anyone who can write to the output can rewrite
+    its ledger) or, only when the operator says so (`trust_ledger`), the run's own."""
 
-    def __init__(self, config: dict | None, storage: StorageConfig):
+    def __init__(self, config: dict | None, storage: StorageConfig, allowed_prefixes: list[str] | None = None,
+                 trust_ledger: bool = False):
         from pipeline.config import ModelSettings
         from pipeline.media.decoder_process import DecoderProcess
 
         defaults = ModelSettings.model_fields
         config = config or {}
         self.storage = storage
-        self.prefixes = config.get("allowed_uri_prefixes") or (
-            _default_prefixes(config["manifest"]) if config.get("manifest") else None)
+        self.prefixes = list(allowed_prefixes or []) or None
+        if self.prefixes is None and trust_ledger:
+            self.prefixes = config.get("allowed_uri_prefixes") or (
+                _default_prefixes(config["manifest"]) if config.get("manifest") else None)
         self.max_pixels = config.get("max_pixels") or defaults["max_pixels"].default
         self.decoder = DecoderProcess(config.get("decode_timeout_s") or defaults["decode_timeout_s"].default,
                                       max_memory_bytes=int((config.get("decoder_memory_gb")
@@ -101,7 +127,8 @@ class FrameReader:
         from pipeline.io.urls import check_media_uri
 
         if self.prefixes is None:
-            raise PermissionError("the run's URL rules are unknown (no ledger config): frames are not read")
+            raise PermissionError("no URL rules for the media: pass --allow-uri-prefix with the media's folder or "
+                                  "bucket (or --frames-from-ledger for an output only trusted runs write)")
         check_media_uri(uri, self.prefixes)  # the file may have been swapped for a link since the run
         return self.decoder.decode(uri=uri, storage=self.storage, declared_type=media_type,
                                    num_frames=len(at_s) if at_s else 1, max_pixels=self.max_pixels, at_s=at_s)
@@ -153,7 +180,8 @@ def _figures(rows: list[dict], success: dict | None) -> list[tuple[str, str]]:
 
 
 def render(rows: list[dict], success: dict | None, storage: StorageConfig | None = None,
-           frames: bool = True, max_items: int = 500) -> str:
+           frames: bool = True, max_items: int = 500, allowed_prefixes: list[str] | None = None,
+           trust_ledger: bool = False) -> str:
     storage = storage or StorageConfig()
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Run report</title><style>{CSS}</style>"
@@ -166,7 +194,7 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
         if r["status"] == "ok":
             by_item[(r["id"], r["uri"] or " ".join(r.get("uris") or []))].append(r)
     parts.append(f"<h2>Items ({len(by_item)})</h2>")
-    reader = FrameReader((success or {}).get("config"), storage) if frames else None
+    reader = FrameReader((success or {}).get("config"), storage, allowed_prefixes, trust_ledger) if frames else None
     for n, ((item_id, uri), answers) in enumerate(sorted(by_item.items(), key=lambda kv: str(kv[0][0]))):
         if n == max_items:
             parts.append(f"<p class='warn'>{len(by_item) - max_items} more items not shown (--max-items).</p>")

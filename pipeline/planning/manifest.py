@@ -75,7 +75,8 @@ def manifest_format(path: str) -> str | None:
 
 
 def list_manifest_files(uri: str, cfg: RunConfig) -> list[str]:
-    """The manifest file itself, or every manifest file under a prefix (sorted, hidden files skipped)."""
+    """The manifest file itself, or every manifest file under a prefix (sorted; files and folders whose
+    names start with `.` or `_` are skipped: .git/, _temporary/, _runs/ hold no manifests)."""
     return list(manifest_file_sizes(uri, cfg))
 
 
@@ -91,10 +92,10 @@ def manifest_file_sizes(uri: str, cfg: RunConfig) -> dict[str, int]:
         # a local manifest by its absolute path: relative media paths in it resolve beside it wherever
         # the run's working directory is
         return {path if proto == "file" else uri: fs.size(path)}
-    found = {}
+    found, root = {}, path.rstrip("/") + "/"
     for p, info in sorted(fs.find(path, detail=True).items()):
-        name = p.rsplit("/", 1)[-1]
-        if name.startswith((".", "_")) or manifest_format(p) is None:
+        under = p[len(root):] if p.startswith(root) else p.rsplit("/", 1)[-1]
+        if any(part.startswith((".", "_")) for part in under.split("/")) or manifest_format(p) is None:
             continue
         found[p if proto == "file" else f"{proto}://{p}"] = info.get("size") or 0
     if not found:
@@ -116,8 +117,8 @@ def _coerce_csv_row(row: dict) -> dict:
         elif key in ("questions", "uris"):
             try:
                 value = json.loads(value) if value.lstrip().startswith("[") else [value]
-            except ValueError:
-                pass
+            except (ValueError, RecursionError):
+                pass  # left as it is so validation names the column
         out[key] = value
     return out
 
@@ -184,6 +185,9 @@ SCAN_SCHEMA = RECORD_SCHEMA.append(pa.field("_order", pa.int64()))
 ROW_BITS = 40
 SCAN_CHUNK_BYTES = 4 << 20  # JSONL bytes (CSV block) parsed at once: bounds a scan task's memory on a huge file
 SCAN_BATCH_ROWS = 50_000  # Parquet rows parsed at once
+# Longest JSONL line read as a row (a row with 10,000 questions is ~1 MB): a longer one is an error
+# row read past without being held (a 128 MB line without a newline cost ~10x its size in memory).
+MAX_LINE_BYTES = 16 << 20
 
 
 @dataclass
@@ -229,20 +233,38 @@ def _parquet_chunks(open_binary) -> Iterator[Chunk]:
 
 
 def _jsonl_chunks(open_binary) -> Iterator[Chunk]:
-    """Blocks of whole lines; the byte-order mark some editors write is dropped."""
-    line, carry = 1, b""
+    """Blocks of whole lines; the byte-order mark some editors write is dropped; a line longer than
+    MAX_LINE_BYTES is skipped to its end (never held whole) and becomes one error row."""
+    import numpy as np
+
+    line, carry, skipping = 1, b"", False
     with open_binary() as f:
         first = True
         while True:
             block = f.read(SCAN_CHUNK_BYTES)
-            data = carry + block
             if first:
-                data, first = data.removeprefix(b"\xef\xbb\xbf"), False
+                block, first = block.removeprefix(b"\xef\xbb\xbf"), False
+            if skipping:  # inside an overlong line: drop bytes up to its newline
+                newline = block.find(b"\n")
+                if newline < 0 and block:
+                    continue
+                yield Chunk(np.array([line]), rows=[ValueError(
+                    f"the line is longer than {MAX_LINE_BYTES >> 20} MB, more than any manifest row needs; "
+                    "split it, or list the media of a huge row in several rows")])
+                line, skipping = line + 1, False
+                if newline < 0:
+                    return
+                block = block[newline + 1:]
+                if not block:
+                    continue
+            data = carry + block
             cut = data.rfind(b"\n") + 1 if block else len(data)
             if cut:
                 yield from _jsonl_chunk(data[:cut], line)
                 line += data.count(b"\n", 0, cut)
             carry = data[cut:]
+            if len(carry) > MAX_LINE_BYTES:
+                carry, skipping = b"", True
             if not block:
                 return
 
@@ -317,6 +339,8 @@ def _json_row(line: bytes) -> dict | Exception:
         raise
     except ValueError as e:
         return e
+    except RecursionError:  # json's parser recurses per nesting level: 100,000 '[' exhaust the stack
+        return ValueError("the line nests arrays or objects too deeply to be a manifest row")
 
 
 def _csv_chunks(open_binary) -> Iterator[Chunk]:

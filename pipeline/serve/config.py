@@ -34,6 +34,9 @@ class ServeConfig(ModelSettings):
     max_queued_requests: int = Field(64, ge=1, description="Requests waiting for an ingress replica; more are answered 429.")
     request_timeout_s: float = Field(60, gt=0, description="A request not answered in this time gets 504.")
     max_body_bytes: int = Field(20 * 2**20, ge=1024, description="Largest request body; larger gets 413.")
+    body_timeout_s: float = Field(30.0, gt=0, description=
+            "Longest time a client may take to send its whole request body (and never past request_timeout_s); "
+            "slower gets 408, so clients that trickle bytes cannot hold the server's request slots.")
     max_media_bytes: int = Field(200 * 2**20, ge=1024, description="Largest media file fetched from a URL; larger gets 413.")
     allowed_schemes: list[str] = Field(["data", "s3", "gs", "https"], description="URL schemes clients may name (file: and chained URLs never).")
     allowed_prefixes: list[str] = Field([], description=

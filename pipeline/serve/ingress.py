@@ -90,7 +90,16 @@ class ChatIngress:
             raise APIError(401, "missing or wrong bearer token (Authorization: Bearer ...)", "invalid_api_key",
                            "authentication_error")
 
-    async def read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request, deadline: float) -> bytes:
+        """The whole body within body_timeout_s (and the request's deadline), else 408."""
+        timeout = min(self.cfg.body_timeout_s, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(self._receive_body(request), timeout=max(timeout, 0))
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:.0f} s; send it faster or "
+                                "in a smaller request", "request_timeout") from None
+
+    async def _receive_body(self, request: Request) -> bytes:
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -139,7 +148,7 @@ class ChatIngress:
         started = time.monotonic()
         deadline = started + self.cfg.request_timeout_s
         self.authorize(request)
-        req = parse_request(await self.read_body(request))
+        req = parse_request(await self.read_body(request, deadline))
         if req.model != self.cfg.model_name():
             raise APIError(404, f"model {req.model!r} is not served here; GET /v1/models", "model_not_found",
                            param="model")
@@ -147,7 +156,7 @@ class ChatIngress:
         gen = generation_for(req, self.cfg.generation)
         loop = asyncio.get_running_loop()
         try:
-            inputs = await asyncio.wait_for(loop.run_in_executor(self.pool, self.prepare, chat, deadline),
+            inputs = await asyncio.wait_for(loop.run_in_executor(self.pool, self.prepare, chat, deadline, gen.max_new_tokens),
                                             timeout=deadline - time.monotonic())
         except asyncio.TimeoutError:
             raise APIError(504, f"no answer within {self.cfg.request_timeout_s} s (fetching and decoding the media)",
@@ -242,13 +251,14 @@ class ChatIngress:
                        storage=self.cfg.storage, max_bytes=len(PNG_1X1), declared_type="image", num_frames=1,
                        max_pixels=1)
 
-    def prepare(self, chat: Chat, deadline: float) -> dict:
+    def prepare(self, chat: Chat, deadline: float, max_new_tokens: int) -> dict:
         """URL rules, fetch + decode (in the decoder child), chat template + processor (in a worker thread)."""
         import numpy as np
 
         from pipeline.io.urls import URLRejected, check_uri
         from pipeline.media.decoded import MediaError
         from pipeline.model.families import UnsupportedMedia
+        from pipeline.model.preprocess import PromptTooLong
 
         frames = []
         for n, url in enumerate(chat.urls):
@@ -283,4 +293,8 @@ class ChatIngress:
             raise APIError(400, f"the prompt is {len(inputs['input_ids'])} tokens (media included), over this "
                                 f"server's limit of {self.cfg.max_prompt_tokens}; send less text or fewer images",
                            "prompt_too_long", param="messages")
+        try:
+            self.preprocessor.check_fits(len(inputs["input_ids"]), max_new_tokens)
+        except PromptTooLong as e:
+            raise APIError(400, str(e), e.error_type, param="messages") from None
         return inputs
