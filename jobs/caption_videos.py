@@ -88,6 +88,10 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--model-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help=doc(f["model_resources"]) + " Repeat for several.")
     p.add_argument("--trace-dir", help=doc(f["trace_dir"]))
+    p.add_argument("--actor-start-timeout-s", type=float, default=f["actor_start_timeout_s"].default,
+                   help=doc(f["actor_start_timeout_s"]))
+    p.add_argument("--no-progress-timeout-s", type=float, default=f["no_progress_timeout_s"].default,
+                   help=doc(f["no_progress_timeout_s"]))
     p.add_argument("--lease-ttl-s", type=float, default=f["lease_ttl_s"].default, help=doc(f["lease_ttl_s"]))
     p.add_argument("--dry-run", action="store_true", help=doc(f["dry_run"]))
     a = p.parse_args(argv)
@@ -103,6 +107,7 @@ def parse_args(argv=None) -> RunConfig:
             trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module, max_pixels=a.max_pixels,
             decoder_memory_gb=a.decoder_memory_gb, lease_ttl_s=a.lease_ttl_s,
+            actor_start_timeout_s=a.actor_start_timeout_s, no_progress_timeout_s=a.no_progress_timeout_s,
             model_resources=dict(_resource(r, p) for r in a.model_resource), trace_dir=a.trace_dir,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                                         top_p=a.top_p, top_k=a.top_k, seed=a.seed),

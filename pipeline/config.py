@@ -159,6 +159,13 @@ class RunConfig(ModelSettings):
     model_resources: dict[str, float] = Field(default_factory=dict, description=
             "Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes "
             "started with `ray start --resources` naming them.")
+    actor_start_timeout_s: float = Field(7200.0, description=
+            "Longest the run waits for its actor pools' first actors (the model replicas: nodes added by the autoscaler, "
+            "weights copied and loaded) before Ray Data's no-progress clock starts; past it the run fails saying the "
+            "cluster cannot start them. Ray Data's wait_for_min_actors_s; -1: do not wait (Ray's default).")
+    no_progress_timeout_s: float = Field(3600.0, description=
+            "Once the actors are up, longest the run may go with no block moving through any stage before Ray Data "
+            "fails it (a hang). Ray Data's execution_no_progress_timeout_s (Ray's default 1800); -1: never.")
     lease_ttl_s: float = Field(60.0, ge=2, description=
             "Lifetime of the output's lease (pipeline/output/lease.py), renewed every third of it while the run runs: a "
             "run whose driver died blocks other runs on its output for at most this long.")
@@ -177,6 +184,13 @@ class RunConfig(ModelSettings):
         import os
 
         return os.path.abspath(v) if "://" not in v else v
+
+    @field_validator("actor_start_timeout_s", "no_progress_timeout_s")
+    @classmethod
+    def _positive_or_never(cls, v: float) -> float:
+        if v != -1 and v <= 0:
+            raise ValueError(f"{v}: want seconds > 0, or -1 for no limit")
+        return v
 
     def config_key(self) -> str:
         """Identifies the settings that shape the text: a rerun with the same key skips committed rows."""

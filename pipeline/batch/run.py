@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from pipeline.batch.fit import configure_data_context, fit_to_cluster
 from pipeline.batch.stages import Generate, Preprocess, decode_media, format_output, video_resize
 from pipeline.config import RunConfig
 from pipeline.output import commit, lease
@@ -114,11 +115,6 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
 
     started = time.time()
     connect_ray(cfg.ray_address)
-    files = list_manifest_files(cfg.manifest, cfg)
-    discarded = commit.recover(cfg)
-    plan = plan_run(cfg, files)
-    log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
-             plan.committed, cfg.output, plan.todo)
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.device == "cuda" and not gpus:
         raise RunError("--device cuda was given but the Ray cluster has no GPUs; add GPU nodes or use --device auto")
@@ -126,6 +122,16 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
     if cfg.quantization and not use_gpu:
         raise RunError(f"--quantization {cfg.quantization} needs GPUs (bitsandbytes) but the Ray cluster has none; "
                        "add GPU nodes or drop --quantization")
+    fit = fit_to_cluster(cfg, use_gpu)  # a cluster too small for the pools stops here, not in a silent hang
+    if fit.problem(cfg, use_gpu):
+        raise RunError(fit.problem(cfg, use_gpu))
+    cfg = cfg.model_copy(update={"preprocess_workers": fit.preprocess_workers})
+    configure_data_context(cfg)  # slow model loads and cold autoscaling wait for the actors, not Ray Data's stall guard
+    files = list_manifest_files(cfg.manifest, cfg)
+    discarded = commit.recover(cfg)
+    plan = plan_run(cfg, files)
+    log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
+             plan.committed, cfg.output, plan.todo)
     if plan.todo:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)
