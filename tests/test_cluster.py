@@ -1130,3 +1130,26 @@ def test_no_alert_fires_on_the_gpu_memory_a_healthy_run_holds():
             assert threshold >= 0.99 and threshold > USABLE_FRACTION, rule["alert"]
     oom = [r for r in rules if 'error_type="out_of_memory"' in r["expr"]]
     assert oom and all("ray_pipeline_rows_total" in r["expr"] for r in oom)
+
+
+def test_readme_cluster_section_is_a_day_one_checklist():
+    """In the order an operator needs them: IAM (the policies in cluster/iam), registry login, the
+    operator with its CRDs (helm repo add, CRDs applied before the upgrade), the secrets."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 3)]
+    launcher = section[section.index("### Day one: the Ray cluster launcher"):section.index("### Day one: Kubernetes")]
+    steps = ["**IAM.**", "**Build and push the image**", "**Registry login.**", "**Start**"]
+    assert [launcher.index(s) for s in steps] == sorted(launcher.index(s) for s in steps)
+    for path in sorted(IAM.glob("*.json")):
+        assert f"cluster/iam/{path.name}" in launcher, path.name
+    kube = section[section.index("### Day one: Kubernetes"):]
+    order = ["helm repo add kuberay", "helm show crds kuberay/kuberay-operator", "helm upgrade --install kuberay-operator",
+             "kubectl apply -f cluster/kuberay/serviceaccount.yaml", "kubectl create secret generic llava-serve-api-token",
+             "kubectl apply -f cluster/kuberay/rayservice.yaml"]
+    assert [kube.index(s) for s in order] == sorted(kube.index(s) for s in order)
+    assert "--server-side" in kube and "RayCronJob" in kube
+    (_, service), = of_kind("RayService")
+    secrets = {v["secret"]["secretName"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+               for v in g["template"]["spec"].get("volumes", []) if "secret" in v}
+    assert all(f"kubectl create secret generic {s}" in kube for s in secrets)
