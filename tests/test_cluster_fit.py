@@ -49,6 +49,23 @@ def test_fixed_cluster_preprocess_pool_leaves_a_cpu_for_the_task_stages():
     assert fit_to_cluster(cfg(device="cpu", preprocess_workers=2), use_gpu=False, cpus=64, autoscaling=False).preprocess_workers == 2
 
 
+def test_kuberay_pods_and_launcher_heads_count_as_autoscaling(monkeypatch, tmp_path):
+    """The autoscaler of KubeRay and of the launcher does not always report its node groups to the GCS
+    (Ray Data's own check): their pods' env and the launcher head's config say the cluster may grow."""
+    import pipeline.batch.fit as fit
+
+    monkeypatch.setattr(fit, "LAUNCHER_CONFIG", str(tmp_path / "ray_bootstrap_config.yaml"))
+    for name in fit.KUBERAY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("ray.data._internal.cluster_autoscaler.util.is_autoscaling_enabled", lambda: False)
+    assert not fit.autoscaling_enabled()
+    monkeypatch.setenv("RAY_USAGE_STATS_KUBERAY_IN_USE", "1")
+    assert fit.autoscaling_enabled()
+    monkeypatch.delenv("RAY_USAGE_STATS_KUBERAY_IN_USE")
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("cluster_name: x\n")
+    assert fit.autoscaling_enabled()
+
+
 def test_timeouts_refuse_zero():
     with pytest.raises(ValueError):
         cfg(no_progress_timeout_s=0)
@@ -132,15 +149,22 @@ ray.shutdown()
 
 @pytest.mark.slow
 def test_model_load_slower_than_the_no_progress_timeout_does_not_fail_the_run(samples, tiny_model, tmp_path):
-    """A model load of 60 s under a no-progress timeout of 30 s (a 72B copy under Ray's 30 min): the
+    """A model load of 120 s under a no-progress timeout of 30 s (a 72B copy under Ray's 30 min): the
     job's DataContext makes the pools wait for their actors first, so the run completes; Ray's
     default (no wait) fails the same run with Ray Data's ExecutionTimeoutError."""
-    delay, stall = 60, 30
-    proc = run_script(SLOW_LOAD_SCRIPT, samples, tiny_model, tmp_path, delay, stall)
+    delay, stall = 120, 30  # on a loaded 2-core machine a video item alone can take 30 s: two small images
+    media = tmp_path / "media"
+    media.mkdir()
+    lines = []
+    for name in ("photo.jpg", "logo.png"):
+        (media / name).write_bytes((samples / name).read_bytes())
+        lines.append(json.dumps({"id": name, "uri": str(media / name)}))
+    (media / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_script(SLOW_LOAD_SCRIPT, media, tiny_model, tmp_path, delay, stall)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     waited = result["waits_for_actors"]
-    assert "error" not in waited and waited["ok"] > 0 and waited["s"] > delay, waited
+    assert "error" not in waited and waited["ok"] == waited["rows"] == 2 and waited["s"] > delay, waited
     assert waited["context"] == {"execution_no_progress_timeout_s": stall, "wait_for_min_actors_s": 300}
     default = result["ray_default_no_wait"]
     assert default.get("error") == "ExecutionTimeoutError" and "made no progress" in default["message"], default

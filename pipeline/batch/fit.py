@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.config import RunConfig
 
@@ -58,14 +59,24 @@ def model_cpus(cfg: RunConfig, use_gpu: bool) -> float:
     return cfg.replicas * (1 if use_gpu else cfg.tp)
 
 
+KUBERAY_ENV = ("KUBERAY_GEN_RAY_START_CMD", "RAY_USAGE_STATS_KUBERAY_IN_USE")  # set by KubeRay in its Ray pods
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # the launcher's autoscaling config on its head (`ray up`)
+
+
 def autoscaling_enabled() -> bool:
-    """Whether the cluster's autoscaler may add nodes: Ray Data's own check (its cluster config's
-    node groups)."""
+    """Whether an autoscaler may add nodes to the cluster. Any of: Ray Data's own check (the cluster
+    config the autoscaler reported to the GCS, when it does), a KubeRay pod (its env), a launcher
+    head (its autoscaling config). The driver runs on the head under `ray job submit`. A cluster of
+    `ray start` nodes has none of them."""
+    import os
+
+    if any(os.environ.get(name) for name in KUBERAY_ENV) or Path(LAUNCHER_CONFIG).expanduser().exists():
+        return True
     try:
         from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
 
         return is_autoscaling_enabled()
-    except Exception as e:  # a private Ray API: if it moves, assume the cluster may grow (log, never hang silently)
+    except Exception as e:  # a private Ray API: if it moves, assume the cluster may grow (log, never refuse wrongly)
         log.warning("cannot tell whether the Ray cluster autoscales (%s); not checking its size", e)
         return True
 
