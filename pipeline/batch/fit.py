@@ -66,8 +66,8 @@ LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"  # the launcher's autoscaling co
 def autoscaling_enabled() -> bool:
     """Whether an autoscaler may add nodes to the cluster. Any of: Ray Data's own check (the cluster
     config the autoscaler reported to the GCS, when it does), a KubeRay pod (its env), a launcher
-    head (its autoscaling config). The driver runs on the head under `ray job submit`. A cluster of
-    `ray start` nodes has none of them."""
+    head (its autoscaling config, which Ray Tune's cluster check reads too). The driver runs on the
+    head under `ray job submit`. A cluster of `ray start` nodes has none of them."""
     import os
 
     if any(os.environ.get(name) for name in KUBERAY_ENV) or Path(LAUNCHER_CONFIG).expanduser().exists():
