@@ -1,7 +1,10 @@
-"""cluster/: the KubeRay manifests validate against KubeRay's CRD schemas, entrypoints run jobs that
-exist with arguments their parsers accept, GPU counts agree with the replicas, images are pinned and
-exist, the image's torch matches its CUDA, RayJobs clean up after themselves, the monitoring files
-validate against prometheus-operator's CRDs; the model stage lands on the accelerator it names."""
+"""cluster/: the KubeRay manifests validate against the CRD schemas of every supported KubeRay version,
+entrypoints run jobs that exist with arguments their parsers accept, GPU counts agree with the replicas,
+images are pinned and exist, the image has one CUDA (torch's) and writable cache folders for its user,
+mounted Secrets are readable by it, RayJobs clean up after themselves and keep idle pods past planning,
+the RayService's groups hold its replicas, the launcher's IAM policies cover what Ray's autoscaler calls,
+the monitoring files validate against prometheus-operator's CRDs; the model stage lands on the
+accelerator it names."""
 
 from __future__ import annotations
 

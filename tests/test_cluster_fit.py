@@ -176,3 +176,24 @@ def test_job_defaults_cover_a_cold_72b_start():
     an hour of no progress once running (Ray's own default is 30 min, counted from the start)."""
     c = cfg()
     assert c.actor_start_timeout_s >= 3600 and c.no_progress_timeout_s >= 1800
+
+
+def test_the_settings_are_ray_datas_own_fields(monkeypatch):
+    """The names the job sets are the installed Ray Data's DataContext fields (a rename would make them
+    silently ineffective), with Ray's defaults as the README states them; the job's values land there."""
+    import dataclasses
+
+    import ray.data
+
+    from pipeline.batch.fit import configure_data_context
+
+    fields = {f.name: f.default for f in dataclasses.fields(ray.data.DataContext)}
+    if not os.environ.get("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S"):
+        assert fields["execution_no_progress_timeout_s"] == 30 * 60
+    assert fields["wait_for_min_actors_s"] == -1  # Ray's default: actors start in the background, the guard counts
+    ctx = ray.data.DataContext()
+    monkeypatch.setattr(ray.data.DataContext, "get_current", staticmethod(lambda: ctx))
+    configure_data_context(cfg(actor_start_timeout_s=5400, no_progress_timeout_s=2400))
+    assert (ctx.wait_for_min_actors_s, ctx.execution_no_progress_timeout_s) == (5400, 2400)
+    configure_data_context(cfg(actor_start_timeout_s=-1, no_progress_timeout_s=-1))
+    assert (ctx.wait_for_min_actors_s, ctx.execution_no_progress_timeout_s) == (-1, -1)
