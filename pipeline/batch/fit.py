@@ -95,4 +95,7 @@ def fit_to_cluster(cfg: RunConfig, use_gpu: bool, cpus: float | None = None, aut
         if workers < cfg.preprocess_workers:
             log.info("--preprocess-workers %d -> %d: the cluster has %g CPUs and cannot add nodes", cfg.preprocess_workers,
                      workers, cpus)
+    elif cpus < fixed + 1:
+        log.info("the Ray cluster has %g CPUs now and this run needs at least %g: waiting for the autoscaler to add "
+                 "nodes (up to --actor-start-timeout-s %g s)", cpus, fixed + 1, cfg.actor_start_timeout_s)
     return Fit(cpus=cpus, needed=fixed + 1, autoscaling=autoscaling, preprocess_workers=workers)
