@@ -160,9 +160,9 @@ class RunConfig(ModelSettings):
             "Custom Ray resources each model replica also requests, e.g. {\"llava_node\": 1}: places the replicas on nodes "
             "started with `ray start --resources` naming them.")
     actor_start_timeout_s: float = Field(7200.0, description=
-            "Longest the run waits for its actor pools' first actors (the model replicas: nodes added by the autoscaler, "
-            "weights copied and loaded) before Ray Data's no-progress clock starts; past it the run fails saying the "
-            "cluster cannot start them. Ray Data's wait_for_min_actors_s; -1: do not wait (Ray's default).")
+            "Longest the run waits for its actor pools' minimum actors (every model replica: nodes added by the "
+            "autoscaler, weights copied and loaded; the first preprocess actor) before Ray Data's no-progress clock "
+            "starts; past it the run fails saying the cluster cannot start them. Ray Data's wait_for_min_actors_s; -1: do not wait (Ray's default).")
     no_progress_timeout_s: float = Field(3600.0, description=
             "Once the actors are up, longest the run may go with no block moving through any stage before Ray Data "
             "fails it (a hang). Ray Data's execution_no_progress_timeout_s (Ray's default 1800); -1: never.")
