@@ -206,6 +206,21 @@ class RunConfig(CaptionConfig):
     lease_ttl_s: float = Field(60.0, ge=2, description=
             "Lifetime of the output's lease (pipeline/output/lease.py), renewed every third of it while the run runs: a "
             "run whose driver died blocks other runs on its output for at most this long.")
+    actor_start_timeout_s: float = Field(7200.0, description=
+            "Longest the run waits for its actor pools' minimum actors (every model replica: nodes added by the "
+            "autoscaler, weights copied and loaded; the first preprocess actor) before Ray Data's no-progress clock "
+            "starts; past it the run fails saying the cluster cannot start them. Ray Data's wait_for_min_actors_s; -1: "
+            "do not wait (Ray's default).")
+    no_progress_timeout_s: float = Field(3600.0, description=
+            "Once the actors are up, longest the run may go with no block moving through any stage before Ray Data "
+            "fails it (a hang). Ray Data's execution_no_progress_timeout_s (Ray's default 1800); -1: never.")
+
+    @field_validator("actor_start_timeout_s", "no_progress_timeout_s")
+    @classmethod
+    def _positive_or_never(cls, v: float) -> float:
+        if v != -1 and v <= 0:
+            raise ValueError(f"{v}: want seconds > 0, or -1 for no limit")
+        return v
 
     @field_validator("manifest", "output")
     @classmethod

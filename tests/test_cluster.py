@@ -1,7 +1,10 @@
-"""cluster/: the KubeRay manifests validate against KubeRay's CRD schemas, entrypoints run jobs that
-exist with arguments their parsers accept, GPU counts agree with the replicas, images are pinned and
-exist, the image's torch matches its CUDA, RayJobs clean up after themselves, the monitoring files
-validate against prometheus-operator's CRDs; the model stage lands on the accelerator it names."""
+"""cluster/: the KubeRay manifests validate against the CRD schemas of every supported KubeRay version,
+entrypoints run jobs that exist with arguments their parsers accept, GPU counts agree with the replicas,
+images are pinned and exist, the image has one CUDA (torch's) and writable cache folders for its user,
+mounted Secrets are readable by it, RayJobs clean up after themselves and keep idle pods past planning,
+the RayService's groups hold its replicas, the launcher's IAM policies cover what Ray's autoscaler calls,
+the monitoring files validate against prometheus-operator's CRDs; the model stage lands on the
+accelerator it names."""
 
 from __future__ import annotations
 
@@ -24,7 +27,15 @@ from jobs import caption_videos
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
-CRD_DIR = Path(os.environ.get("KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
+# Reference data beside the checkout (../shared), or beside the folder of worktrees (../../shared).
+SHARED = next((d / "shared" for d in (REPO.parent, REPO.parent.parent) if (d / "shared").is_dir()), REPO.parent / "shared")
+# The KubeRay versions the README supports (its "Supported KubeRay versions" line) and the folder of
+# each one's CRDs: every manifest must validate against every one of them.
+KUBERAY_CRD_DIRS = {
+    "1.6.0": Path(os.environ.get("KUBERAY_CRDS_V1_6", SHARED / "kuberay-crds-v1.6.0")),
+    "1.7.0": Path(os.environ.get("KUBERAY_CRDS", SHARED / "kuberay-crds")),
+}
+KUBERAY_VERSIONS = sorted(KUBERAY_CRD_DIRS)
 APP_DIR = "/home/ray/app"  # where cluster/Dockerfile puts the checkout
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayCronJob": "ray.io_raycronjobs.yaml", "RayService": "ray.io_rayservices.yaml"}
@@ -59,16 +70,17 @@ def strict(schema):
     return schema
 
 
-def validator(kind: str, api_version: str):
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {CRD_DIR} (set KUBERAY_CRDS to the folder holding "
-                    f"ray.io_*.yaml to run the manifest validation)")
-    return _validator(kind, api_version)
+def validator(kind: str, api_version: str, kuberay: str = KUBERAY_VERSIONS[-1]):
+    crd_dir = KUBERAY_CRD_DIRS[kuberay]
+    if not crd_dir.is_dir():
+        pytest.skip(f"KubeRay {kuberay} CRD schemas not found at {crd_dir} (set KUBERAY_CRDS / KUBERAY_CRDS_V1_6 to the "
+                    f"folder holding ray.io_*.yaml to run the manifest validation)")
+    return _validator(kind, api_version, crd_dir)
 
 
 @functools.cache
-def _validator(kind: str, api_version: str):
-    crd = yaml.safe_load((CRD_DIR / CRD_FILES[kind]).read_text())
+def _validator(kind: str, api_version: str, crd_dir: Path):
+    crd = yaml.safe_load((crd_dir / CRD_FILES[kind]).read_text())
     group, version = api_version.split("/")
     assert crd["spec"]["group"] == group
     versions = {v["name"]: v for v in crd["spec"]["versions"]}
@@ -77,8 +89,8 @@ def _validator(kind: str, api_version: str):
     return jsonschema.Draft7Validator(schema)
 
 
-def schema_errors(doc: dict) -> list[str]:
-    v = validator(doc["kind"], doc["apiVersion"])
+def schema_errors(doc: dict, kuberay: str = KUBERAY_VERSIONS[-1]) -> list[str]:
+    v = validator(doc["kind"], doc["apiVersion"], kuberay)
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(doc)]
 
 
@@ -89,22 +101,45 @@ def test_every_kuberay_kind_has_a_manifest():
     assert {doc["kind"] for _, doc in RAY_DOCS} == set(CRD_FILES)
 
 
+@pytest.mark.parametrize("kuberay", KUBERAY_VERSIONS)
 @pytest.mark.parametrize("name,doc", RAY_DOCS, ids=[f"{n}-{d['kind']}" for n, d in RAY_DOCS])
-def test_kuberay_manifest_validates_against_its_crd(name, doc):
-    assert schema_errors(doc) == []
+def test_kuberay_manifest_validates_against_its_crd_in_every_supported_version(name, doc, kuberay):
+    """`kubectl apply` refuses a field the installed operator's CRD does not declare: each manifest
+    validates strictly against the CRDs of every KubeRay version the README supports."""
+    assert schema_errors(doc, kuberay) == []
 
 
-def test_validation_catches_a_misspelled_field():
+@pytest.mark.parametrize("kuberay", KUBERAY_VERSIONS)
+def test_validation_catches_a_misspelled_field(kuberay):
     _, rayjob = of_kind("RayJob")[0]
     broken = copy.deepcopy(rayjob)
     broken["spec"]["activeDeadlineSecond"] = broken["spec"].pop("activeDeadlineSeconds")
     broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 3
-    errors = schema_errors(broken)
+    errors = schema_errors(broken, kuberay)
     assert any("activeDeadlineSecond'" in e for e in errors)
     assert any("maxReplica'" in e for e in errors)
     wrong_type = copy.deepcopy(rayjob)
     wrong_type["spec"]["backoffLimit"] = "one"
-    assert any("backoffLimit" in e for e in schema_errors(wrong_type))
+    assert any("backoffLimit" in e for e in schema_errors(wrong_type, kuberay))
+
+
+def test_validation_sees_what_one_supported_version_lacks():
+    """RayCronJob's spec.timeZone arrived in KubeRay 1.7: the 1.6 CRD refuses it, so a manifest using it
+    fails the check for 1.6 (as `kubectl apply` on a 1.6 operator would)."""
+    (_, cron), = of_kind("RayCronJob")
+    zoned = copy.deepcopy(cron)
+    zoned["spec"]["timeZone"] = "Etc/UTC"
+    assert schema_errors(zoned, "1.7.0") == []
+    assert any("timeZone" in e for e in schema_errors(zoned, "1.6.0"))
+
+
+def test_readme_names_the_supported_kuberay_versions_and_installs_one():
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"Supported KubeRay versions: ([0-9., and]+)", text)
+    assert m, "the README must say which KubeRay versions are supported"
+    assert sorted(re.findall(r"\d+\.\d+\.\d+", m.group(1))) == KUBERAY_VERSIONS
+    installed = re.findall(r"helm (?:upgrade --install|install) kuberay-operator kuberay/kuberay-operator --version (\S+)", text)
+    assert installed and set(installed) <= set(KUBERAY_VERSIONS), installed
 
 
 def test_scheduled_runs_use_the_rayjob_spec():
@@ -321,8 +356,8 @@ def test_project_image_tag_is_the_project_version_and_ray_versions_agree():
     project = [i for i in all_images() if "/pipeline:" in i]
     assert project and {i.rsplit(":", 1)[1] for i in project} == {version}
     (base,) = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.M)
-    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py311-cu\d+", base)
-    assert m, f"{base}: want a pinned rayproject/ray CUDA image with Python 3.11"
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-py311-cpu", base)
+    assert m, f"{base}: want a pinned rayproject/ray image with Python 3.11 (CPU base: CUDA comes with torch's wheels)"
     ray_versions = {spec["rayVersion"] for _, spec in cluster_specs()}
     assert ray_versions == {m.group(1)}
 
@@ -412,10 +447,8 @@ def test_model_stage_runs_only_on_nodes_of_the_accelerator_type(samples, tiny_mo
 # --- the image's CUDA, the launcher's AMI, images that exist -------------------------------------
 
 def base_image_cuda() -> str:
-    """'13.0' for rayproject/ray:...-cu130."""
-    (base,) = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.M)
-    digits = re.fullmatch(r"rayproject/ray:\S+-cu(\d+)", base).group(1)
-    return f"{digits[:-1]}.{digits[-1]}"
+    """The image's CUDA: the Dockerfile's IMAGE_CUDA, which its build checks torch's build against."""
+    return re.search(r"^ARG IMAGE_CUDA=(\d+\.\d+)$", (CLUSTER / "Dockerfile").read_text(), re.M).group(1)
 
 
 def image_pins() -> dict[str, str]:
@@ -609,7 +642,7 @@ def test_entrypoints_ask_for_the_accelerator_of_their_gpu_group():
 
 # --- monitoring ----------------------------------------------------------------------------------
 
-PROM_CRD_DIR = Path(os.environ.get("PROMETHEUS_OPERATOR_CRDS", REPO.parent / "shared" / "prometheus-operator-crds"))
+PROM_CRD_DIR = Path(os.environ.get("PROMETHEUS_OPERATOR_CRDS", SHARED / "prometheus-operator-crds"))
 PROM_CRD_FILES = {"PodMonitor": "monitoring.coreos.com_podmonitors.yaml",
                   "PrometheusRule": "monitoring.coreos.com_prometheusrules.yaml"}
 
@@ -671,11 +704,11 @@ def selectors(expr: str) -> list:
     return found
 
 
-RAY_METRICS = {"ray_node_gram_used", "ray_node_gram_available", "ray_node_gpus_utilization",
+RAY_METRICS = {"ray_node_gram_used", "ray_node_gram_available", "ray_node_gpus_utilization", "ray_node_network_receive_speed",
                "ray_serve_num_http_error_requests_total"}  # Ray's own (node and Serve proxy metrics)
 
 
-def test_alert_rules_parse_and_cover_errors_stalls_restarts_and_gpu_memory():
+def test_alert_rules_parse_and_cover_errors_stalls_restarts_and_out_of_memory():
     rules = [r for g in monitoring_doc("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     known = pipeline_metric_names() | RAY_METRICS
     used = set()
@@ -685,8 +718,8 @@ def test_alert_rules_parse_and_cover_errors_stalls_restarts_and_gpu_memory():
         used |= found
         assert rule["labels"]["severity"] in ("warning", "critical") and rule["annotations"]["summary"]
         assert "ray_io_cluster" in rule["expr"] or not re.search(r"\b(sum|count|avg|max|min) by", rule["expr"])
-    assert {"ray_pipeline_rows_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total",
-            "ray_node_gram_used"} <= used
+    assert {"ray_pipeline_rows_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total"} <= used
+    assert any('error_type="out_of_memory"' in r["expr"] for r in rules)
     errors = next(r["expr"] for r in rules if "status=\"error\"" in r["expr"])
     assert "/" in errors  # a ratio of error rows to all rows
 
@@ -729,3 +762,396 @@ def test_rayservice_runs_the_serve_yaml_arguments_with_the_gpu_and_a_token_secre
         secrets = {v["name"]: v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         assert mounts.get(token_dir) in secrets, f"{group['groupName']} does not mount the token Secret at {token_dir}"
+
+
+# --- day one: the image's user and paths, Secrets, idle pods, Serve's groups ------------------------
+
+IMAGE_UID, IMAGE_GID = 1000, 100  # Ray's image: user ray (uid 1000), primary group users (gid 100)
+
+
+def dockerfile_lines(text: str | None = None) -> list[str]:
+    text = (text if text is not None else (CLUSTER / "Dockerfile").read_text()).replace("\\\n", " ")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def image_env() -> dict[str, str]:
+    env = {}
+    for line in dockerfile_lines():
+        if line.startswith("ENV "):
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(line[4:])))
+    return env
+
+
+def image_dirs(lines: list[str] | None = None) -> dict[str, tuple[int, int]]:
+    """The folders the Dockerfile's RUN steps make, with their owner (uid) after its chown steps: the
+    image's file system as far as the pods' writable paths go. WORKDIR makes its folder the user's."""
+    owners: dict[str, tuple[int, int]] = {}
+    user = IMAGE_UID  # the base image's USER
+    for line in lines if lines is not None else dockerfile_lines():
+        if line.startswith("USER "):
+            user = 0 if line.split()[1] in ("root", "0") else IMAGE_UID
+        elif line.startswith("WORKDIR "):
+            owners.setdefault(line.split()[1], (user, IMAGE_GID))
+        elif line.startswith("RUN "):
+            for step in re.split(r"&&|;", line[4:]):
+                if step.split()[:1] not in (["mkdir"], ["chown"]):
+                    continue  # only the steps that make or hand over folders
+                argv = shlex.split(step)
+                if argv[:2] == ["mkdir", "-p"]:
+                    for d in argv[2:]:
+                        parts = Path(d).parts
+                        for i in range(2, len(parts) + 1):
+                            owners.setdefault(str(Path(*parts[:i])), (user, IMAGE_GID))
+                elif argv and argv[0] == "chown" and user == 0:
+                    recursive = "-R" in argv
+                    spec, *paths = [a for a in argv[1:] if not a.startswith("-")]
+                    uid, _, gid = spec.partition(":")
+                    uid = IMAGE_UID if uid in ("ray", str(IMAGE_UID)) else int(uid) if uid.isdigit() else -1
+                    gid = IMAGE_GID if gid in ("users", str(IMAGE_GID), "") else int(gid) if gid.isdigit() else -1
+                    for path in paths:
+                        for d in list(owners):
+                            if d == path or (recursive and d.startswith(path.rstrip("/") + "/")):
+                                owners[d] = (uid, gid)
+    return owners
+
+
+def image_user() -> int:
+    users = [line.split()[1] for line in dockerfile_lines() if line.startswith("USER ")]
+    return IMAGE_UID if not users or users[-1] in ("ray", str(IMAGE_UID)) else -1
+
+
+def test_image_model_cache_folders_are_the_image_users():
+    """PIPELINE_MODEL_CACHE and HF_HOME exist in the image and belong to uid 1000, which the image
+    runs as: pods without a volume there (the KubeRay head and cpu-decode groups) can write them."""
+    env, dirs = image_env(), image_dirs()
+    assert image_user() == IMAGE_UID
+    for var in ("PIPELINE_MODEL_CACHE", "HF_HOME"):
+        path = env[var]
+        assert path in dirs and dirs[path][0] == IMAGE_UID, (var, path, dirs.get(path))
+        parent = str(Path(path).parent)
+        assert dirs.get(parent, (0,))[0] == IMAGE_UID, (parent, "the cache root must be the user's too: the copy's lock file")
+
+
+def test_image_dirs_model_reads_user_mkdir_and_chown():
+    """The check itself: a folder made as root is root's until a chown; none made is none at all."""
+    made = image_dirs(dockerfile_lines("USER root\nRUN mkdir -p /mnt/models/a /mnt/models/b\nUSER ray\n"))
+    assert made["/mnt/models"] == (0, IMAGE_GID) and made["/mnt/models/a"][0] == 0
+    owned = image_dirs(dockerfile_lines("USER root\nRUN mkdir -p /mnt/models/a && chown -R ray:users /mnt/models\n"))
+    assert owned["/mnt/models"][0] == owned["/mnt/models/a"][0] == IMAGE_UID
+    assert "/mnt/models" not in image_dirs(dockerfile_lines("FROM x\nWORKDIR /home/ray/app\n"))
+
+
+@pytest.mark.parametrize("where,group_name,group", pod_groups(), ids=[f"{w}-{g}" for w, g, _ in pod_groups()])
+def test_every_pod_can_write_its_model_cache(where, group_name, group):
+    """Each pod of the project's image writes PIPELINE_MODEL_CACHE and HF_HOME: on a mounted volume
+    (emptyDir: world-writable) or in the image's own folder, owned by the user the pod runs as."""
+    env, dirs = image_env(), image_dirs()
+    pod = group["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for container in project_containers(group):
+        uid = container.get("securityContext", {}).get("runAsUser", pod.get("securityContext", {}).get("runAsUser", IMAGE_UID))
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+        for var in ("PIPELINE_MODEL_CACHE", "HF_HOME"):
+            path = next((e["value"] for e in container.get("env", []) if e["name"] == var and "value" in e), env[var])
+            mount = next((m for m in mounts if path == m or path.startswith(m.rstrip("/") + "/")), None)
+            if mount is not None:
+                assert "emptyDir" in mounts[mount], (where, group_name, mount)
+            else:
+                assert dirs.get(path, (None,))[0] == uid, f"{where} {group_name}: {path} is not writable by uid {uid}"
+
+
+def secret_readable(mode: int, fs_group: int | None, uid: int = IMAGE_UID, groups=(IMAGE_GID,)) -> bool:
+    """A Secret volume's files are root's (uid 0); with a pod fsGroup their group is fsGroup, which the
+    container's processes also get. Can uid read them at this mode?"""
+    if uid == 0:
+        return True
+    if fs_group is not None and mode & 0o040:
+        return True
+    return bool(mode & 0o004) or (0 in groups and bool(mode & 0o040))
+
+
+def test_secret_readability_model():
+    assert not secret_readable(0o400, None) and not secret_readable(0o440, None) and not secret_readable(0o400, 100)
+    assert secret_readable(0o440, 100) and secret_readable(0o444, None)
+
+
+def test_every_mounted_secret_is_readable_by_the_image_user():
+    """The RayService's API token (and any mounted Secret): the kubelet writes its files root-owned
+    with defaultMode (Kubernetes' default 0644); uid 1000 reads them only through fsGroup or the
+    other-read bit. Before: 0400 and no fsGroup, ChatIngress could not read its token."""
+    checked = 0
+    for where, group_name, group in pod_groups():
+        pod = group["template"]["spec"]
+        fs_group = pod.get("securityContext", {}).get("fsGroup")
+        secrets = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+        for container in project_containers(group):
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in secrets:
+                    mode = secrets[mount["name"]].get("defaultMode", 0o644)
+                    assert secret_readable(mode, fs_group), (where, group_name, oct(mode), fs_group)
+                    checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("name,spec", cluster_specs(), ids=[n for n, _ in cluster_specs()])
+def test_autoscaled_clusters_keep_idle_pods_past_planning(name, spec):
+    """KubeRay's default idle timeout is 60 s: GPU pods that wait while the driver plans would be
+    removed and made again (image pulled, weights copied again; a released p5 may not come back)."""
+    if spec.get("enableInTreeAutoscaling"):
+        assert spec.get("autoscalerOptions", {}).get("idleTimeoutSeconds", 60) >= 600, name
+
+
+def pack(bundles: list[dict], nodes: list[dict]) -> bool:
+    """First fit, largest first: do the actor bundles fit on these nodes' Ray resources?"""
+    free = [dict(n) for n in nodes]
+    for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b.get("CPU", 0))):
+        for node in free:
+            if all(node.get(k, 0) >= v for k, v in bundle.items()):
+                for k, v in bundle.items():
+                    node[k] -= v
+                break
+        else:
+            return False
+    return True
+
+
+def test_rayservice_groups_hold_the_frontends_and_the_model_replicas():
+    """Serve's replicas against what the RayService's worker groups give Ray (KubeRay's autoscaler's own
+    reading of each group): the frontends and the first model replica fit the initial pods, and at
+    max_replicas every replica fits the groups at their max size, each model replica with its GPU."""
+    from pipeline.serve import deployment_options, parse_args
+
+    (_, service), = of_kind("RayService")
+    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    cfg = parse_args(app["args"])
+    model, ingress = deployment_options(cfg)
+
+    def bundle(options):
+        actor = options["ray_actor_options"]
+        return {k: v for k, v in {"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0)}.items() if v}
+
+    spec = service["spec"]["rayClusterConfig"]
+    head = {"CPU": float(spec["headGroupSpec"]["rayStartParams"].get("num-cpus", 0))}
+    groups = [(autoscaler_resources(g), g) for g in spec["workerGroupSpecs"]]
+    frontends = [bundle(ingress)] * ingress["num_replicas"]
+    scaling = model.get("autoscaling_config", {})
+    first = scaling.get("initial_replicas", model.get("num_replicas", 1))
+    most = scaling.get("max_replicas", first)
+    initial = [head] + [r for r, g in groups for _ in range(g["replicas"])]
+    largest = [head] + [r for r, g in groups for _ in range(g["maxReplicas"])]
+    assert pack(frontends + [bundle(model)] * first, initial), (frontends, bundle(model), initial)
+    assert pack(frontends + [bundle(model)] * most, largest), (most, largest)
+    gpu_groups = [g for r, g in groups if r.get("GPU")]
+    assert gpu_groups and all(g["template"]["spec"].get("nodeSelector", {}).get("node.kubernetes.io/instance-type")
+                              for g in gpu_groups), "GPU pods pinned to an instance type whose CPUs and GPU they request"
+
+
+def test_pack_sees_a_group_too_small():
+    assert not pack([{"CPU": 4}, {"CPU": 4}, {"CPU": 1, "GPU": 1}], [{"CPU": 0}, {"CPU": 8, "GPU": 1}])
+    assert pack([{"CPU": 4}, {"CPU": 4}, {"CPU": 1, "GPU": 1}], [{"CPU": 8}, {"CPU": 7, "GPU": 1}])
+
+
+def test_launcher_leaves_shm_sizing_to_ray():
+    """With no --shm-size, Ray's docker runner sizes /dev/shm to the object store of each node (30 % of its
+    memory, to Ray's cap); a fixed --shm-size turns that off and caps every node's object store."""
+    from ray.autoscaler._private.command_runner import DockerCommandRunner
+
+    conf = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    options = list(conf["docker"]["run_options"])
+    assert not any("--shm-size" in o for o in options)
+
+    class Host:  # a p4d's /proc/meminfo, as the runner reads it over ssh
+        def run(self, cmd, with_output=False):
+            return b"MemTotal: 1207959552 kB\nMemAvailable: 1200000000 kB\n"
+
+    runner = DockerCommandRunner.__new__(DockerCommandRunner)
+    runner.docker_config, runner.ssh_command_runner = conf["docker"], Host()
+    sized = runner._auto_configure_shm(options)
+    shm = float(re.fullmatch(r"--shm-size='([0-9.e+]+)b'", sized[-1]).group(1))
+    assert shm > 100e9  # well past the old 16 GB
+    assert runner._auto_configure_shm(options + ["--shm-size=16g"])[-1] == "--shm-size=16g"  # what it did before
+
+
+def test_image_has_one_cuda_stack_from_torchs_wheels():
+    """The base is Ray's CPU image (no CUDA): CUDA comes once, with torch's pinned wheels; the driver's
+    libraries come from the host (NVIDIA_DRIVER_CAPABILITIES), the GPUs from the runtime."""
+    (base,) = re.findall(r"^FROM\s+(\S+)", (CLUSTER / "Dockerfile").read_text(), re.M)
+    assert re.fullmatch(r"rayproject/ray:\d+\.\d+\.\d+-py311-cpu", base), base
+    env = image_env()
+    assert set(env.get("NVIDIA_DRIVER_CAPABILITIES", "").split(",")) >= {"compute", "utility"}
+    assert "NVIDIA_VISIBLE_DEVICES" not in env  # 'all' in the image would show every GPU to CPU pods
+    conf = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    assert "-e NVIDIA_VISIBLE_DEVICES=all" in conf["docker"]["run_options"]  # launcher: Ray adds --runtime=nvidia on GPU hosts
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's .dockerignore rules, last match wins (patterns relative to the context; enough for ours)."""
+    import fnmatch
+
+    excluded = False
+    for line in (REPO / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pattern = line.startswith("!"), line.lstrip("!").rstrip("/")
+        pattern = pattern.removeprefix("**/")
+        parts = Path(path).parts
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatch(p, pattern) for p in prefixes) or any(fnmatch.fnmatch(part, pattern) for part in parts
+                                                                      if line.lstrip("!").startswith("**/")):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_the_context_to_what_the_image_copies():
+    sources = [s for line in dockerfile_lines() if line.startswith("COPY ")
+               for s in [a for a in shlex.split(line)[1:] if not a.startswith("--")][:-1]]
+    assert {"pipeline", "schemas", "jobs", "pyproject.toml"} <= set(sources)
+    for source in sources:
+        assert not dockerignore_excludes(source), source
+        assert (REPO / source).exists(), source
+    for path in (".git/config", ".venv/bin/python", "tests/test_cluster.py", "benchmarks/results", ".quickstart/x",
+                 "pipeline/__pycache__/config.cpython-311.pyc"):
+        assert dockerignore_excludes(path), path
+    assert not dockerignore_excludes("pipeline/batch/run.py")
+
+
+# --- launcher IAM -----------------------------------------------------------------------------------
+
+IAM = CLUSTER / "iam"
+
+
+def policy_allows(policy: dict, action: str, resource: str = "*") -> bool:
+    import fnmatch
+
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        if statement["Effect"] == "Allow" and "Condition" not in statement \
+                and any(fnmatch.fnmatch(action.lower(), a.lower()) for a in actions) \
+                and any(fnmatch.fnmatch(resource, r) for r in resources):
+            return True
+    return False
+
+
+def ray_aws_ec2_actions() -> set[str]:
+    """The EC2 API calls Ray's AWS node provider (the autoscaler on the head) makes, read from its source."""
+    import ray.autoscaler._private.aws.node_provider as provider
+
+    text = Path(provider.__file__).read_text()
+    calls = set(re.findall(r"\.(create_instances|terminate_instances|stop_instances|start_instances|create_tags|"
+                           r"describe_\w+)\(", text))
+    calls |= {"terminate_instances"} if re.search(r"\.terminate\(\)", text) else set()
+    calls |= {"stop_instances"} if re.search(r"\.stop\(\)", text) else set()
+    calls |= {"describe_instances"} if "instances.filter(" in text else set()
+    names = {"create_instances": "RunInstances"}
+    return {"ec2:" + names.get(c, "".join(w.title() for w in c.split("_"))) for c in calls}
+
+
+def test_iam_policies_are_valid_policy_documents():
+    for path in sorted(IAM.glob("*.json")):
+        doc = json.loads(path.read_text())
+        assert doc["Version"] == "2012-10-17" and doc["Statement"], path.name
+        for s in doc["Statement"]:
+            assert s["Effect"] in ("Allow", "Deny") and s["Action"] and ("Resource" in s or "Principal" in s), (path.name, s)
+    trust = json.loads((IAM / "ec2-trust-policy.json").read_text())
+    assert trust["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+
+
+def test_launcher_head_profile_may_launch_terminate_and_pass_the_worker_role():
+    """Ray uses a configured head profile as it is (no policies added): the head's role must allow what
+    its autoscaler calls (read from Ray's AWS node provider), iam:PassRole on the workers' role, and
+    ssm:GetParameters for the `resolve:ssm:` AMI that RunInstances resolves."""
+    from ray.autoscaler._private.aws import config as aws_config
+
+    conf = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    assert "if \"IamInstanceProfile\" in head_node_config" in Path(aws_config.__file__).read_text()  # used as is
+    types = conf["available_node_types"]
+    head_profile = types[conf["head_node_type"]]["node_config"]["IamInstanceProfile"]["Name"]
+    worker_profiles = {t["node_config"]["IamInstanceProfile"]["Name"] for k, t in types.items() if k != conf["head_node_type"]}
+    assert head_profile not in worker_profiles and len(worker_profiles) == 1
+    head, node = json.loads((IAM / "head-policy.json").read_text()), json.loads((IAM / "node-policy.json").read_text())
+    needed = ray_aws_ec2_actions()
+    if not conf["provider"].get("cache_stopped_nodes", True):
+        needed -= {"ec2:StopInstances", "ec2:StartInstances"}
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances"} <= needed
+    assert [a for a in sorted(needed) if not policy_allows(head, a)] == []
+    (worker_role,) = worker_profiles  # the README creates each profile with a role of the same name
+    assert policy_allows(head, "iam:PassRole", f"arn:aws:iam::ACCOUNT_ID:role/{worker_role}")
+    assert not policy_allows(head, "iam:PassRole", "arn:aws:iam::ACCOUNT_ID:role/admin")
+    for t in types.values():
+        ami = t["node_config"]["ImageId"]
+        if ami.startswith("resolve:ssm:"):
+            region = conf["provider"]["region"]
+            assert policy_allows(head, "ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{ami.removeprefix('resolve:ssm:')}")
+    # every node (the head too) pulls the private image and reads and writes S3
+    assert policy_allows(node, "ecr:GetAuthorizationToken") and policy_allows(node, "s3:PutObject", "arn:aws:s3:::media-captions/captions/x")
+
+
+def test_launcher_logs_in_to_the_image_registry_before_the_pull():
+    conf = yaml.safe_load((CLUSTER / "aws-cluster.yaml").read_text())
+    registry = conf["docker"]["image"].split("/", 1)[0]
+    logins = [c for c in conf["initialization_commands"] if "docker login" in c]
+    assert logins and all(c.rstrip().endswith(registry) and "--password-stdin" in c for c in logins)
+    assert not re.search(r"(?i)--password[ =](?!-stdin)", " ".join(conf["initialization_commands"]))
+
+
+# --- monitoring: variables for Serve-only clusters, GPU memory ---------------------------------------
+
+RAY_NODE_METRICS = {"ray_node_network_receive_speed", "ray_node_gram_used", "ray_node_gram_available", "ray_node_gpus_utilization"}
+
+
+def serve_metric_names() -> set[str]:
+    return {n for n in pipeline_metric_names() if n.startswith("ray_pipeline_serve_")} | RAY_NODE_METRICS
+
+
+def batch_metric_names() -> set[str]:
+    return {n for n in pipeline_metric_names() if not n.startswith("ray_pipeline_serve_")} | RAY_NODE_METRICS
+
+
+def test_dashboard_variables_come_from_a_metric_batch_and_serve_clusters_both_export():
+    """A Serve-only cluster emits no ray_pipeline_rows_total: the Cluster and session lists come from a
+    node metric every Ray node exports (as Ray's own dashboards do)."""
+    dashboard = json.loads((CLUSTER / "grafana-dashboard.json").read_text())
+    variables = [v for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert {v["name"] for v in variables} >= {"Cluster", "session"}
+    for v in variables:
+        (metric,) = re.findall(r"label_values\((\w+)", v["query"])
+        assert metric in serve_metric_names() & batch_metric_names(), (v["name"], metric)
+
+
+def test_no_alert_fires_on_the_gpu_memory_a_healthy_run_holds():
+    """Sizing plans 90 % of each GPU and PyTorch's caching allocator keeps what it freed: an alert on
+    NVML's used memory fires on every healthy run. The alert is on rows that ran out of memory."""
+    from pipeline.planning.sizing import USABLE_FRACTION
+
+    rules = [r for g in monitoring_doc("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+    for rule in rules:
+        if "ray_node_gram_used" in rule["expr"]:
+            threshold = float(re.search(r">\s*([0-9.]+)\s*$", rule["expr"].strip()).group(1))
+            assert threshold >= 0.99 and threshold > USABLE_FRACTION, rule["alert"]
+    oom = [r for r in rules if 'error_type="out_of_memory"' in r["expr"]]
+    assert oom and all("ray_pipeline_rows_total" in r["expr"] for r in oom)
+
+
+def test_readme_cluster_section_is_a_day_one_checklist():
+    """In the order an operator needs them: IAM (the policies in cluster/iam), registry login, the
+    operator with its CRDs (helm repo add, CRDs applied before the upgrade), the secrets."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Running on a cluster"):]
+    section = section[:section.index("\n## ", 3)]
+    launcher = section[section.index("### Day one: the Ray cluster launcher"):section.index("### Day one: Kubernetes")]
+    steps = ["**IAM.**", "**Build and push the image**", "**Registry login.**", "**Start**"]
+    assert [launcher.index(s) for s in steps] == sorted(launcher.index(s) for s in steps)
+    for path in sorted(IAM.glob("*.json")):
+        assert f"cluster/iam/{path.name}" in launcher, path.name
+    kube = section[section.index("### Day one: Kubernetes"):]
+    order = ["helm repo add kuberay", "helm show crds kuberay/kuberay-operator", "helm upgrade --install kuberay-operator",
+             "kubectl apply -f cluster/kuberay/serviceaccount.yaml", "kubectl create secret generic llava-serve-api-token",
+             "kubectl apply -f cluster/kuberay/rayservice.yaml"]
+    assert [kube.index(s) for s in order] == sorted(kube.index(s) for s in order)
+    assert "--server-side" in kube and "RayCronJob" in kube
+    (_, service), = of_kind("RayService")
+    secrets = {v["secret"]["secretName"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+               for v in g["template"]["spec"].get("volumes", []) if "secret" in v}
+    assert all(f"kubectl create secret generic {s}" in kube for s in secrets)

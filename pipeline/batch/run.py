@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from pipeline.batch.caption import DeviceError, DriverFacts, caption_records, model_device
+from pipeline.batch.fit import configure_data_context, fit_to_cluster
 from pipeline.batch.stages import video_resize
 from pipeline.config import RunConfig
 from pipeline.io.urls import media_prefixes
@@ -94,15 +95,20 @@ def run(cfg: RunConfig) -> RunSummary:
 def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
     started = time.time()
     connect_ray(cfg.ray_address)
+    try:
+        use_gpu = model_device(cfg) == "cuda"
+    except DeviceError as e:
+        raise RunError(str(e)) from e
+    fit = fit_to_cluster(cfg, use_gpu)  # a cluster too small for the pools stops here, not in a silent hang
+    if fit.problem(cfg, use_gpu):
+        raise RunError(fit.problem(cfg, use_gpu))
+    cfg = cfg.model_copy(update={"preprocess_workers": fit.preprocess_workers})
+    configure_data_context(cfg)  # slow model loads and cold autoscaling wait for the actors, not Ray Data's stall guard
     files = manifest_file_sizes(cfg.manifest, cfg)  # the run's one listing of the manifest
     discarded = commit.recover(out)
     plan = plan_run(cfg, out, files)
     log.info("manifest: %d items from %d file(s); %d already committed in %s; %d to do", plan.items, len(files),
              plan.committed, cfg.output, plan.todo)
-    try:
-        use_gpu = model_device(cfg) == "cuda"
-    except DeviceError as e:
-        raise RunError(str(e)) from e
     if plan.todo:
         for line in sizing_lines(cfg, use_gpu):
             log.info("%s", line)
