@@ -103,8 +103,10 @@ class FrameReader:
         if self.prefixes is None:
             raise PermissionError("the run's URL rules are unknown (no ledger config): frames are not read")
         check_media_uri(uri, self.prefixes)  # the file may have been swapped for a link since the run
+        # the batch job's own fetch + decode, the opened file checked against the rules as in the job
         return self.decoder.decode(uri=uri, storage=self.storage, declared_type=media_type,
-                                   num_frames=len(at_s) if at_s else 1, max_pixels=self.max_pixels, at_s=at_s)
+                                   num_frames=len(at_s) if at_s else 1, max_pixels=self.max_pixels, at_s=at_s,
+                                   allowed_prefixes=self.prefixes)
 
     def close(self) -> None:
         self.decoder.close()
