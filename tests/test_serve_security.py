@@ -277,27 +277,18 @@ def test_a_response_without_a_length_is_read_and_decoded(hosts, fetch):
     assert decoded.media_type == "image" and decoded.width > 0  # it was "undecodable: Cannot seek streaming HTTP file"
 
 
-def test_the_servers_byte_limit_holds_for_a_response_without_a_length(hosts, samples):
+@pytest.mark.parametrize("stream", [True, False], ids=["no-length", "content-length"])
+def test_the_servers_byte_limit_holds_with_or_without_a_declared_length(hosts, samples, stream):
     from pipeline.media.decoded import MediaError
 
     media, media_handler, *_ = hosts
-    media_handler.stream = True
+    media_handler.stream = stream  # no-length: counted as the bytes arrive
     size = (samples / "photo.jpg").stat().st_size
     url = f"http://127.0.0.2:{media.server_port}/photo.jpg"
     with pytest.raises(MediaError) as e:
         server_fetch(url, max_media_bytes=size - 1)
     assert e.value.error_type == "media_too_large" and f"larger than {size - 1} bytes" in str(e.value)
     assert server_fetch(url, max_media_bytes=size).media_type == "image"  # exactly at the limit: read
-
-
-def test_the_servers_byte_limit_holds_for_a_declared_size(hosts, samples):
-    from pipeline.media.decoded import MediaError
-
-    media, *_ = hosts
-    size = (samples / "photo.jpg").stat().st_size
-    with pytest.raises(MediaError) as e:
-        server_fetch(f"http://127.0.0.2:{media.server_port}/photo.jpg", max_media_bytes=size - 1)
-    assert e.value.error_type == "media_too_large"
 
 
 @FETCHERS
