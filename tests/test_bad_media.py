@@ -57,6 +57,26 @@ def decode_error(path, **kw):
     return e.value.error_type
 
 
+def test_the_box_reader_tells_an_mp4_cut_short_from_a_whole_one(tmp_path):
+    from pipeline.media.containers import mp4_box_overruns
+
+    def box(kind: bytes, payload: bytes, length: int | None = None) -> bytes:
+        return (length if length is not None else 8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+    whole = write_mp4(tmp_path / "w.mp4").read_bytes()
+    ftyp = box(b"ftyp", b"isom" + bytes(4))
+    wide = (1).to_bytes(4, "big") + b"free" + (24).to_bytes(8, "big") + bytes(8)  # a 64-bit length
+    cases = {
+        "whole": (whole, False), "cut": (whole[:len(whole) - 100], True),
+        "last box to the end (length 0)": (ftyp + box(b"mdat", bytes(50), length=0), False),
+        "64-bit length, whole": (ftyp + wide, False), "64-bit length, cut": (ftyp + wide[:-1], True),
+        "no ftyp first": (box(b"mdat", bytes(50), length=500), False),
+        "a length below its header": (ftyp + box(b"moov", bytes(20), length=3), False),
+    }
+    for name, (data, overruns) in cases.items():
+        assert mp4_box_overruns(io.BytesIO(data)) is overruns, name
+
+
 def test_truncated_files_are_reported_as_truncated(tmp_path):
     for faststart in (False, True):  # index at the end (cut off with it) or at the front
         data = write_mp4(tmp_path / f"v{faststart}.mp4", faststart=faststart).read_bytes()

@@ -75,7 +75,8 @@ def test_test_only_hooks_are_not_user_options_but_an_environment_variable(monkey
     assert DecoderProcess(5).module == "pipeline.media.decoder_process"
     monkeypatch.setenv("PIPELINE_TEST_DECODER_MODULE", "tests.helpers.fault_decoder")
     assert DecoderProcess(5).module == "tests.helpers.fault_decoder"  # nothing starts until the first decode
-    assert DecoderProcess(5, module="pipeline.serve.media").module == "pipeline.serve.media"  # named: the server's own
+    monkeypatch.delenv("PIPELINE_TEST_DECODER_MODULE")
+    assert DecoderProcess(5, module="tests.helpers.fault_decoder").module == "tests.helpers.fault_decoder"  # named by a test
 
 
 def sample(path: tuple[str, ...], field) -> tuple[list[str], object]:

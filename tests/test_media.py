@@ -276,3 +276,54 @@ def test_a_symlink_swapped_after_the_drivers_check_is_refused_when_the_worker_op
         with pytest.raises(MediaError) as e:
             fetch_and_decode(uri, StorageConfig(), None, 1, allowed_prefixes=prefixes)
         assert e.value.error_type == "uri_not_allowed" and "not allowed once opened" in str(e.value)
+
+
+# ---- the one fetch_and_decode: the server's options (data: URLs, a byte limit, a label) -----------
+
+def data_url(path, mime: str) -> str:
+    import base64
+
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_a_data_url_decodes_as_its_file_does_where_allowed(samples):
+    for name, mime, kind in (("photo.jpg", "image/jpeg", "image"), ("street.mp4", "video/mp4", "video")):
+        inline = fetch_and_decode(data_url(samples / name, mime), STORAGE, kind, 4, data_urls=True)
+        stored = fetch_and_decode(str(samples / name), STORAGE, kind, 4)
+        assert inline.media_type == kind and inline.timestamps_s == stored.timestamps_s
+        assert np.array_equal(inline.frames, stored.frames)
+
+
+def test_data_urls_are_refused_unless_allowed_and_never_echoed(samples):
+    from pipeline.io.urls import URLRejected, check_media_uri
+
+    url = data_url(samples / "photo.jpg", "image/jpeg")
+    with pytest.raises(URLRejected):  # the job's URL rules refuse it on the driver (unchanged)...
+        check_media_uri(url, [str(samples)])
+    with pytest.raises(MediaError) as e:  # ...and its fetch, should one get through
+        fetch_and_decode(url, STORAGE, "image", 1, allowed_prefixes=[str(samples)])
+    assert e.value.error_type == "uri_not_allowed" and url[40:80] not in str(e.value)
+    for bad, detail in ((url.replace(";base64", ""), "must be base64"), (url[:-5] + "!!!!=", "not valid base64")):
+        with pytest.raises(MediaError) as e:
+            fetch_and_decode(bad, STORAGE, "image", 1, data_urls=True, label="image_url #1")
+        assert e.value.error_type == "invalid_data_url" and detail in str(e.value)
+    header, payload = url.split(",", 1)
+    truncated = f"{header},{payload[:len(payload) // 2 // 4 * 4]}"  # valid base64, half a JPEG
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(truncated, STORAGE, "image", 1, data_urls=True, label="image_url #1")
+    assert "image_url #1" in str(e.value) and truncated[40:80] not in str(e.value)
+
+
+def test_the_label_names_the_media_in_messages(tmp_path):
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(tmp_path / "nope.jpg"), STORAGE, "image", 1, label="image_url #2")
+    assert e.value.error_type == "not_found" and str(e.value).startswith("image_url #2 does not exist")
+    assert str(tmp_path) not in str(e.value)
+
+
+def test_the_byte_limit_holds_for_a_file_of_known_size(samples):
+    size = (samples / "photo.jpg").stat().st_size
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(samples / "photo.jpg"), STORAGE, "image", 1, max_bytes=size - 1)
+    assert e.value.error_type == "media_too_large" and f"larger than {size - 1} bytes" in str(e.value)
+    assert fetch_and_decode(str(samples / "photo.jpg"), STORAGE, "image", 1, max_bytes=size).media_type == "image"

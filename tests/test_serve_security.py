@@ -183,10 +183,13 @@ def test_clients_that_trickle_their_body_get_408_and_free_the_server(server, sam
 # ---- http(s) fetches: the checked address, no redirects, timeouts (batch job and server) ----------
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    """Serves `files` with HEAD and Range (as fsspec reads), or redirects everything to `redirect`."""
+    """Serves `files` with HEAD and Range (as fsspec reads), or redirects everything to `redirect`;
+    with `stream`, as a streaming server would: no Content-Length, no ranges, the body ends when
+    the connection closes."""
 
     files: dict[str, bytes] = {}
     redirect: str | None = None
+    stream = False
     hits: list[str]
 
     def do_HEAD(self):
@@ -204,6 +207,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         data = self.files.get(self.path, b"")
+        if self.stream:
+            self.send_response(200)
+            self.send_header("Accept-Ranges", "none")
+            self.end_headers()
+            if body:
+                for i in range(0, len(data), 4096):
+                    self.wfile.write(data[i:i + 4096])
+            return
         start, end = 0, len(data) - 1
         ranged = self.headers.get("Range", "").startswith("bytes=")
         if ranged:
@@ -248,11 +259,14 @@ def batch_fetch(uri: str, storage=StorageConfig()):
     return fetch_and_decode(uri, storage, "image", 1)
 
 
-def server_fetch(uri: str, storage=StorageConfig()):
-    from pipeline.serve.media import fetch_and_decode
+def server_fetch(uri: str, storage=StorageConfig(), max_media_bytes=2**20):
+    """fetch_and_decode with the options the server's ingress gives it (what its decoder child runs)."""
+    from pipeline.media.fetch import fetch_and_decode
+    from pipeline.serve.config import ServeConfig
+    from pipeline.serve.ingress import fetch_request
 
-    return fetch_and_decode(uri=uri, url=uri, storage=storage, max_bytes=2**20, declared_type="image",
-                            num_frames=1, max_pixels=40_000_000)
+    cfg = ServeConfig(model="unused", storage=storage, max_media_bytes=max_media_bytes)
+    return fetch_and_decode(**fetch_request(cfg, uri, uri, "image"))
 
 
 FETCHERS = pytest.mark.parametrize("fetch", [batch_fetch, server_fetch], ids=["batch", "server"])
@@ -297,6 +311,28 @@ def test_a_redirect_to_loopback_is_not_followed(hosts, fetch):
     with pytest.raises(MediaError):
         fetch(f"http://127.0.0.2:{hosts[0].server_port}/photo.jpg")
     assert media_handler.hits and metadata_handler.hits == []
+
+
+@FETCHERS
+def test_a_response_without_a_length_is_read_and_decoded(hosts, fetch):
+    media, media_handler, *_ = hosts
+    media_handler.stream = True
+    decoded = fetch(f"http://127.0.0.2:{media.server_port}/photo.jpg")
+    assert decoded.media_type == "image" and decoded.width > 0  # it was "undecodable: Cannot seek streaming HTTP file"
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["no-length", "content-length"])
+def test_the_servers_byte_limit_holds_with_or_without_a_declared_length(hosts, samples, stream):
+    from pipeline.media.decoded import MediaError
+
+    media, media_handler, *_ = hosts
+    media_handler.stream = stream  # no-length: counted as the bytes arrive
+    size = (samples / "photo.jpg").stat().st_size
+    url = f"http://127.0.0.2:{media.server_port}/photo.jpg"
+    with pytest.raises(MediaError) as e:
+        server_fetch(url, max_media_bytes=size - 1)
+    assert e.value.error_type == "media_too_large" and f"larger than {size - 1} bytes" in str(e.value)
+    assert server_fetch(url, max_media_bytes=size).media_type == "image"  # exactly at the limit: read
 
 
 @FETCHERS

@@ -12,7 +12,9 @@ _MP4_CONTAINERS = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
 
 
 def _mp4_boxes(f, start: int, end: int):
-    """(type, payload start, box end) of the boxes in [start, end): headers only, no payloads read."""
+    """(type, payload start, box end) of the boxes in [start, end): headers only, no payloads read.
+    The box end is what its header declares, which may lie past `end` (a file cut short); a box
+    of length 0 extends to `end`. Stops at a header too short to read or a length below its header's."""
     pos = start
     while pos + 8 <= end:
         f.seek(pos)
@@ -27,7 +29,7 @@ def _mp4_boxes(f, start: int, end: int):
             length = end - pos
         if length < body - pos:
             return
-        yield kind, body, min(pos + length, end)
+        yield kind, body, pos + length
         pos += length
 
 
@@ -35,6 +37,7 @@ def _mp4_tables(f, start: int, end: int, found: dict, depth: int = 0) -> None:
     """Walk the boxes under [start, end) (headers only): samples the sample tables (stsz/stz2)
     declare, summed over the tracks, and the sample entry types (avc1, encv, ...)."""
     for kind, body, box_end in _mp4_boxes(f, start, end):
+        box_end = min(box_end, end)
         if kind in _MP4_CONTAINERS and depth < 6:
             _mp4_tables(f, body, box_end, found, depth + 1)
         elif kind in (b"stsz", b"stz2"):
@@ -55,7 +58,7 @@ def check_mp4_tables(f, uri: str, max_memory_bytes: int | None) -> None:
         size = f.seek(0, 2)
         for kind, body, end in _mp4_boxes(f, 0, size):
             if kind == b"moov":
-                _mp4_tables(f, body, end, found)
+                _mp4_tables(f, body, min(end, size), found)
     f.seek(0)
     if b"encv" in found["entries"]:
         raise MediaError("unsupported_codec", f"{uri} is encrypted (CENC/DRM): its frames cannot be decoded "
@@ -77,25 +80,13 @@ def check_frames_fit(uri: str, pixels: int, num_frames: int, video_resize: dict 
                                       "num_frames or max_pixels, or raise decoder_memory_gb")
 
 
-
 def mp4_box_overruns(f) -> bool:
     """True for an ISO-BMFF file (ftyp first) whose top-level boxes run past its end."""
+    size = f.seek(0, 2)
     f.seek(0)
-    size, pos = f.seek(0, 2), 0
-    while pos + 8 <= size:
-        f.seek(pos)
-        header = f.read(16)
-        length, kind = int.from_bytes(header[:4], "big"), header[4:8]
-        if pos == 0 and kind != b"ftyp":
-            return False
-        if length == 1 and len(header) == 16:
-            length = int.from_bytes(header[8:16], "big")
-        elif length == 0:  # box extends to the end of the file
-            return False
-        if length < 8:
-            return False
-        pos += length
-    return pos > size
+    if f.read(8)[4:8] != b"ftyp":
+        return False
+    return any(box_end > size for _, _, box_end in _mp4_boxes(f, 0, size))
 
 
 def check_not_truncated(f, uri: str, stream):

@@ -12,19 +12,12 @@ OOM killer taking the worker. Messages (pipeline/io/child_process.py) go over th
 from __future__ import annotations
 
 import os
-import pickle
-import select
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-from pipeline.io.child_process import HEADER_BYTES, body_length, receive, send
+from pipeline.io.child_process import Child, channel, exit_with_parent, how_it_ended, receive, send
 from pipeline.media.decoded import Decoded, MediaError, out_of_memory
 from pipeline.media.fetch import fetch_and_decode
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # on the child's path: `pipeline` (and tests' modules) without installing
 DEFAULT_MODULE = "pipeline.media.decoder_process"
 # Test-only: a module run (python -m) as the decoder child instead, e.g. tests.helpers.fault_decoder,
 # which injects crashes and hangs. Read here only; not a user option.
@@ -33,6 +26,8 @@ MEMORY_ENV = "PIPELINE_DECODER_MAX_MEMORY_BYTES"  # the parent's limit, read by 
 # A child's start-up (Python, PyAV, Pillow) on a loaded node can take far longer than a row's
 # decode_timeout_s; it is waited for on its own, so only the decode itself counts against a row.
 STARTUP_TIMEOUT_S = 600
+# A child whose reply pipe closed is dying: how long its own end (the signal to report) is waited for.
+EXIT_GRACE_S = 5.0
 
 
 def _limit_memory() -> None:
@@ -44,25 +39,31 @@ def _limit_memory() -> None:
 
 
 def serve(decode=fetch_and_decode) -> None:
-    """The child's loop: one request in, one reply out, until stdin closes."""
+    """The child's loop: one request in, one reply out, until stdin closes (or the parent is gone)."""
     _limit_memory()
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything a library prints must not corrupt the reply channel
+    requests, replies = channel()
+    exit_with_parent()
     import av  # noqa: F401 - the decoders' imports belong to start-up, not to the first row's time
     import PIL.Image  # noqa: F401
 
     send(replies, ("ready", None))
     while (kwargs := receive(requests)) is not None:
+        name = _name(kwargs)
         try:
             send(replies, ("ok", decode(**kwargs)))
         except MediaError as e:
             send(replies, ("error", (e.error_type, str(e))))
         except MemoryError:  # numpy, pickle or FFmpeg (ENOMEM) past the limit
-            error = out_of_memory(kwargs.get("uri"), kwargs.get("max_memory_bytes"))
+            error = out_of_memory(name, kwargs.get("max_memory_bytes"))
             send(replies, ("out_of_memory", (error.error_type, str(error))))
             return  # a process that ran out may be left half-broken: the parent starts a fresh one
         except Exception as e:  # noqa: BLE001 - any decoder failure belongs to this row
-            send(replies, ("error", ("undecodable", f"decoding {kwargs.get('uri')} failed: {type(e).__name__}: {e}")))
+            send(replies, ("error", ("undecodable", f"decoding {name} failed: {type(e).__name__}: {e}")))
+
+
+def _name(kwargs: dict) -> str | None:
+    """What a request's media is called in messages: its label (the server never echoes a data: URL), else its uri."""
+    return kwargs.get("label") or kwargs.get("uri")
 
 
 class DecoderProcess:
@@ -71,75 +72,48 @@ class DecoderProcess:
         self.timeout_s = timeout_s
         self.module = module or os.environ.get(TEST_MODULE_ENV) or DEFAULT_MODULE
         self.max_memory_bytes = int(max_memory_bytes) if max_memory_bytes else None  # None: no limit
-        self.proc: subprocess.Popen | None = None
+        self.child: Child | None = None
 
     def _start(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        env = {}
         if self.max_memory_bytes:
             # One malloc arena per thread reserves 64 MB each: keep the limit about the media's data.
             env.update({MEMORY_ENV: str(self.max_memory_bytes), "MALLOC_ARENA_MAX": "2"})
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env)
+        self.child = Child(self.module, env)
         try:
-            ready = self._receive(time.monotonic() + STARTUP_TIMEOUT_S)
+            ready = self.child.read_message(time.monotonic() + STARTUP_TIMEOUT_S)
         except TimeoutError:
             ready = None
-        if not ready or pickle.loads(ready)[0] != "ready":
+        if not ready or ready[0] != "ready":
             code = self._stop()
-            raise MediaError("decoder_crashed", f"the decoder process did not start (exit code {code}); "
+            raise MediaError("decoder_crashed", f"the decoder process did not start ({how_it_ended(code)}); "
                                                 "check the node's Python environment (PyAV, Pillow)")
 
-    def _stop(self) -> int | None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            code, self.proc = self.proc.returncode, None
-            return code
-        return None
-
-    def _receive(self, deadline: float) -> bytes | None:
-        """One message's body from the child, None on EOF; raises TimeoutError at the deadline."""
-        header = self._read(HEADER_BYTES, deadline)
-        return header and self._read(body_length(header), deadline)
-
-    def _read(self, n: int, deadline: float) -> bytes | None:
-        """n bytes from the child, None on EOF; raises TimeoutError at the deadline."""
-        fd, chunks, left = self.proc.stdout.fileno(), [], n
-        while left:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
+    def _stop(self, grace_s: float = 0.0) -> int | None:
+        child, self.child = self.child, None
+        return child.stop(grace_s) if child is not None else None
 
     def decode(self, **kwargs) -> Decoded:
         """fetch_and_decode(**kwargs) in the child process (told the child's memory limit)."""
         if self.max_memory_bytes:
             kwargs.setdefault("max_memory_bytes", self.max_memory_bytes)
-        if self.proc is None or self.proc.poll() is not None:
+        if self.child is None or self.child.poll() is not None:
             self._start()
-        uri = kwargs.get("uri")
-        deadline = time.monotonic() + self.timeout_s
+        name = _name(kwargs)
         try:
-            send(self.proc.stdin, kwargs)
-            body = self._receive(deadline)
+            self.child.send(kwargs)
+            reply = self.child.read_message(time.monotonic() + self.timeout_s)
         except TimeoutError:
             self._stop()
-            raise MediaError("timeout", f"decoding {uri} took over {self.timeout_s:g} s and was stopped; "
+            raise MediaError("timeout", f"decoding {name} took over {self.timeout_s:g} s and was stopped; "
                                         "check the file, or raise decode_timeout_s for very large media") from None
         except BrokenPipeError:
-            body = None
-        if body is None:  # the child died
-            code = self._stop()
-            how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
-            raise MediaError("decoder_crashed", f"the decoder process died ({how}) on {uri}; the file probably "
+            reply = None
+        if reply is None:  # the child died
+            how = how_it_ended(self._stop(EXIT_GRACE_S))
+            raise MediaError("decoder_crashed", f"the decoder process died ({how}) on {name}; the file probably "
                                                 "triggers a decoder bug: re-encode it or report it")
-        status, payload = pickle.loads(body)
+        status, payload = reply
         if status == "out_of_memory":  # the child exits after this reply
             self._stop()
         if status != "ok":

@@ -4,6 +4,12 @@ bytes, not from the name."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import os
+import sys
+
 from pipeline.config import StorageConfig
 from pipeline.io.storage import open_binary, protocol_of
 from pipeline.media.decoded import DEFAULT_MAX_PIXELS, Decoded, MediaError
@@ -30,54 +36,125 @@ def sniff_media_type(head: bytes) -> str | None:
     return None
 
 
-
-
 def fetch_and_decode(uri: str, storage: StorageConfig, declared_type: str | None, num_frames: int,
                      start_s: float | None = None, end_s: float | None = None,
                      max_pixels: int = DEFAULT_MAX_PIXELS, video_resize: dict | None = None,
                      max_memory_bytes: int | None = None, at_s: list[float] | None = None,
-                     allowed_prefixes: list[str] | None = None) -> Decoded:
-    """Open the URI (ranged reads, no full copy), detect the media type from content, decode.
+                     allowed_prefixes: list[str] | None = None, data_urls: bool = False,
+                     max_bytes: int | None = None, label: str | None = None) -> Decoded:
+    """Open the URI (ranged reads, no full copy), detect the media type from content, decode:
+    the one fetch + decode of the batch job, the online server and the report (each in the
+    decoder child, pipeline.media.decoder_process). Which URIs may be fetched at all is the URL
+    rules' decision (pipeline.io.urls), taken before this is called.
     `at_s`: instead of sampling, the frames shown at these times (a run's frame_timestamps_s).
     `video_resize` (see `resize_frames`) resizes video frames here, before they leave the decoder.
     `max_memory_bytes`: the decoder process's memory limit; media that declare more are refused first.
-    `allowed_prefixes`: a local file is checked again once open (the driver checked its name)."""
-    from pipeline.io.urls import URLRejected, open_local_checked
-
-    try:
-        if allowed_prefixes is not None and protocol_of(uri) == "file":
-            f = _WatchedFile(open_local_checked(uri.removeprefix("file://"), allowed_prefixes))
-        else:
-            f = _WatchedFile(open_binary(uri, storage))
-    except URLRejected as e:
-        raise MediaError("uri_not_allowed", f"{uri} is not allowed once opened: {e}; if this source is trusted, "
-                                            "pass --allow-uri-prefix with its folder") from e
-    except FileNotFoundError as e:
-        raise MediaError("not_found", f"{uri} does not exist; fix the uri or upload the file") from e
-    except PermissionError as e:
-        raise MediaError("access_denied", f"access to {uri} was denied; check the credentials and bucket policy") from e
-    except IsADirectoryError as e:
-        raise MediaError("not_found", f"{uri} is a folder, not a media file; give the uri of a file in it") from e
-    except OSError as e:
-        raise _fetch_failed(uri, e) from e
+    `allowed_prefixes`: a local file is checked again once open (the driver checked its name).
+    `data_urls`: a `data:` URI is decoded from memory (the server's inline media); else it is refused.
+    `max_bytes`: the largest file fetched (`media_too_large` past it), held while reading when
+    the store declares no size; a data: URL is bounded by its request instead.
+    `label`: the media's name in messages (default: the URI; a data: URL is never echoed)."""
+    name = label or ("the data: URL" if uri.startswith("data:") else uri)
+    f = _WatchedFile(_open(uri, name, storage, allowed_prefixes, data_urls, max_bytes))
     with f:
         try:
-            return decode_file(f, uri, declared_type, num_frames, start_s, end_s, max_pixels, video_resize,
+            return decode_file(f, name, declared_type, num_frames, start_s, end_s, max_pixels, video_resize,
                                max_memory_bytes, at_s)
         except (MediaError, OSError) as e:
             if f.error is None:
                 raise
             # the store failed mid-read (retries exhausted): not the file's fault
-            raise _fetch_failed(uri, f.error) from e
+            raise _fetch_failed(name, f.error) from e
 
 
-def _fetch_failed(uri: str, error: Exception) -> MediaError:
+def _open(uri: str, name: str, storage: StorageConfig, allowed_prefixes: list[str] | None, data_urls: bool,
+          max_bytes: int | None):
+    """A seekable binary file for the URI, transport errors classified."""
+    from pipeline.io.urls import URLRejected, open_local_checked
+
+    if uri.startswith("data:"):
+        if not data_urls:
+            raise MediaError("uri_not_allowed", f"{name}: data: URLs are not accepted here; put the media in "
+                                                "storage and give its uri")
+        return _data_url(uri)
+    try:
+        if allowed_prefixes is not None and protocol_of(uri) == "file":
+            f = open_local_checked(uri.removeprefix("file://"), allowed_prefixes)
+        else:
+            f = open_binary(uri, storage)
+    except URLRejected as e:
+        raise MediaError("uri_not_allowed", f"{name} is not allowed once opened: {e}; if this source is trusted, "
+                                            "pass --allow-uri-prefix with its folder") from e
+    except FileNotFoundError as e:
+        raise MediaError("not_found", f"{name} does not exist; fix the uri or upload the file") from e
+    except PermissionError as e:
+        raise MediaError("access_denied", f"access to {name} was denied ({e}); check the credentials and bucket "
+                                          "policy") from e
+    except IsADirectoryError as e:
+        raise MediaError("not_found", f"{name} is a folder, not a media file; give the uri of a file in it") from e
+    except OSError as e:
+        raise _fetch_failed(name, e) from e
+    return _bounded(f, name, max_bytes)
+
+
+def _data_url(uri: str) -> io.BytesIO:
+    header, sep, payload = uri.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise MediaError("invalid_data_url", "data: URLs must be base64 (data:TYPE;base64,...)")
+    try:
+        return io.BytesIO(base64.b64decode(payload, validate=True))
+    except (binascii.Error, ValueError) as e:
+        raise MediaError("invalid_data_url", f"the data: URL is not valid base64 ({e})") from None
+
+
+def _bounded(f, name: str, max_bytes: int | None):
+    """The open file, held to max_bytes. A stream of unknown length (an http(s) answer without
+    Content-Length or ranges) cannot be seeked, so it is read into memory here, counting: the
+    limit holds as the bytes arrive, and the decoders get a seekable file."""
+    http = sys.modules.get("fsspec.implementations.http")  # not imported: f is not one of its files
+    if http is None or not isinstance(f, http.HTTPStreamFile):
+        if max_bytes is not None and (_size(f) or 0) > max_bytes:
+            f.close()
+            raise _too_large(name, max_bytes)
+        return f
+    with f:
+        buf, limit = io.BytesIO(), max_bytes if max_bytes is not None else float("inf")
+        try:
+            while chunk := f.read(_STREAM_CHUNK):
+                if buf.tell() + len(chunk) > limit:
+                    raise _too_large(name, max_bytes)
+                buf.write(chunk)
+        except OSError as e:
+            raise _fetch_failed(name, e) from e
+    buf.seek(0)
+    return buf
+
+
+_STREAM_CHUNK = 1 << 20
+
+
+def _size(f) -> int | None:
+    """The size an open file declares: fsspec's (object stores, http Content-Length), else a local file's."""
+    if (size := getattr(f, "size", None)) is not None:
+        return size
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def _too_large(name: str, max_bytes: int) -> MediaError:
+    return MediaError("media_too_large", f"{name} is larger than {max_bytes} bytes")
+
+
+def _fetch_failed(name: str, error: Exception) -> MediaError:
     if isinstance(error, PermissionError):
-        return MediaError("access_denied", f"reading {uri} was denied; check the credentials and bucket policy")
+        return MediaError("access_denied", f"reading {name} was denied; check the credentials and bucket policy")
     if isinstance(error, FileNotFoundError):
-        return MediaError("not_found", f"{uri} disappeared while it was read; upload it again and rerun")
-    return MediaError("fetch_failed", f"reading {uri} kept failing after retries ({type(error).__name__}: {error}); "
-                                      "the store may be throttling or down: rerun later with --retry-errors")
+        return MediaError("not_found", f"{name} disappeared while it was read; upload it again and rerun")
+    return MediaError("fetch_failed", f"reading {name} kept failing after retries ({type(error).__name__}: {error}); "
+                                      "the store may be throttling or down: try again later (a batch job: rerun "
+                                      "with --retry-errors)")
 
 
 class _WatchedFile:

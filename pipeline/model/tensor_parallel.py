@@ -18,24 +18,17 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 from pipeline import metrics
 from pipeline.config import ModelSettings
-from pipeline.io.child_process import HEADER_BYTES, body_length, receive, send
+from pipeline.io.child_process import Child, channel, exit_with_parent, receive, receive_any, send, stop_all
 from pipeline.model.failures import ReplicaFailed, free_cache, is_out_of_memory
 
 log = logging.getLogger("pipeline.model.tensor_parallel")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # on the ranks' path: `pipeline` (and tests' modules) without installing
 DEFAULT_RANK_MODULE = "pipeline.model.tensor_parallel"
 # Test-only: a module run (python -m) as each rank instead, e.g. tests.helpers.fault_rank, which
 # kills or hangs a rank. Read here only; not a user option.
@@ -46,6 +39,8 @@ DESYNC_GRACE_S = 30.0
 # Loading may take far longer than a batch (72B from disk); a rank that dies while loading is
 # still noticed at once, this only bounds a load that hangs.
 LOAD_TIMEOUT_S = 3600.0
+# A rank whose stdout closed is dying: how long its own end (the signal to report) is waited for.
+EXIT_GRACE_S = 5.0
 
 
 class _ReplicaDown(Exception):
@@ -71,25 +66,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Rank:
-    """One rank process, with the bytes read so far from its stdout."""
+class _Rank(Child):
+    """One rank process (`python -m rank_module`)."""
 
-    def __init__(self, rank: int, proc: subprocess.Popen):
-        self.rank, self.proc, self.buf = rank, proc, bytearray()
-
-    def message(self):
-        """The next whole reply, or None if it has not fully arrived."""
-        if len(self.buf) < HEADER_BYTES or len(self.buf) < HEADER_BYTES + (n := body_length(self.buf)):
-            return None
-        data = bytes(self.buf[HEADER_BYTES:HEADER_BYTES + n])
-        del self.buf[:HEADER_BYTES + n]
-        return pickle.loads(data)
+    def __init__(self, rank: int, module: str, env: dict):
+        super().__init__(module, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)))
+        self.rank = rank
 
     def died(self) -> str:
-        code = self.proc.poll()
-        how = ("still running" if code is None else
-               f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
-        return f"rank {self.rank} died ({how})"
+        return f"rank {self.rank} died ({self.ended()})"
 
 
 class TensorParallelEngine:
@@ -149,20 +134,15 @@ class TensorParallelEngine:
 
     def _start(self) -> None:
         port = _free_port()
-        base = dict(os.environ, WORLD_SIZE=str(self.tp), LOCAL_WORLD_SIZE=str(self.tp), MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
-                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+        base = dict(WORLD_SIZE=str(self.tp), LOCAL_WORLD_SIZE=str(self.tp), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port))
         if self.spec["device"] == "cpu":
             base["CUDA_VISIBLE_DEVICES"] = ""  # transformers picks the mesh's device type from what it sees
             # the replica's CPUs (Ray sets OMP_NUM_THREADS to them) shared among its ranks
             threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
             base["OMP_NUM_THREADS"] = str(max(1, threads // self.tp))
         self.starts += 1
-        self.ranks = [
-            _Rank(i, subprocess.Popen([sys.executable, "-m", self.rank_module], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, env=dict(base, RANK=str(i), LOCAL_RANK=str(i))))
-            for i in range(self.tp)
-        ]
+        self.ranks = [_Rank(i, self.rank_module, base) for i in range(self.tp)]
         replies = self._exchange(("load", self.spec))
         if errors := [r for r in replies if r[0] == "error"]:
             raise _ReplicaDown(f"loading failed: {errors[0][2]}")
@@ -170,16 +150,7 @@ class TensorParallelEngine:
 
     def _stop(self) -> None:
         ranks, self.ranks = getattr(self, "ranks", None), None
-        for r in ranks or []:
-            if r.proc.poll() is None:
-                r.proc.kill()
-        for r in ranks or []:
-            r.proc.wait()
-            for stream in (r.proc.stdin, r.proc.stdout):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
+        stop_all(ranks or [])
 
     def _exchange(self, message) -> list:
         """Send message to every rank and return every rank's reply (in rank order)."""
@@ -187,35 +158,27 @@ class TensorParallelEngine:
         deadline = time.monotonic() + timeout_s
         for r in self.ranks:
             try:
-                send(r.proc.stdin, message)
-            except (BrokenPipeError, OSError):
+                r.send(message)
+            except OSError:  # BrokenPipeError: the rank is gone
                 raise _ReplicaDown(r.died()) from None
         replies: dict[int, tuple] = {}
         while len(replies) < len(self.ranks):
-            waiting = {r.proc.stdout.fileno(): r for r in self.ranks if r.rank not in replies}
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                silent = sorted(r.rank for r in waiting.values())
+            waiting = [r for r in self.ranks if r.rank not in replies]
+            try:
+                r, reply = receive_any(waiting, deadline)
+            except TimeoutError:
                 if any(reply[0] == "error" for reply in replies.values()):
                     # a rank failed (e.g. out of memory) and left the others in a collective: the
                     # replica is out of step; restart it for the next batch and report this error
                     self._stop()
                     return list(replies.values())
-                raise _ReplicaDown(f"ranks {silent} did not answer within {timeout_s:g} s")
-            for fd in select.select(list(waiting), [], [], remaining)[0]:
-                r = waiting[fd]
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:  # its stdout closed: the rank is dying
-                    try:
-                        r.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    raise _ReplicaDown(r.died())
-                r.buf += chunk
-                if (reply := r.message()) is not None:
-                    replies[r.rank] = reply
-                    if reply[0] == "error":
-                        deadline = min(deadline, time.monotonic() + DESYNC_GRACE_S)
+                raise _ReplicaDown(f"ranks {[r.rank for r in waiting]} did not answer within {timeout_s:g} s") from None
+            if reply is None:  # its stdout closed: the rank is dying
+                r.wait_exit(EXIT_GRACE_S)
+                raise _ReplicaDown(r.died())
+            replies[r.rank] = reply
+            if reply[0] == "error":
+                deadline = min(deadline, time.monotonic() + DESYNC_GRACE_S)
         return [replies[i] for i in range(len(self.ranks))]
 
 
@@ -243,23 +206,10 @@ def load_rank(spec: dict):
                   attn_implementation=spec["attn_implementation"], tp=world, **spec.get("load_options", {}))
 
 
-def _exit_with_parent() -> None:
-    """A rank whose parent is gone (killed actor) exits, even while stuck in a collective."""
-    parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def serve_rank(generate=lambda engine, *args: engine.generate(*args)) -> None:
     """A rank's loop: load, then one generate per message, until stdin closes."""
-    requests, replies = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # anything a library prints must not corrupt the reply channel
-    _exit_with_parent()
+    requests, replies = channel()
+    exit_with_parent()
     rank = int(os.environ["RANK"])
     engine = None
     while (message := receive(requests)) is not None:

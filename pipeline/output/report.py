@@ -130,8 +130,10 @@ class FrameReader:
             raise PermissionError("no URL rules for the media: pass --allow-uri-prefix with the media's folder or "
                                   "bucket (or --frames-from-ledger for an output only trusted runs write)")
         check_media_uri(uri, self.prefixes)  # the file may have been swapped for a link since the run
+        # the batch job's own fetch + decode, the opened file checked against the rules as in the job
         return self.decoder.decode(uri=uri, storage=self.storage, declared_type=media_type,
-                                   num_frames=len(at_s) if at_s else 1, max_pixels=self.max_pixels, at_s=at_s)
+                                   num_frames=len(at_s) if at_s else 1, max_pixels=self.max_pixels, at_s=at_s,
+                                   allowed_prefixes=self.prefixes)
 
     def close(self) -> None:
         self.decoder.close()

@@ -10,10 +10,11 @@ One module per concern:
 - ingress: ChatIngress (CPU, FastAPI): auth, limits, media + preprocessing, JSON or SSE answers.
 - model: LlavaModel (GPU when configured): one Engine; concurrent requests share generate calls,
   each streaming its own tokens.
-- media: fetch + decode of a client's media URL, run in the isolated decoder child process.
+Media URLs are fetched and decoded by the batch job's own code (pipeline.media.fetch.fetch_and_decode)
+in its isolated decoder child (pipeline.media.decoder_process), with the server's options.
 
-Names are imported on first use (PEP 562), so the decoder child (`python -m pipeline.serve.media`)
-does not import Ray Serve or FastAPI.
+Names are imported on first use (PEP 562): importing a submodule (config) does not import Ray Serve
+or FastAPI.
 """
 
 _EXPORTS = {"build_app": "app", "ServeConfig": "config", "parse_args": "config", "load_token": "config",

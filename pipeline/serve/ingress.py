@@ -55,6 +55,14 @@ async def _count(request: Request, call_next):
 PNG_1X1 = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
 
+def fetch_request(cfg, url: str, label: str, media_type: str) -> dict:
+    """The arguments of pipeline.media.fetch.fetch_and_decode (run in the decoder child) for a
+    client's media URL, already allowed by the URL rules: data: URLs decoded in memory, fetched
+    files held to max_media_bytes, and `label` in messages (a data: URL is never echoed)."""
+    return dict(uri=url, label=label, data_urls=True, max_bytes=cfg.max_media_bytes, storage=cfg.storage,
+                declared_type=media_type, num_frames=cfg.num_frames, max_pixels=cfg.max_pixels)
+
+
 def sse(body: dict | str) -> str:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n"
 
@@ -236,7 +244,7 @@ class ChatIngress:
         for a child's start (Python + PyAV imports, seconds on a busy node)."""
         from pipeline.media.decoder_process import DecoderProcess
 
-        decoders = [DecoderProcess(self.cfg.decode_timeout_s, "pipeline.serve.media", int(self.cfg.decoder_memory_gb * 2**30))
+        decoders = [DecoderProcess(self.cfg.decode_timeout_s, max_memory_bytes=int(self.cfg.decoder_memory_gb * 2**30))
                     for _ in range(n)]
         list(self.pool.map(self.warm_up, decoders))
         available = queue.SimpleQueue()
@@ -247,9 +255,8 @@ class ChatIngress:
     def warm_up(self, decoder) -> None:
         """(Re)start the decoder's child with a 1x1 PNG (after a kill, the next request must not wait for it)."""
         decoder.timeout_s = 120
-        decoder.decode(uri="warm-up", url="data:image/png;base64," + base64.b64encode(PNG_1X1).decode(),
-                       storage=self.cfg.storage, max_bytes=len(PNG_1X1), declared_type="image", num_frames=1,
-                       max_pixels=1)
+        decoder.decode(**fetch_request(self.cfg, "data:image/png;base64," + base64.b64encode(PNG_1X1).decode(),
+                                       "warm-up", "image"))
 
     def prepare(self, chat: Chat, deadline: float, max_new_tokens: int) -> dict:
         """URL rules, fetch + decode (in the decoder child), chat template + processor (in a worker thread)."""
@@ -271,9 +278,7 @@ class ChatIngress:
             # the child is killed past the request's own time: the work stops with the request
             decoder.timeout_s = max(min(self.cfg.decode_timeout_s, deadline - time.monotonic()), 0.01)
             try:
-                decoded = decoder.decode(uri=label, url=url, storage=self.cfg.storage, max_bytes=self.cfg.max_media_bytes,
-                                         declared_type=chat.media_type, num_frames=self.cfg.num_frames,
-                                         max_pixels=self.cfg.max_pixels)
+                decoded = decoder.decode(**fetch_request(self.cfg, url, label, chat.media_type))
             except MediaError as e:
                 if e.error_type in ("timeout", "decoder_crashed"):  # the child was killed or died
                     self.warm_up(decoder)
