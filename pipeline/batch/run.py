@@ -91,7 +91,7 @@ def build_dataset(cfg: RunConfig, records, rows: int, use_gpu: bool, resize: dic
     if cfg.model_resources:
         model_resources["resources"] = dict(cfg.model_resources)
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": "cuda" if use_gpu else "cpu"},
-                        batch_format="pyarrow", batch_size=cfg.batch_size,
+                        batch_format="pyarrow", batch_size=Generate.rows_per_call(cfg),
                         compute=ActorPoolStrategy(size=cfg.replicas), **model_resources)
     return ds.map_batches(format_output, fn_kwargs={"cfg": cfg}, batch_format="pyarrow")
 

@@ -71,7 +71,23 @@ class Engine:
                 check_cache_layers(self.model)
             except NotImplementedError:
                 self.continuous = False
-        self.token_budget, self.max_rows = token_budget, max_rows
+        self.token_budget, self.max_rows = token_budget or self._sized_token_budget(tp), max_rows
+
+    def _sized_token_budget(self, tp: int) -> int | None:
+        """On a GPU, the sizing plan's token budget for this replica (pipeline/planning/sizing.py);
+        None elsewhere (the scheduler's CPU default)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        from pipeline.planning.sizing import GB, plan, shape_of
+
+        try:
+            memory = torch.cuda.get_device_properties(self.device).total_memory / GB
+            return plan(shape_of(self.model.config), gpu_memory_gb=memory, dtype=str(self.dtype).rsplit(".", 1)[-1],
+                        tp=tp).token_budget or None
+        except Exception:  # noqa: BLE001 - an unusual config: the default budget
+            return None
 
     def scheduler(self, max_rows: int | None = None):
         """A continuous-batching scheduler over this engine's model (pipeline.model.continuous)."""

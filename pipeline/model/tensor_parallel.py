@@ -99,6 +99,8 @@ class TensorParallelEngine:
         self.spec = dict(model_path=model_path, device=device, dtype=dtype, attn_implementation=attn_implementation,
                          timeout_s=max(timeout_s, LOAD_TIMEOUT_S), load_options=load_options or {})
         self.tp, self.timeout_s, self.restarts, self.rank_module = tp, timeout_s, restarts, rank_module
+        # the ranks' engines schedule rows continuously (rank 0's tokens, broadcast each step)
+        self.continuous = (load_options or {}).get("scheduling", "continuous") == "continuous"
         self.ranks: list[_Rank] | None = None
         self.starts = 0  # replicas started so far (1 + restarts)
         self._lock = threading.Lock()  # one batch at a time: every rank must see the same sequence
