@@ -60,6 +60,7 @@ class Row:
     done: threading.Event = field(default_factory=threading.Event)
     # state while running
     tokens: list[int] = field(default_factory=list)
+    joined_step: int | None = None  # the scheduler step at which its prefill ran
 
     @property
     def prompt_tokens(self) -> int:
@@ -172,6 +173,7 @@ class Scheduler:
             rows = [joined[i] for i in group]
             for r in rows:
                 self._samplers[id(r)] = eng.row_sampler(r.gen, r.seed)
+                r.joined_step = self.steps
             batch = eng.collate([r.inputs for r in rows])
             mask = batch["attention_mask"]
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as generate computes them
@@ -189,12 +191,16 @@ class Scheduler:
         eng = self.engine
         ones = torch.ones((len(self.running), 1), dtype=self._mask.dtype, device=self._mask.device)
         self._mask = torch.cat([self._mask, ones], dim=1)
-        positions = (self._mask.sum(-1, keepdim=True) - 1)
+        positions = self._positions()
         out = eng.model(input_ids=self._pending[:, None], attention_mask=self._mask, position_ids=positions,
                         cache=self._cache, use_cache=True, logits_to_keep=1)
         self._cache = out.cache
         tokens = self._choose(self.running, out.logits[:, -1, :])
         return self._after_tokens(list(self.running), tokens)
+
+    def _positions(self):
+        """Each running row's position for its next token: its own length, whatever the padding."""
+        return self._mask.sum(-1, keepdim=True) - 1
 
     # --- tokens -----------------------------------------------------------------------------------
 
