@@ -86,6 +86,7 @@ class Scheduler:
         self._mask = None  # (rows, columns) long
         self._pending = None  # (rows,) the last token of each running row, not yet in the cache
         self._samplers: dict[int, object] = {}  # id(row) -> RowSampler
+        self.dropped: list[Row] = []
         self.steps = 0
         self.peak_columns = 0  # the widest padded cache seen (rows x columns), for tests and benchmarks
 
@@ -115,7 +116,7 @@ class Scheduler:
         try:
             return self._step()
         except BaseException:
-            self.reset()
+            self.dropped = self.reset()  # the rows it held, for the caller to retry or fail
             raise
 
     def reset(self) -> list[Row]:
@@ -135,14 +136,15 @@ class Scheduler:
         left = [r for r in self.running if r.cancelled]
         self._leave([r for r in self.running if not r.cancelled], left, "cancelled")
         with torch.inference_mode():
-            joined = self._admit()
+            joined = self._admit(left)
             left += self._prefill(joined)
             if self.running:
                 left += self._decode()
         self.steps += 1
         return left
 
-    def _admit(self) -> list[Row]:
+    def _admit(self, left: list[Row]) -> list[Row]:
+        """Waiting rows that fit join (rows cancelled while waiting leave, into `left`)."""
         joined: list[Row] = []
         with self._lock:
             while self.waiting:
@@ -150,6 +152,7 @@ class Scheduler:
                 if row.cancelled:
                     self.waiting.popleft()
                     self._finish(row, "cancelled")
+                    left.append(row)
                     continue
                 rows = len(self.running) + len(joined)
                 if rows and self.max_rows and rows >= self.max_rows:
