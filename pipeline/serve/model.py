@@ -21,6 +21,7 @@ batch_size; a failed row sends {"error": message}.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from ray import serve
 from pipeline import metrics
 from pipeline.config import GenerationConfig
 from pipeline.serve.protocol import usage
+
+log = logging.getLogger("pipeline.serve.model")
 
 
 @dataclass
@@ -209,12 +212,17 @@ class LlavaModel:
                 self._wake.clear()
                 continue
             try:
-                left = self.scheduler.step()
-            except Exception:  # noqa: BLE001 - the rows it held are retried below, each to its own outcome
-                self._retry(self.scheduler.dropped)
-                continue
-            for row in left:
-                row.stream.finish(row.result)
+                try:
+                    left = self.scheduler.step()
+                except Exception:  # noqa: BLE001 - the rows it held are retried, each to its own outcome
+                    log.warning("a continuous-batching step failed; retrying its %d rows", len(self.scheduler.dropped),
+                                exc_info=True)
+                    self._retry(self.scheduler.dropped)
+                    continue
+                for row in left:
+                    row.stream.finish(row.result)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one request
+                log.exception("continuous batching: a request failed outside the model")
 
     def _retry(self, rows: list) -> None:
         """Rows of a failed step: generate_rows splits after out of memory and isolates a bad row; each
