@@ -8,9 +8,8 @@
   runs until the last row ends); continuous: the engine's scheduler with batch_size slots, each
   row leaving at its own length and the next joining. Both give every row the same tokens.
 - fixed: the same with every row running to the same max_new_tokens (continuous must not be slower).
-- abandoned: the latency of a short request, idle and after 8 long streams whose clients left,
-  through the model deployment (pipeline.serve.model.LlavaModel as plain Python), static
-  (@serve.batch) vs continuous.
+- abandoned: the latency of a short request, idle and after 8 long streams whose clients left
+  (measure_abandoned says how each side is run).
 """
 
 from __future__ import annotations
@@ -103,45 +102,84 @@ def measure_batch(model_path: str, rows: int = 24, batch_size: int = 4, fixed_to
 
 
 def measure_abandoned(model_path: str, streams: int = 8, long_tokens: int = 400, short_tokens: int = 4, log=print) -> dict:
+    """Continuous: through the model deployment's own code (LlavaModel as plain Python): 8 streams
+    read for 3 events each, then closed (as Serve does when a client leaves), then a short request.
+    Static: @serve.batch needs a Serve replica, so its behaviour is reproduced on the same engine:
+    the 8 long rows in one model.generate (which cannot drop rows), then the short request's call
+    (one call at a time on a replica's model); the latency counts from the 3rd token of the long call."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.config import GenerationConfig
     from pipeline.serve.config import ServeConfig
     from pipeline.serve.model import Job, LlavaModel
 
     inputs = model_inputs(model_path, streams + 1)
     result = {"streams": streams, "long_tokens": long_tokens, "short_tokens": short_tokens}
-    for scheduling in ("static", "continuous"):
-        model = LlavaModel.func_or_class(ServeConfig(model=model_path, device="cpu", batch_size=streams,
-                                                     batch_wait_timeout_s=0.05, scheduling=scheduling))
-        model.engine.eos_ids = set()  # the long streams run to their budget unless dropped
+    model = LlavaModel.func_or_class(ServeConfig(model=model_path, device="cpu", batch_size=streams))
+    engine = model.engine
+    engine.eos_ids = set()  # the long rows run to their budget unless dropped
+    short_gen, long_gen = GenerationConfig(max_new_tokens=short_tokens), GenerationConfig(max_new_tokens=long_tokens)
 
-        async def short():
-            t = time.perf_counter()
-            async for events in model.generate(Job(inputs[-1], GenerationConfig(max_new_tokens=short_tokens), 0)):
-                if any("finish_reason" in e for e in events):
-                    break
-            return time.perf_counter() - t
+    # static
+    engine.continuous = False
+    pool = ThreadPoolExecutor(max_workers=1)
 
-        async def abandon(x):
-            gen = model.generate(Job(x, GenerationConfig(max_new_tokens=long_tokens), 0))
-            seen = 0
-            async for events in gen:
-                seen += len(events)
-                if seen >= 3:
-                    break
-            await gen.aclose()  # the client leaves
+    def static_short() -> float:
+        t = time.perf_counter()
+        pool.submit(engine.generate, [inputs[-1]], short_gen).result()
+        return time.perf_counter() - t
 
-        async def scenario():
-            await short()  # warm-up
-            idle = min([await short() for _ in range(3)])
-            await asyncio.gather(*(abandon(x) for x in inputs[:streams]))
-            after = await short()
-            return idle, after
+    class ThirdToken:
+        def __init__(self):
+            self.steps, self.seen = 0, threading.Event()
 
-        idle, after = asyncio.run(scenario())
-        result[scheduling] = {"idle_s": round(idle, 3), "after_abandoned_s": round(after, 3), "ratio": round(after / idle, 2)}
-        log(f"short request after {streams} abandoned streams ({scheduling}): {after:.3f} s vs {idle:.3f} s idle")
-        if scheduling == "continuous":
-            model.scheduler.waiting.clear()
+        def put(self, value):
+            self.steps += 1
+            if self.steps == 4:  # the prompt, then 3 tokens
+                self.seen.set()
+
+        def end(self):
+            pass
+
+    static_short()
+    idle = min(static_short() for _ in range(3))
+    streamer = ThirdToken()
+    pool.submit(engine.generate, inputs[:streams], long_gen, None, streamer)
+    streamer.seen.wait()
+    after = static_short()
+    result["static"] = {"idle_s": round(idle, 3), "after_abandoned_s": round(after, 3), "ratio": round(after / idle, 2)}
+    log(f"short request after {streams} abandoned streams (static): {after:.3f} s vs {idle:.3f} s idle")
+    pool.shutdown()
+    engine.continuous = True
+
+    # continuous, through the deployment
+    async def short():
+        t = time.perf_counter()
+        async for events in model.generate(Job(inputs[-1], short_gen, 0)):
+            if any("finish_reason" in e for e in events):
+                break
+        return time.perf_counter() - t
+
+    async def abandon(x):
+        gen = model.generate(Job(x, long_gen, 0))
+        seen = 0
+        async for events in gen:
+            seen += len(events)
+            if seen >= 3:
+                break
+        await gen.aclose()  # the client leaves
+
+    async def scenario():
+        await short()  # warm-up
+        idle = min([await short() for _ in range(3)])
+        await asyncio.gather(*(abandon(x) for x in inputs[:streams]))
+        after = await short()
+        return idle, after
+
+    idle, after = asyncio.run(scenario())
+    result["continuous"] = {"idle_s": round(idle, 3), "after_abandoned_s": round(after, 3), "ratio": round(after / idle, 2)}
+    log(f"short request after {streams} abandoned streams (continuous): {after:.3f} s vs {idle:.3f} s idle")
     result["after_abandoned_static_vs_continuous"] = round(result["static"]["after_abandoned_s"]
                                                            / result["continuous"]["after_abandoned_s"], 2)
     return result
@@ -155,13 +193,16 @@ def measure(model_path: str, rows: int = 24, batch_size: int = 4, fixed_tokens: 
 if __name__ == "__main__":
     import argparse
     import json
+    import sys
 
     p = argparse.ArgumentParser(description="continuous vs static batching (JSON to stdout or --out)")
     p.add_argument("--model", required=True)
     p.add_argument("--rows", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each side, interleaved; the best of each is kept")
     p.add_argument("--out")
     a = p.parse_args()
-    r = measure(a.model, rows=a.rows)
+    r = measure(a.model, rows=a.rows, repeats=a.repeats)
+    r["command"] = "python -m benchmarks.continuous " + " ".join(sys.argv[1:])
     text = json.dumps(r, indent=1)
     if a.out:
         open(a.out, "w").write(text + "\n")
