@@ -11,8 +11,10 @@ decode_speedup_short), preprocess (preprocess_speedup), end to end (e2e_speedup_
 e2e_speedup_small, model_busy_fraction_small), memory and scale (rss_ratio_1000_vs_100,
 cpu_scaling_2_vs_1), dataset scale (plan_rows_per_s_largest, plan_peak_rss_driver_mb_10m,
 plan_rss_ratio_10m_vs_1m, plan_rss_new_vs_old, plan_s_new_vs_old, files_per_1m_rows,
-commit_requests), efficiency (model_flops_fraction_small) and, with --gpu, videos/s per GPU and
-MFU of the 0.5B and 7B architectures. Generated inputs are kept in --work and reused.
+commit_requests), efficiency (model_flops_fraction_small), continuous vs static batching
+(continuous_batch_speedup_varied, continuous_batch_speedup_fixed, continuous_abandoned_vs_idle,
+static_abandoned_vs_idle; benchmarks/continuous.py) and, with --gpu, videos/s per GPU and MFU of the
+0.5B and 7B architectures and continuous vs static on the first (gpu_continuous_speedup_varied). Generated inputs are kept in --work and reused.
 """
 
 from __future__ import annotations
@@ -25,23 +27,26 @@ import sys
 import time
 from pathlib import Path
 
-FIGURES = ("decode", "preprocess", "e2e", "scale", "gpu")
+FIGURES = ("decode", "preprocess", "e2e", "scale", "continuous", "gpu")
 # Issue 7's goals: (key, comparison, value).
 GOALS = [("decode_speedup_long", ">=", 5.0), ("decode_speedup_short_min", ">=", 1.0),
          ("e2e_speedup_tiny", ">=", 2.0), ("model_busy_fraction_small", ">=", 0.8),
          ("rss_ratio_1000_vs_100", "<=", 1.5),
          # issue 15 (dataset scale): flat driver memory, planning speed, output files of a useful size
          ("plan_peak_rss_driver_mb_10m", "<=", 1500), ("plan_rss_ratio_10m_vs_1m", "<=", 1.3),
-         ("plan_rows_per_s_largest", ">=", 100_000), ("files_per_1m_rows", "<=", 20)]
+         ("plan_rows_per_s_largest", ">=", 100_000), ("files_per_1m_rows", "<=", 20),
+         # issue 23 (continuous batching): varied answer lengths, and a short request after abandoned streams
+         ("continuous_batch_speedup_varied", ">=", 1.5), ("continuous_batch_speedup_fixed", ">=", 0.9),
+         ("continuous_abandoned_vs_idle", "<=", 2.0)]
 # Sizes per profile (inputs: benchmarks.inputs.PROFILES). plan: manifest rows planned; commit:
 # rows committed on moto, rows per file.
 SIZES = {
     "minimal": dict(repeats=1, pre_frames=4, frames=4, tokens_tiny=8, tokens_small=8, scale=(10, 60), plan=[10_000],
-                    commit=(10_000, 1_000)),
+                    commit=(10_000, 1_000), continuous_rows=8),
     "quick": dict(repeats=2, pre_frames=16, frames=8, tokens_tiny=32, tokens_small=32, scale=(100, 1000),
-                  plan=[100_000, 1_000_000], commit=(1_000_000, 100_000)),
+                  plan=[100_000, 1_000_000], commit=(1_000_000, 100_000), continuous_rows=24),
     "full": dict(repeats=3, pre_frames=32, frames=8, tokens_tiny=64, tokens_small=64, scale=(100, 1000),
-                 plan=[100_000, 1_000_000, 10_000_000], commit=(1_000_000, 100_000)),
+                 plan=[100_000, 1_000_000, 10_000_000], commit=(1_000_000, 100_000), continuous_rows=48),
 }
 
 
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
               "profile": profile, "machine_before": machine()}
     log = lambda msg: print(f"[{time.time() - started:6.1f}s] {msg}", flush=True)  # noqa: E731
 
-    if only & {"decode", "preprocess", "e2e", "scale"}:
+    if only & {"decode", "preprocess", "e2e", "scale", "continuous"}:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from benchmarks.inputs import PROFILES, make_inputs, mixed_manifest
         from benchmarks.models import write_checkpoint
@@ -139,11 +144,24 @@ def main(argv=None) -> int:
         result["scale"]["output_files"] = scale.files_per_million(str(tiny), work, sizes["scale"][1], log=log)
         result["scale"]["planning"] = scale.measure_planning(work, a.scale_sizes or sizes["plan"], log=log)
         result["scale"]["commit"] = scale.measure_commit(work, *sizes["commit"], log=log)
+    if "continuous" in only:
+        from benchmarks import continuous
+
+        rows = sizes["continuous_rows"]
+        result["continuous"] = {"batch": continuous.measure_batch(str(tiny), rows=rows, log=log),
+                                "abandoned": continuous.measure_abandoned(str(tiny), long_tokens=40 if profile == "minimal" else 400,
+                                                                          log=log)}
     if "gpu" in only:
-        from benchmarks import gpu
+        from benchmarks import continuous, gpu
+        from benchmarks.models import write_checkpoint
 
         result["gpu"] = gpu.measure(a.gpu_models.split(","), frames=a.gpu_frames, new_tokens=a.gpu_tokens,
                                     videos=a.gpu_videos, batch_size=a.gpu_batch, log=log)
+        # continuous vs static on the first architecture, rows of varied answer lengths (benchmarks.continuous)
+        first = a.gpu_models.split(",")[0]
+        checkpoint = write_checkpoint(first, Path(a.work) / f"gpu-{first}-model")
+        result["gpu"]["continuous"] = continuous.measure_batch(str(checkpoint), rows=max(8, a.gpu_videos), batch_size=a.gpu_batch,
+                                                               device=None, log=log)
 
     result.update(headline(result))
     result["goals"] = {key: {"goal": f"{op} {value}", "value": result[key],
@@ -186,7 +204,15 @@ def headline(result: dict) -> dict:
                   if k in s["planning"]},
                  files_per_1m_rows=s["output_files"]["files_per_1m_rows"], commit_requests=s["commit"]["requests"],
                  commit_wall_s=s["commit"]["wall_s"])
+    if "continuous" in result:
+        c = result["continuous"]
+        h.update(continuous_batch_speedup_varied=c["batch"]["varied"]["speedup"],
+                 continuous_batch_speedup_fixed=c["batch"]["fixed"]["speedup"],
+                 continuous_abandoned_vs_idle=c["abandoned"]["continuous"]["ratio"],
+                 static_abandoned_vs_idle=c["abandoned"]["static"]["ratio"])
     if "gpu" in result:
+        if "continuous" in result["gpu"]:
+            h["gpu_continuous_speedup_varied"] = result["gpu"]["continuous"]["varied"]["speedup"]
         for name, m in result["gpu"]["models"].items():
             h[f"gpu_{name}_videos_per_s"] = m["batched_videos_per_s"]
             h[f"gpu_{name}_speedup"] = m["speedup"]

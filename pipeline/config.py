@@ -105,6 +105,13 @@ class ModelSettings(BaseModel):
     dry_run: bool = Field(False, description=
             "Only check config, manifest, model location and output write access, and plan the run (on Ray) to print how "
             "many items are already committed and how many it would do; load no model, read no media.")
+    scheduling: Literal["continuous", "static"] = Field("continuous", description=
+            "continuous: rows join and leave the model between decode steps (a row that ends frees its slot and cache "
+            "at once; batch_size rows run at a time); static: one generate call per batch, every row held until the "
+            "longest ends.")
+    token_budget: int | None = Field(None, ge=1, description=
+            "Tokens (prompt + max_new_tokens, padded) the running rows of one replica may hold under continuous "
+            "scheduling; new rows wait while it is full. Default: the sizing plan's budget on a GPU, 65,536 on CPU.")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="How text is generated.")
     # its flags: --s3-endpoint-url, --storage-max-attempts, ...
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Object-store settings.",
@@ -118,7 +125,8 @@ class ModelSettings(BaseModel):
 
     def load_options(self) -> dict:
         """How the Engine loads the model (beyond device, dtype and attention)."""
-        return {"quantization": self.quantization, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        return {"quantization": self.quantization, "revision": self.revision, "trust_remote_code": self.trust_remote_code,
+                "scheduling": self.scheduling, "token_budget": self.token_budget, "max_rows": self.batch_size}
 
 
 class CaptionConfig(ModelSettings):

@@ -82,6 +82,7 @@ def test_rows_are_grouped_by_length_so_padding_stays_under_half():
 
 def test_grouped_calls_give_the_texts_of_one_call(stage, monkeypatch):
     generate, requests = stage
+    monkeypatch.setattr(generate.engine, "continuous", False)  # static scheduling: one generate call per length group
     calls = []
     real = generate.engine.generate
     monkeypatch.setattr(generate.engine, "generate", lambda inputs, *a: calls.append(len(inputs)) or real(inputs, *a))
@@ -90,3 +91,14 @@ def test_grouped_calls_give_the_texts_of_one_call(stage, monkeypatch):
     monkeypatch.setattr("pipeline.model.batching.MIN_BATCH_FILL", 0.0)
     calls.clear()
     assert generate(requests).column("text").to_pylist() == grouped and calls == [requests.num_rows]
+
+
+def test_a_continuous_engine_gets_every_row_in_one_call_with_the_same_texts(stage, monkeypatch):
+    generate, requests = stage
+    calls = []
+    real = generate.engine.generate
+    monkeypatch.setattr(generate.engine, "generate", lambda inputs, *a: calls.append(len(inputs)) or real(inputs, *a))
+    continuous = generate(requests).column("text").to_pylist()
+    assert generate.engine.continuous and calls == [requests.num_rows]  # its scheduler groups each step's prefill
+    monkeypatch.setattr(generate.engine, "continuous", False)
+    assert generate(requests).column("text").to_pylist() == continuous

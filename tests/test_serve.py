@@ -59,7 +59,8 @@ def server(ray_local, tiny_model, samples, s3_endpoint, tmp_path_factory):
                       "allowed_prefixes": "s3://media/,https://", "storage.endpoint_url": s3_endpoint,
                       "api_token_file": str(token_file), "max_images_per_request": "3"})
     # One request at a time, one queue slot, and a batch wait longer than the timeout: overload on demand.
-    tight = build_app({**common, "batch_size": "16", "batch_wait_timeout_s": "3", "request_timeout_s": "1",
+    # (static scheduling: continuous batching has no batch wait)
+    tight = build_app({**common, "scheduling": "static", "batch_size": "16", "batch_wait_timeout_s": "3", "request_timeout_s": "1",
                        "max_ongoing_requests": "1", "max_queued_requests": "1", "allow_unauthenticated": "true"})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -67,7 +67,7 @@ def caption_records(records, cfg: CaptionConfig, facts: DriverFacts, rows: int |
     # One actor per model replica, holding all its devices: Ray places it on one node, and with
     # tp > 1 it starts one rank process per device there (pipeline/model/tensor_parallel.py).
     ds = ds.map_batches(Generate, fn_constructor_kwargs={"cfg": cfg, "device": facts.device}, batch_format="pyarrow",
-                        batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=cfg.replicas),
+                        batch_size=Generate.rows_per_call(cfg), compute=ActorPoolStrategy(size=cfg.replicas),
                         **model_resources(cfg, facts.device == "cuda"))
     return ds.map_batches(format_output, fn_kwargs={"cfg": cfg}, batch_format="pyarrow")
 

@@ -182,7 +182,17 @@ class Preprocess:
 
 class Generate:
     """The model (GPU actor when the cluster has GPUs, else CPU): one model replica per actor,
-    across `tp` GPUs (or CPU processes) of its node when tp > 1 (pipeline/model/tensor_parallel.py)."""
+    across `tp` GPUs (or CPU processes) of its node when tp > 1 (pipeline/model/tensor_parallel.py).
+
+    Continuous scheduling (the default): each Ray Data batch holds QUEUED_BATCHES x batch_size rows,
+    batch_size of them in the model at a time; as a row ends the next one joins at the next step
+    (pipeline/model/continuous.py), so rows of varied answer lengths keep the slots full."""
+
+    QUEUED_BATCHES = 4
+
+    @classmethod
+    def rows_per_call(cls, cfg: CaptionConfig) -> int:
+        return cfg.batch_size * (cls.QUEUED_BATCHES if cfg.scheduling == "continuous" else 1)
 
     def __init__(self, cfg: CaptionConfig, device: str):
         from pipeline.model.checkpoint import local_checkpoint

@@ -2,7 +2,9 @@
 
 - Rows are grouped by prompt length first (one generate call per group): left padding makes every
   row of a call as long as its longest, and an image with anyres patches (~7,000 tokens) in a
-  batch of videos (~1,600) made the call ~4x the work of the rows on their own.
+  batch of videos (~1,600) made the call ~4x the work of the rows on their own. A continuous
+  engine (pipeline/model/continuous.py) gets the rows in one call: it groups each step's prefill
+  by length itself, and rows of every length then join as others end.
 - Out of memory (CUDA, or the CPU allocator): the batch is split in halves and each half retried,
   recursively; only a single row that still runs out of memory becomes an `out_of_memory` row.
 - Any other error: the rows are retried one by one; those that fail alone become `model_error` rows.
@@ -50,7 +52,9 @@ def generate_rows(engine, inputs: list, gen: GenerationConfig, seeds: list[int])
     """engine.generate(inputs, gen, seeds), with each row's result or its RowError, in input order;
     one call per group of similar prompt length."""
     results = [None] * len(inputs)
-    for group in length_groups([len(x["input_ids"]) for x in inputs], MIN_BATCH_FILL):
+    groups = ([list(range(len(inputs)))] if getattr(engine, "continuous", False)
+              else length_groups([len(x["input_ids"]) for x in inputs], MIN_BATCH_FILL))
+    for group in groups:
         for i, result in zip(group, _generate_isolated(engine, [inputs[i] for i in group], gen, [seeds[i] for i in group])):
             results[i] = result
     return results

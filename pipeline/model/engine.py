@@ -21,6 +21,9 @@ class Generated:
     text: str
     prompt_tokens: int
     output_tokens: int
+    # "stop": the model ended the row (EOS) or a stop string did; "length": it hit max_new_tokens;
+    # "cancelled": its caller stopped it (continuous batching: a client that left)
+    finish_reason: str = "length"
 
 
 def row_seed(seed: int, *keys: str | None) -> int:
@@ -32,7 +35,8 @@ def row_seed(seed: int, *keys: str | None) -> int:
 class Engine:
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", attn_implementation: str = "sdpa",
                  tp: int = 1, *, quantization: str | None = None, revision: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, scheduling: str = "continuous", token_budget: int | None = None,
+                 max_rows: int | None = None):
         import torch
 
         from pipeline.model.families import detect_family
@@ -57,12 +61,58 @@ class Engine:
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = next(i for i in (gen.pad_token_id, self.tokenizer.pad_token_id, min(self.eos_ids)) if i is not None)
+        # continuous: rows join and leave between decode steps (pipeline/model/continuous.py);
+        # static: one model.generate per batch (the baseline the benchmarks compare against)
+        self.continuous = scheduling == "continuous"
+        if self.continuous:
+            from pipeline.model.continuous import check_cache_layers
+
+            try:
+                check_cache_layers(self.model)
+            except NotImplementedError:
+                self.continuous = False
+        self.token_budget, self.max_rows = token_budget or self._sized_token_budget(tp), max_rows
+
+    def _sized_token_budget(self, tp: int) -> int | None:
+        """On a GPU, the sizing plan's token budget for this replica (pipeline/planning/sizing.py);
+        None elsewhere (the scheduler's CPU default)."""
+        import torch
+
+        if self.device.type != "cuda":
+            return None
+        from pipeline.planning.sizing import GB, plan, shape_of
+
+        try:
+            memory = torch.cuda.get_device_properties(self.device).total_memory / GB
+            return plan(shape_of(self.model.config), gpu_memory_gb=memory, dtype=str(self.dtype).rsplit(".", 1)[-1],
+                        tp=tp).token_budget or None
+        except Exception:  # noqa: BLE001 - an unusual config: the default budget
+            return None
+
+    def scheduler(self, max_rows: int | None = None):
+        """A continuous-batching scheduler over this engine's model (pipeline.model.continuous)."""
+        from pipeline.model.continuous import Scheduler
+
+        return Scheduler(self, self.token_budget, max_rows or self.max_rows)
+
+    def row_sampler(self, gen: GenerationConfig, seed: int):
+        """How one row picks its next token from its logits (continuous batching): greedy, or from its
+        own seeded generator (the semantics of PerRowSampler)."""
+        return RowSampler(gen, seed, self.device)
 
     def generate(self, inputs: list[dict[str, np.ndarray]], gen: GenerationConfig,
                  seeds: list[int] | None = None, streamer=None) -> list[Generated]:
         """Generate for a batch; results are in input order. `streamer` (transformers' BaseStreamer
-        interface) gets the prompt ids, then each step's new token of every row (the online server)."""
+        interface) gets the prompt ids, then each step's new token of every row (the online server;
+        it runs the static path). Continuous scheduling: the rows go through a Scheduler, joining as
+        the slots (max_rows) and the token budget allow and leaving at their own end."""
         import torch
+
+        if self.continuous and streamer is None:
+            from pipeline.model.continuous import Row
+
+            seeds = seeds or [gen.seed] * len(inputs)
+            return self.scheduler().run([Row(x, gen, s) for x, s in zip(inputs, seeds)])
 
         batch = self.collate(inputs)
         # Vision features once per distinct media (K questions about one item share them).
@@ -75,9 +125,11 @@ class Engine:
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
         results = []
         for x, tokens in zip(inputs, new_tokens):
-            end = next((k + 1 for k, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+            end = next((k + 1 for k, t in enumerate(tokens) if t in self.eos_ids), None)
+            reason = "length" if end is None else "stop"
+            end = len(tokens) if end is None else end
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-            results.append(Generated(text=text, prompt_tokens=len(x["input_ids"]), output_tokens=end))
+            results.append(Generated(text=text, prompt_tokens=len(x["input_ids"]), output_tokens=end, finish_reason=reason))
         return results
 
     def collate(self, inputs: list[dict[str, np.ndarray]]) -> dict:
@@ -116,3 +168,33 @@ class PerRowSampler:
         for row, g in enumerate(self.generators):
             forced[row, torch.multinomial(probs[row], 1, generator=g)] = 0.0
         return forced
+
+
+class RowSampler:
+    """One row's next token in continuous batching: greedy (the argmax, as generate takes it), or
+    sampled from the row's own seeded generator after the same warpers as PerRowSampler, one draw per
+    step: the tokens PerRowSampler gives that row in a static batch."""
+
+    def __init__(self, gen: GenerationConfig, seed: int, device):
+        import torch
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.sample = gen.temperature > 0
+        self.warpers = LogitsProcessorList()
+        if self.sample:
+            self.warpers.append(TemperatureLogitsWarper(gen.temperature))
+            if gen.top_k:
+                self.warpers.append(TopKLogitsWarper(gen.top_k))
+            if gen.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(gen.top_p))
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, row, logits) -> int:
+        """logits: (vocab,) float32 of this row's last position."""
+        import torch
+
+        if not self.sample:
+            return int(logits.argmax())
+        ids = torch.tensor([list(row.inputs["input_ids"]) + row.tokens], device=logits.device)
+        probs = torch.softmax(self.warpers(ids, logits[None]), dim=-1)[0]
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -88,6 +88,8 @@ class TensorParallelEngine:
                          timeout_s=max(timeout_s, LOAD_TIMEOUT_S), load_options=load_options or {})
         self.tp, self.timeout_s, self.restarts = tp, timeout_s, restarts
         self.rank_module = rank_module or os.environ.get(TEST_RANK_MODULE_ENV) or DEFAULT_RANK_MODULE
+        # the ranks' engines schedule rows continuously (rank 0's tokens, broadcast each step)
+        self.continuous = (load_options or {}).get("scheduling", "continuous") == "continuous"
         self.ranks: list[_Rank] | None = None
         self.starts = 0  # replicas started so far (1 + restarts)
         self._lock = threading.Lock()  # one batch at a time: every rank must see the same sequence

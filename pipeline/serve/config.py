@@ -22,7 +22,8 @@ class ServeConfig(ModelSettings):
     model_config = ConfigDict(extra="forbid")
 
     served_model_name: str | None = Field(None, description="Model id in /v1/models and responses; default: the model path's last part.")
-    batch_wait_timeout_s: float = Field(0.05, ge=0, description="Longest wait for a batch to fill before generating.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0, description=
+            "Longest wait for a batch to fill before generating (static scheduling; continuous rows join at the next step).")
     max_replicas: int | None = Field(None, ge=1, description="Autoscale model replicas between `replicas` and this (None: fixed `replicas`).")
     target_ongoing_requests: float | None = Field(None, gt=0, description="Autoscaling target per model replica (default: batch_size).")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per model replica (default: tp with device=cuda, else 0).")

@@ -1,5 +1,14 @@
-"""LlavaModel: the model deployment. One Engine; `@serve.batch` collects concurrent requests into
-one generate call and streams each request its own text as it is generated.
+"""LlavaModel: the model deployment. One Engine; each request streams its own text as it is generated.
+
+Continuous scheduling (the default, one process per replica): a scheduler thread steps the
+engine's continuous batch (pipeline/model/continuous.py); a request joins the running rows at the
+next step (no batch wait), its tokens go to its RowStream as each step runs, and it leaves at its
+end, its stop string, or within one step of its client going away (the request's generator is
+cancelled: its row is marked cancelled and dropped at the next step, with its cache). A step that
+fails (out of memory, a row the model rejects) hands the rows it held to generate_rows, which
+splits and isolates as in the batch job; the others then go on.
+Static scheduling, or a tensor-parallel replica: `@serve.batch` collects concurrent requests into
+one generate call.
 
 The engine runs in a worker thread (the replica keeps accepting the next batch meanwhile) with a
 transformers streamer that gets one token per row per step; each row's RowStream turns its tokens
@@ -12,6 +21,8 @@ batch_size; a failed row sends {"error": message}.
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +32,8 @@ from ray import serve
 from pipeline import metrics
 from pipeline.config import GenerationConfig
 from pipeline.serve.protocol import usage
+
+log = logging.getLogger("pipeline.serve.model")
 
 
 @dataclass
@@ -141,6 +154,11 @@ class LlavaModel:
         self.streams = isinstance(self.engine, Engine)
         self.generate_batch.set_max_batch_size(cfg.batch_size)
         self.generate_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.scheduler = None
+        if self.streams and self.engine.continuous:
+            self.scheduler = self.engine.scheduler(max_rows=cfg.batch_size)
+            self._wake = threading.Event()
+            threading.Thread(target=self._schedule, name="continuous-batching", daemon=True).start()
 
     async def ping(self) -> str:
         return "ok"
@@ -148,9 +166,78 @@ class LlavaModel:
     async def generate(self, job: Job):
         """Lists of events for this request (see the module's docstring), as they come."""
         job.enqueued = time.monotonic()
+        if self.scheduler is not None:
+            async for events in self._generate_continuous(job):
+                yield events
+            return
         async for events in self.generate_batch(job):
             if events:
                 yield events
+
+    # --- continuous scheduling ----------------------------------------------------------------------
+
+    async def _generate_continuous(self, job: Job):
+        from pipeline.model.continuous import Row
+
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        stream = RowStream(job, self.engine.tokenizer, self.engine.eos_ids, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e), 1)
+        row = Row(job.inputs, job.generation, job.seed, on_token=lambda step, t: self._token(row, stream, step, t))
+        row.stream = stream
+        self.scheduler.submit(row)
+        self._wake.set()
+        try:
+            while True:
+                events = [await queue.get()]
+                while not queue.empty():
+                    events.append(queue.get_nowait())
+                yield events
+                if any("finish_reason" in e or "error" in e for e in events):
+                    return
+        finally:
+            row.cancelled = True  # a client gone (this generator cancelled): the row leaves at the next step
+
+    def _token(self, row, stream: RowStream, step: int, token: int) -> bool:
+        """A row's new token (the scheduler's thread): to its stream; True ends the row (its stream is done)."""
+        if step == 0:
+            stream.batch_size = len(self.scheduler.running)
+            metrics.serve_batch(stream.batch_size, [time.monotonic() - stream.job.enqueued])
+        stream.token(step, token)
+        return stream.done
+
+    def _schedule(self) -> None:
+        """The scheduler's thread: step while rows run or wait; sleep until a request arrives."""
+        while True:
+            if self.scheduler.idle:
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                try:
+                    left = self.scheduler.step()
+                except Exception:  # noqa: BLE001 - the rows it held are retried, each to its own outcome
+                    log.warning("a continuous-batching step failed; retrying its %d rows", len(self.scheduler.dropped),
+                                exc_info=True)
+                    self._retry(self.scheduler.dropped)
+                    continue
+                for row in left:
+                    row.stream.finish(row.result)
+            except Exception:  # noqa: BLE001 - the thread must outlive any one request
+                log.exception("continuous batching: a request failed outside the model")
+
+    def _retry(self, rows: list) -> None:
+        """Rows of a failed step: generate_rows splits after out of memory and isolates a bad row; each
+        stream skips the tokens it has sent and ends from its row's result."""
+        from pipeline.model.batching import generate_rows
+
+        groups: dict[str, list] = {}
+        for row in rows:
+            if not row.cancelled:
+                groups.setdefault(row.gen.model_dump_json(), []).append(row)
+        for same in groups.values():
+            for row, result in zip(same, generate_rows(self.engine, [r.inputs for r in same], same[0].gen, [r.seed for r in same])):
+                row.stream.finish(result)
+
+    # --- static scheduling -------------------------------------------------------------------------
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # replaced from the config in __init__
     async def generate_batch(self, jobs: list[Job]):
