@@ -1,6 +1,6 @@
 """Continuous batching (pipeline/model/continuous.py): rows join and leave the running batch between
 decode steps, and every row's tokens are those of transformers' generate on that row alone (the rule
-of pipeline/testing/textmatch.py), for every family, images, image sets and video mixed, rows
+of tests/helpers/textmatch.py), for every family, images, image sets and video mixed, rows
 joining at different steps and leaving at their own ends (max_new_tokens, EOS, a stop string, their
 caller), greedy and seeded sampling, under a token budget, and at --tp 2."""
 
@@ -14,7 +14,7 @@ from pipeline.config import GenerationConfig, RunConfig
 from pipeline.model.continuous import Row
 from pipeline.model.engine import Engine
 from pipeline.planning.manifest import scan_manifest
-from pipeline.testing.textmatch import Reference, difference, reference_generation
+from tests.helpers.textmatch import Reference, difference, reference_generation
 
 FAMILIES = ["llava_onevision", "llava_interleave", "llava"]
 LENGTHS = [3, 11, 6, 9, 4, 12]  # each row's own max_new_tokens: rows leave at different steps

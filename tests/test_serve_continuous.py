@@ -12,7 +12,7 @@ from pipeline.config import GenerationConfig
 from pipeline.model.preprocess import Preprocessor
 from pipeline.serve.config import ServeConfig
 from pipeline.serve.model import Job, LlavaModel
-from pipeline.testing.textmatch import difference, reference_generation
+from tests.helpers.textmatch import difference, reference_generation
 
 LONG, SHORT = 150, 4
 
