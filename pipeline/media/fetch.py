@@ -85,16 +85,36 @@ def _open(uri: str, name: str, storage: StorageConfig, allowed_prefixes: list[st
     except URLRejected as e:
         raise MediaError("uri_not_allowed", f"{name} is not allowed once opened: {e}; if this source is trusted, "
                                             "pass --allow-uri-prefix with its folder") from e
-    except FileNotFoundError as e:
-        raise MediaError("not_found", f"{name} does not exist; fix the uri or upload the file") from e
-    except PermissionError as e:
-        raise MediaError("access_denied", f"access to {name} was denied ({e}); check the credentials and bucket "
-                                          "policy") from e
-    except IsADirectoryError as e:
-        raise MediaError("not_found", f"{name} is a folder, not a media file; give the uri of a file in it") from e
     except OSError as e:
-        raise _fetch_failed(name, e) from e
+        if (refused := _refused(e)) is not None:  # (fsspec reports it as FileNotFoundError: "does not exist" misleads)
+            raise MediaError("uri_not_allowed", f"{name} was not fetched: {refused}. Media are read only from public "
+                                                "addresses, without redirects: give the media's final public URL") from e
+        raise _open_failed(name, e) from e
     return _bounded(f, name, max_bytes)
+
+
+def _refused(error: BaseException) -> BaseException | None:
+    """The pinned connection's refusal (a non-public address, a redirect) behind a transport error:
+    fsspec and aiohttp wrap it (FileNotFoundError from it, ClientConnectorError's os_error)."""
+    from pipeline.io.pinned_http import AddressRejected
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, AddressRejected):
+            return error
+        error = error.__cause__ or error.__context__ or getattr(error, "os_error", None)
+    return None
+
+
+def _open_failed(name: str, e: OSError) -> MediaError:
+    if isinstance(e, FileNotFoundError):
+        return MediaError("not_found", f"{name} does not exist; fix the uri or upload the file")
+    if isinstance(e, PermissionError):
+        return MediaError("access_denied", f"access to {name} was denied ({e}); check the credentials and bucket policy")
+    if isinstance(e, IsADirectoryError):
+        return MediaError("not_found", f"{name} is a folder, not a media file; give the uri of a file in it")
+    return _fetch_failed(name, e)
 
 
 def _data_url(uri: str) -> io.BytesIO:
