@@ -65,6 +65,9 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--top-p", type=float, default=g["top_p"].default, help=doc(g["top_p"]))
     p.add_argument("--top-k", type=int, default=g["top_k"].default, help=doc(g["top_k"]))
     p.add_argument("--seed", type=int, default=g["seed"].default, help=doc(g["seed"]))
+    p.add_argument("--repetition-penalty", type=float, default=g["repetition_penalty"].default, help=doc(g["repetition_penalty"]))
+    p.add_argument("--no-repeat-ngram-size", type=int, default=g["no_repeat_ngram_size"].default,
+                   help=doc(g["no_repeat_ngram_size"]))
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help=doc(f["device"]))
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help=doc(f["dtype"]))
@@ -85,6 +88,7 @@ def parse_args(argv=None) -> RunConfig:
     p.add_argument("--address", help=doc(f["ray_address"]))
     p.add_argument("--run-id", help="Identifier of this run (default: UTC time + random suffix).")
     p.add_argument("--retry-errors", action="store_true", help=doc(f["retry_errors"]))
+    p.add_argument("--retry-flagged", default="", metavar="FLAG,...", help=doc(f["retry_flagged"]))
     p.add_argument("--model-resource", action="append", default=[], metavar="NAME=AMOUNT",
                    help=doc(f["model_resources"]) + " Repeat for several.")
     p.add_argument("--trace-dir", help=doc(f["trace_dir"]))
@@ -101,11 +105,13 @@ def parse_args(argv=None) -> RunConfig:
             model_cpu_threads=a.model_cpu_threads, allowed_uri_prefixes=a.allow_uri_prefix, device=a.device, dtype=a.dtype,
             attn_implementation=a.attn_implementation, quantization=a.quantization, revision=a.revision,
             trust_remote_code=a.trust_remote_code, ray_address=a.address, dry_run=a.dry_run, retry_errors=a.retry_errors,
+            retry_flagged=a.retry_flagged,
             decode_timeout_s=a.decode_timeout_s, decoder_module=a.decoder_module, max_pixels=a.max_pixels,
             decoder_memory_gb=a.decoder_memory_gb, lease_ttl_s=a.lease_ttl_s,
             model_resources=dict(_resource(r, p) for r in a.model_resource), trace_dir=a.trace_dir,
             generation=GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                                        top_p=a.top_p, top_k=a.top_k, seed=a.seed),
+                                        top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                                        repetition_penalty=a.repetition_penalty, no_repeat_ngram_size=a.no_repeat_ngram_size),
             storage=StorageConfig(endpoint_url=a.s3_endpoint_url),
             **({"run_id": a.run_id} if a.run_id else {}),
         )

@@ -77,6 +77,9 @@ class QualityConfig(BaseModel):
     not_text_share: float = Field(0.2, gt=0, le=1, description=
             "not_text: at least this share of the text's non-space characters are replacement characters (U+FFFD), control, "
             "private-use, surrogate or unassigned code points.")
+    not_text_chars: int = Field(3, ge=1, description=
+            "not_text: ...or at least this many of them anywhere (honest text has none; a single U+FFFD at the end, a "
+            "multi-byte character cut by max_new_tokens, is not counted).")
     min_letter_share: float = Field(0.25, ge=0, le=1, description=
             "not_text: a text of at least 8 non-space characters of which fewer than this share are letters (of any script).")
     same_text_min_media: int = Field(5, ge=2, description=

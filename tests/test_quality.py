@@ -55,6 +55,12 @@ DEGENERATE = [  # (text, prompt, task, finish_reason, flags it must get)
     ("The image shows a table with a red red red red red red red red red red red red", IMAGE, "caption", "length",
      {"repetition", "truncated"}),
     ("anunsunssing\ufffd\ufffdunsunsunsuns", VIDEO, "caption", "length", {"repetition", "truncated", "length_outlier"}),  # the quickstart's noise
+    # the tiny random-weight model's noise (24 tokens)
+    (" dowayen brightlks\ufffd\ufffdqith moun\ufffd ro\ufffd\ufffd windows\ufffdughx caerill runsilmedil", VIDEO, "caption", "length",
+     {"not_text", "truncated"}),
+    ("ro bright\r\ufffd\ufffdeningsing\ufffdcro lined\ufffd while\ufffd while\x1b\ufffd\ufffd? ballan isde\ufffdilmed", IMAGE, "caption",
+     "length", {"not_text", "truncated"}),
+    ("The video shows a woman holding a sign that reads caf\ufffd", VIDEO, "caption", "length", {"truncated"}),  # cut mid-character
     ("hahahahahahahahahahahahahahahahaha", VIDEO, "caption", "stop", {"repetition", "length_outlier"}),  # no spaces: judged in characters
     ("Describe this video in detail.", VIDEO, "caption", "stop", {"echo"}),
     ("What color is the car?", "What color is the car?", "qa", "stop", {"echo"}),

@@ -27,10 +27,12 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import RunConfig
 from pipeline.io.storage import arrow_filesystem, filesystem, is_local, join, protocol_of, put_whole
+from pipeline.quality.figures import QualityCounts
 from pipeline.schemas import output_arrow_schema
 
 log = logging.getLogger("pipeline")
@@ -43,6 +45,7 @@ class WriteResult:
     rows: int = 0
     by_status: Counter = field(default_factory=Counter)
     by_error_type: Counter = field(default_factory=Counter)
+    quality: QualityCounts = field(default_factory=QualityCounts)  # rows per quality flag and finish reason
 
 
 def staging_uri(cfg: RunConfig, run_id: str | None = None) -> str:
@@ -78,16 +81,21 @@ def committed_keys(cfg: RunConfig) -> CommittedKeys | None:
     """The committed rows made with this run's settings (rows of other settings do not count), read
     by Ray tasks, a file each: per row its key (the id, or NO_ID + file:line), prompt, status,
     media type, and for an error row the file holding it. None when nothing is committed."""
+    files = committed_files(cfg)
+    if not files:
+        return None
+    keys = read_files(cfg, sorted(files), _committed_keys, config_key=cfg.config_key(), retry_flagged=cfg.retry_flagged)
+    return CommittedKeys(keys=keys, bytes=sum(files.values()))
+
+
+def committed_files(cfg: RunConfig) -> dict[str, int]:
+    """The output's committed Parquet files and their sizes (names starting with `_` or `.` are not committed)."""
     fs, out = filesystem(cfg.output, cfg.storage)
     fs.invalidate_cache()
     if not fs.exists(out):
-        return None
-    files = {i["name"]: i["size"] for i in fs.ls(out, detail=True) if i["type"] == "file"
-             and i["name"].endswith(".parquet") and not i["name"].rsplit("/", 1)[-1].startswith(("_", "."))}
-    if not files:
-        return None
-    keys = read_files(cfg, sorted(files), _committed_keys, config_key=cfg.config_key())
-    return CommittedKeys(keys=keys, bytes=sum(files.values()))
+        return {}
+    return {i["name"]: i["size"] for i in fs.ls(out, detail=True) if i["type"] == "file"
+            and i["name"].endswith(".parquet") and not i["name"].rsplit("/", 1)[-1].startswith(("_", "."))}
 
 
 def read_files(cfg: RunConfig, paths: list[str], fn, **kwargs):
@@ -120,18 +128,39 @@ class OutputError(RuntimeError):
     """A file in the output cannot be read; the message says which and what to do."""
 
 
-def _committed_keys(rows: pa.Table, path: str, config_key: str) -> pa.Table:
+def _committed_keys(rows: pa.Table, path: str, config_key: str, retry_flagged: list[str] = ()) -> pa.Table:
+    """Per committed row its key, prompt, status, media type and, for a row a retry may replace, its file.
+    An ok row whose text carries a flag of --retry-flagged (and is not itself a retry) has status
+    `flagged`: it is to be redone, like an error row under --retry-errors."""
     import pyarrow.compute as pc
 
     rows = rows.filter(pc.fill_null(pc.equal(rows["config_key"], config_key), False))
     key = pc.coalesce(rows["id"], pc.binary_join_element_wise(NO_ID, rows["source"], ""))
     rows, key = rows.filter(pc.is_valid(key)), key.filter(pc.is_valid(key))
-    error_file = pc.if_else(pc.fill_null(pc.equal(rows["status"], "error"), False), path, pa.scalar(None, pa.string()))
-    return pa.table({"c_key": key, "c_prompt": rows["prompt"], "c_status": rows["status"], "c_media": rows["media_type"],
+    status = rows["status"]
+    if retry_flagged:
+        status = pc.if_else(flagged_for_retry(rows, retry_flagged), "flagged", status)
+    replaceable = pc.fill_null(pc.is_in(status, pa.array(["error", "flagged"])), False)
+    error_file = pc.if_else(replaceable, path, pa.scalar(None, pa.string()))
+    return pa.table({"c_key": key, "c_prompt": rows["prompt"], "c_status": status, "c_media": rows["media_type"],
                      "c_path": error_file})
 
 
-_committed_keys.columns = ["id", "prompt", "status", "media_type", "source", "config_key"]
+_committed_keys.columns = ["id", "prompt", "status", "media_type", "source", "config_key", "quality_flags", "attempt"]
+
+
+def flagged_for_retry(rows: pa.Table, flags: list[str]):
+    """Ok rows of their first attempt whose quality_flags hold one of `flags` (rows of older outputs: none)."""
+    import pyarrow.compute as pc
+
+    lists = rows["quality_flags"]
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    hit = pc.is_in(pc.list_flatten(lists), value_set=pa.array(list(flags), pa.string()))
+    parents = pc.list_parent_indices(lists)
+    any_hit = pa.array(np.bincount(parents.to_numpy(), weights=hit.to_numpy(zero_copy_only=False).astype(float),
+                                   minlength=len(lists)) > 0) if len(parents) else pa.array(np.zeros(len(lists), bool))
+    first = pc.less(pc.fill_null(rows["attempt"], 1), 2)
+    return pc.fill_null(pc.and_(pc.and_(pc.equal(rows["status"], "ok"), first), any_hit), False)
 
 
 def staged_sources(cfg: RunConfig, files: list[str]):
@@ -147,9 +176,11 @@ _sources.columns = ["source"]
 
 
 def staged(cfg: RunConfig) -> WriteResult:
-    """What this run wrote to staging: files and row counts by status and error type, from two
-    small columns of one file at a time (a run's files are few: --output-file-rows each)."""
+    """What this run wrote to staging: files and row counts by status and error type, quality flag and
+    finish reason, from a few small columns of one file at a time (a run's files are few: --output-file-rows each)."""
     import pyarrow.parquet as pq
+
+    from pipeline.quality import figures
 
     fs, staged_dir = filesystem(staging_uri(cfg), cfg.storage)
     fs.invalidate_cache()  # the files were written by other processes: never trust a cached listing
@@ -157,7 +188,8 @@ def staged(cfg: RunConfig) -> WriteResult:
     result = WriteResult(files=[_uri(p, cfg.output) for p in files])
     afs, _ = arrow_filesystem(cfg.output, cfg.storage)
     for path in files:
-        table = pq.read_table(path, columns=["status", "error_type"], filesystem=afs)
+        table = pq.read_table(path, columns=["status", "error_type", *figures.COLUMNS[1:]], filesystem=afs)
+        result.quality.add(table)
         counts = table.group_by(["status", "error_type"], use_threads=False).aggregate([([], "count_all")])
         for status, error_type, n in zip(*(counts[c].to_pylist() for c in ("status", "error_type", "count_all"))):
             result.rows += n
@@ -174,14 +206,14 @@ def commit(cfg: RunConfig, result: WriteResult, ledger: dict, supersedes: dict |
     staged_paths = [filesystem(f, cfg.storage)[1] for f in result.files]
     names = [p.rsplit("/", 1)[-1] for p in staged_paths]
     ledger = dict(ledger, rows=result.rows, by_status=dict(result.by_status),
-                  by_error_type=dict(result.by_error_type), files=[f"part-{cfg.run_id}-{n}" for n in names])
+                  by_error_type=dict(result.by_error_type), quality=result.quality.to_dict(), files=[f"part-{cfg.run_id}-{n}" for n in names])
     staged_dir = filesystem(staging_uri(cfg), cfg.storage)[1]
     fs.makedirs(staged_dir, exist_ok=True)  # a run with nothing to write still leaves its ledger
     # Size and row count of each staged file: a moved copy is checked against them before the
     # staged file is deleted, so a copy cut short never replaces the only good one.
     checks = {n: _size_and_rows(fs, p) for n, p in zip(names, staged_paths)}
     point = {"staged": names, "checks": checks, "ledger": ledger, "supersedes": supersedes or {},
-             "config_key": cfg.config_key()}
+             "config_key": cfg.config_key(), "replaces": {"errors": cfg.retry_errors, "flags": cfg.retry_flagged}}
     put_whole(fs, join(staged_dir, COMPLETE), json.dumps(point, indent=2, default=str).encode())
     _finish(cfg, cfg.run_id)
 
@@ -252,8 +284,10 @@ def _finish(cfg: RunConfig, run_id: str) -> None:
                                   "kept, rerun to retry")
         if has_src:
             fs.rm(src)
+    # commit points written before --retry-flagged replaced error rows only
+    rule = complete.get("replaces", {"errors": True, "flags": []})
     for path, ids in complete.get("supersedes", {}).items():
-        _drop_error_rows(cfg, fs, path, set(ids), complete["config_key"])
+        _drop_error_rows(cfg, fs, path, set(ids), complete["config_key"], rule)
     body = json.dumps(complete["ledger"], indent=2, default=str).encode()
     fs.makedirs(join(out, "_runs"), exist_ok=True)
     put_whole(fs, join(out, "_runs", f"{run_id}.json"), body)
@@ -261,9 +295,10 @@ def _finish(cfg: RunConfig, run_id: str) -> None:
     fs.rm(staged_dir, recursive=True)
 
 
-def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str) -> None:
-    """Rewrite a committed file without the error rows of `ids` (made under `key`) that a retry
-    replaced. Idempotent; the new file replaces the old in one step (one PUT on S3, a rename locally),
+def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str, rule: dict) -> None:
+    """Rewrite a committed file without the rows of `ids` (made under `key`) that a retry replaced:
+    error rows (rule["errors"]: --retry-errors) and ok rows carrying a flag of rule["flags"] in their
+    first attempt (--retry-flagged). Idempotent; the new file replaces the old in one step (one PUT on S3, a rename locally),
     so readers see the old file or the new one, never a part."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -272,8 +307,11 @@ def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str) -> None:
         return
     afs, _ = arrow_filesystem(cfg.output, cfg.storage)
     table = pq.read_table(path, filesystem=afs, schema=output_arrow_schema())
-    drop = pc.and_(pc.and_(pc.is_in(table["id"], pa.array(sorted(ids), pa.string())),
-                           pc.equal(table["status"], "error")), pc.equal(table["config_key"], key))
+    retried = pc.and_(pc.equal(table["status"], "error"), pa.scalar(bool(rule.get("errors"))))
+    if rule.get("flags"):
+        retried = pc.or_(retried, flagged_for_retry(table, rule["flags"]))
+    drop = pc.and_(pc.and_(pc.is_in(table["id"], pa.array(sorted(ids), pa.string())), retried),
+                   pc.equal(table["config_key"], key))
     drop = pc.fill_null(drop, False)
     if not pc.any(drop).as_py():
         return
@@ -285,7 +323,7 @@ def _drop_error_rows(cfg: RunConfig, fs, path: str, ids: set, key: str) -> None:
         fs.mv(tmp, path)
     else:
         pq.write_table(kept, path, filesystem=afs)
-    log.info("replaced %d retried error rows in %s", table.num_rows - kept.num_rows, path)
+    log.info("replaced %d retried rows in %s", table.num_rows - kept.num_rows, path)
 
 
 def _is_commit_point(fs, path: str) -> bool:

@@ -46,6 +46,7 @@ RECORD_SCHEMA = pa.schema(
         ("error_type", pa.string()),
         ("error", pa.string()),
         ("done_prompts", pa.list_(pa.string())),  # prompts of this item already committed (set by the run)
+        ("retry_prompts", pa.list_(pa.string())),  # of its prompts to do, those redoing flagged rows (--retry-flagged)
     ]
 )
 
@@ -473,7 +474,7 @@ def _fast_records(t: pa.Table, numbers, uri: str, index: int, label: str, prefix
         "id": t["id"], "uri": single, "uris": many, "media_type": t["media_type"], "prompt": t["prompt"],
         "questions": t["questions"], "start_s": t["start_s"], "end_s": t["end_s"], "source": source,
         "status": pa.repeat(pa.scalar("ok"), n), "error_type": nothing, "error": nothing,
-        "done_prompts": pa.nulls(n, pa.list_(pa.string())),
+        "done_prompts": pa.nulls(n, pa.list_(pa.string())), "retry_prompts": pa.nulls(n, pa.list_(pa.string())),
         "_order": pa.array((index << ROW_BITS) | np.asarray(numbers, dtype=np.int64)),
     }, schema=SCAN_SCHEMA)
     return records.filter(pa.array(sure)), ~sure

@@ -8,7 +8,8 @@
 |                  | recurs, few distinct units, or the text ends in a loop of a repeated unit sequence         |
 | `length_outlier` | a caption of fewer than min_caption_words words, or any text over max_words words          |
 | `echo`           | most of the text's word bigrams are the prompt's                                          |
-| `not_text`       | replacement, control, private-use or unassigned characters, or hardly any letters          |
+| `not_text`       | replacement, control, private-use or unassigned characters (a share, or a few anywhere:    |
+|                  | honest text has none), or hardly any letters                                               |
 
 Tokens are the model's generated token ids; a row without them (an older output) is judged for a
 suffix loop in its characters instead.
@@ -108,8 +109,10 @@ def not_text(text: str, cfg: QualityConfig) -> bool:
     chars = [c for c in text if not c.isspace()]
     if not chars:
         return False
+    if chars[-1] == "\ufffd":  # a multi-byte character cut by max_new_tokens: not the model's fault
+        chars = chars[:-1]
     bad = sum(c == "\ufffd" or unicodedata.category(c) in _BAD_CATEGORIES for c in chars)
-    if bad >= cfg.not_text_share * len(chars):
+    if chars and (bad >= cfg.not_text_share * len(chars) or bad >= cfg.not_text_chars):
         return True
     letters = sum(unicodedata.category(c).startswith("L") for c in chars)
     return len(chars) >= 8 and letters < cfg.min_letter_share * len(chars)

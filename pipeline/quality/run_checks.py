@@ -1,0 +1,111 @@
+"""Checks no single row can make, over a run's staged rows, on Ray Data (no row passes through the driver):
+
+- same_text: one text (case and outer white space aside) written for at least `same_text_min_media`
+  distinct media: a model that collapsed to one caption whatever it is shown.
+- near_duplicate_windows: consecutive clip windows of one video (rows of one `uri` and prompt, in the
+  order of their first frame) whose captions' word sets have a Jaccard similarity of at least
+  `near_duplicate_jaccard` (Cosmos Curator's flag_near_duplicate, 0.9).
+
+Each check returns how many texts / pairs it found and a few examples, for the ledger and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow as pa
+
+from pipeline.config import RunConfig
+
+EXAMPLES = 3
+_COLUMNS = ["id", "uri", "uris", "media_type", "prompt", "text", "status", "frame_timestamps_s"]
+
+
+def run_checks(cfg: RunConfig, files: list[str], rows: int) -> dict:
+    """Both checks over the staged files of this run: {check: {"found": n, "rows": n, "examples": [...]}}."""
+    from pipeline.io.storage import filesystem
+    from pipeline.output.commit import read_files
+
+    empty = {"found": 0, "rows": 0, "examples": []}
+    if not files or not rows:
+        return {"same_text": dict(empty), "near_duplicate_windows": dict(empty)}
+    ds = read_files(cfg, [filesystem(f, cfg.storage)[1] for f in files], _check_rows)
+    parts = max(1, min(64, math.ceil(rows / 200_000)))
+    q = cfg.quality
+    same = _grouped(ds, "norm", parts).map_groups(_same_text, fn_kwargs={"min_media": q.same_text_min_media},
+                                                  batch_format="pyarrow")
+    videos = ds.filter(expr=_is_video_expr())
+    near = _grouped(videos, "window_key", parts).map_groups(_near_duplicates, fn_kwargs={"jaccard": q.near_duplicate_jaccard},
+                                                            batch_format="pyarrow")
+    return {name: _summed(found.map_batches(_block_sum, batch_format="pyarrow", batch_size=None).take_all())  # a row per block
+            for name, found in (("same_text", same), ("near_duplicate_windows", near))}
+
+
+def _grouped(ds, key: str, parts: int):
+    return ds.groupby(key, num_partitions=parts)
+
+
+def _is_video_expr():
+    from ray.data.expressions import col
+
+    return col("is_video")
+
+
+def _check_rows(rows: pa.Table, path: str) -> pa.Table:
+    """The ok rows with their normalized text, media key and window key."""
+    import pyarrow.compute as pc
+
+    rows = rows.filter(pc.fill_null(pc.equal(rows["status"], "ok"), False))
+    media = pc.coalesce(rows["uri"], pc.binary_join(pc.fill_null(rows["uris"], pa.scalar([], pa.list_(pa.string()))), "\n"))
+    first = pc.list_element(pc.fill_null(rows["frame_timestamps_s"], pa.scalar([0.0], pa.list_(pa.float64()))), 0)
+    return pa.table({
+        "id": rows["id"], "media": media, "text": rows["text"],
+        "norm": pc.utf8_lower(pc.utf8_trim_whitespace(pc.fill_null(rows["text"], ""))),
+        "window_key": pc.binary_join_element_wise(pc.fill_null(rows["uri"], ""), pc.fill_null(rows["prompt"], ""), "\x1f"),
+        "is_video": pc.fill_null(pc.and_(pc.equal(rows["media_type"], "video"), pc.is_valid(rows["uri"])), False),
+        "start": pc.fill_null(first, 0.0),
+    })
+
+
+_check_rows.columns = _COLUMNS
+
+
+def _result(found: int, rows: int, examples: list) -> pa.Table:
+    return pa.table({"found": [found], "rows": [rows], "examples": [json.dumps(examples[:EXAMPLES])]})
+
+
+def _same_text(group: pa.Table, min_media: int) -> pa.Table:
+    """One text: found when it was written for at least min_media distinct media."""
+    import pyarrow.compute as pc
+
+    text = group["norm"][0].as_py()
+    media = pc.count_distinct(group["media"]).as_py()
+    if not text or media < min_media:
+        return _result(0, 0, [])
+    return _result(1, group.num_rows, [{"text": group["text"][0].as_py(), "media": media, "ids": group["id"].to_pylist()[:5]}])
+
+
+def _near_duplicates(group: pa.Table, jaccard: float) -> pa.Table:
+    """The clip windows of one video and prompt, in time order: consecutive pairs of near-identical captions."""
+    from pipeline.quality.flags import words
+
+    rows = group.sort_by("start").select(["id", "text", "start"]).to_pylist()
+    found, ids, examples = 0, set(), []
+    for a, b in zip(rows, rows[1:]):
+        wa, wb = set(words(a["text"] or "")), set(words(b["text"] or ""))
+        if wa and wb and len(wa & wb) / len(wa | wb) >= jaccard:
+            found += 1
+            ids |= {a["id"], b["id"]}
+            examples.append({"ids": [a["id"], b["id"]], "texts": [a["text"], b["text"]]})
+    return _result(found, len(ids), examples)
+
+
+def _block_sum(results: pa.Table) -> pa.Table:
+    summed = _summed(results.to_pylist())
+    return _result(summed["found"], summed["rows"], summed["examples"])
+
+
+def _summed(results: list[dict]) -> dict:
+    examples = [e for r in results for e in json.loads(r["examples"])]
+    return {"found": sum(r["found"] for r in results), "rows": sum(r["rows"] for r in results), "examples": examples[:EXAMPLES]}
