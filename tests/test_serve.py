@@ -449,3 +449,16 @@ def test_serve_deploy_config_is_valid():
         build_app(app["args"])  # the deployments' options are accepted by Serve
         # fail closed: the token comes from a mounted Secret, never from an open default
         assert cfg.device == "cuda" and cfg.max_replicas and cfg.api_token_file and not cfg.allow_unauthenticated
+
+
+def test_loop_fighting_settings_from_the_config_and_the_request():
+    """repetition_penalty and no_repeat_ngram_size are server settings (the batch job's generation fields);
+    a request may set repetition_penalty (vLLM's extension, with transformers' meaning)."""
+    from pipeline.serve.protocol import generation_for, parse_request
+
+    cfg = parse_args({"model": "/m", "repetition_penalty": "1.2", "no_repeat_ngram_size": "3"})
+    assert (cfg.generation.repetition_penalty, cfg.generation.no_repeat_ngram_size) == (1.2, 3)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert generation_for(parse_request(json.dumps(body).encode()), cfg.generation).repetition_penalty == 1.2
+    asked = generation_for(parse_request(json.dumps({**body, "repetition_penalty": 1.05}).encode()), cfg.generation)
+    assert (asked.repetition_penalty, asked.no_repeat_ngram_size) == (1.05, 3)
