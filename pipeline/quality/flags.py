@@ -28,6 +28,8 @@ from pipeline.config import QualityConfig
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
 _BAD_CATEGORIES = {"Cc", "Co", "Cs", "Cn"}
+_SPACE = re.compile(r"\s+")
+_LETTERS = re.compile(r"[^\W\d_]+")  # letters (of any script): word characters but digits and underscore
 
 
 def words(text: str) -> list[str]:
@@ -92,7 +94,7 @@ def suffix_loop(units: Sequence, max_period: int, min_repeats: int, min_units: i
 
 def character_loop(text: str, cfg: QualityConfig) -> bool:
     """Without token ids (rows of older outputs): a suffix loop in the text's non-space characters."""
-    chars = [c for c in text if not c.isspace()]
+    chars = list(_SPACE.sub("", text))
     return suffix_loop(chars, cfg.loop_max_period, cfg.loop_min_repeats + 1, cfg.loop_min_chars)
 
 
@@ -106,13 +108,15 @@ def echoes(text_words: list[str], prompt_words: list[str], share: float) -> bool
 
 
 def not_text(text: str, cfg: QualityConfig) -> bool:
-    chars = [c for c in text if not c.isspace()]
+    chars = _SPACE.sub("", text)
+    if chars.endswith("\ufffd"):  # a multi-byte character cut by max_new_tokens: not the model's fault
+        chars = chars[:-1]
     if not chars:
         return False
-    if chars[-1] == "\ufffd":  # a multi-byte character cut by max_new_tokens: not the model's fault
-        chars = chars[:-1]
-    bad = sum(c == "\ufffd" or unicodedata.category(c) in _BAD_CATEGORIES for c in chars)
-    if chars and (bad >= cfg.not_text_share * len(chars) or bad >= cfg.not_text_chars):
+    # str.isprintable (in C) is false for every bad category (and for format characters): look closer only then
+    bad = 0 if chars.isprintable() and "\ufffd" not in chars else sum(
+        c == "\ufffd" or unicodedata.category(c) in _BAD_CATEGORIES for c in chars)
+    if bad >= cfg.not_text_share * len(chars) or bad >= cfg.not_text_chars:
         return True
-    letters = sum(unicodedata.category(c).startswith("L") for c in chars)
+    letters = len(chars) - len(_LETTERS.sub("", chars))
     return len(chars) >= 8 and letters < cfg.min_letter_share * len(chars)

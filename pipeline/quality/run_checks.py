@@ -27,29 +27,35 @@ def run_checks(cfg: RunConfig, files: list[str], rows: int) -> dict:
     from pipeline.io.storage import filesystem
     from pipeline.output.commit import read_files
 
-    empty = {"found": 0, "rows": 0, "examples": []}
     if not files or not rows:
-        return {"same_text": dict(empty), "near_duplicate_windows": dict(empty)}
+        return {name: {"found": 0, "rows": 0, "examples": []} for name in CHECKS}
     ds = read_files(cfg, [filesystem(f, cfg.storage)[1] for f in files], _check_rows)
     parts = max(1, min(64, math.ceil(rows / 200_000)))
+    # one shuffle for both checks: a row goes to its text's group, and a video row also to its window group
+    keyed = ds.map_batches(_keyed, batch_format="pyarrow")
     q = cfg.quality
-    same = _grouped(ds, "norm", parts).map_groups(_same_text, fn_kwargs={"min_media": q.same_text_min_media},
-                                                  batch_format="pyarrow")
-    videos = ds.filter(expr=_is_video_expr())
-    near = _grouped(videos, "window_key", parts).map_groups(_near_duplicates, fn_kwargs={"jaccard": q.near_duplicate_jaccard},
-                                                            batch_format="pyarrow")
-    return {name: _summed(found.map_batches(_block_sum, batch_format="pyarrow", batch_size=None).take_all())  # a row per block
-            for name, found in (("same_text", same), ("near_duplicate_windows", near))}
+    found = keyed.groupby("group", num_partitions=parts).map_groups(
+        _check_group, fn_kwargs={"min_media": q.same_text_min_media, "jaccard": q.near_duplicate_jaccard}, batch_format="pyarrow")
+    blocks = found.map_batches(_block_sums, batch_format="pyarrow", batch_size=None).take_all()  # a row per check and block
+    return {name: _summed([b for b in blocks if b["check"] == name]) for name in CHECKS}
 
 
-def _grouped(ds, key: str, parts: int):
-    return ds.groupby(key, num_partitions=parts)
+CHECKS = ("same_text", "near_duplicate_windows")
 
 
-def _is_video_expr():
-    from ray.data.expressions import col
+def _keyed(rows: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
 
-    return col("is_video")
+    texts = rows.append_column("group", pc.binary_join_element_wise("T", rows["norm"], "\x1f"))
+    videos = rows.filter(rows["is_video"])
+    windows = videos.append_column("group", pc.binary_join_element_wise("W", videos["window_key"], "\x1f"))
+    return pa.concat_tables([texts, windows])
+
+
+def _check_group(group: pa.Table, min_media: int, jaccard: float) -> pa.Table:
+    if group["group"][0].as_py().startswith("T"):
+        return _same_text(group, min_media).append_column("check", pa.array(["same_text"]))
+    return _near_duplicates(group, jaccard).append_column("check", pa.array(["near_duplicate_windows"]))
 
 
 def _check_rows(rows: pa.Table, path: str) -> pa.Table:
@@ -101,9 +107,11 @@ def _near_duplicates(group: pa.Table, jaccard: float) -> pa.Table:
     return _result(found, len(ids), examples)
 
 
-def _block_sum(results: pa.Table) -> pa.Table:
-    summed = _summed(results.to_pylist())
-    return _result(summed["found"], summed["rows"], summed["examples"])
+def _block_sums(results: pa.Table) -> pa.Table:
+    rows = results.to_pylist()
+    sums = [_summed([r for r in rows if r["check"] == name]) for name in CHECKS]
+    return pa.table({"check": list(CHECKS), "found": [x["found"] for x in sums], "rows": [x["rows"] for x in sums],
+                     "examples": [json.dumps(x["examples"]) for x in sums]})
 
 
 def _summed(results: list[dict]) -> dict:
