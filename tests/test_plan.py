@@ -167,19 +167,24 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
     out = []
     for rec in records:
         if rec["id"] is None:
-            out.append((rec["source"] not in sources, None, None))
+            out.append((rec["source"] not in sources, None, None) + ((None,) if cfg.retry_flagged else ()))
             continue
         mine = rows.get(rec["id"], [])
-        finished = {p for p, status, _, _ in mine if status == "ok" or not cfg.retry_errors}
+        # `flagged`: an ok row that --retry-flagged redoes (commit.committed_keys)
+        finished = {p for p, status, _, _ in mine if status == "ok" or (status == "error" and not cfg.retry_errors)}
         media = next((m for _, _, m, _ in mine if m), rec["media_type"])
         todo = not finished.issuperset(prompts_for(rec, media, cfg))
-        errors = sorted({path for _, status, _, path in mine if status == "error"})
-        out.append((todo, (sorted(p for p in finished if p is not None) or None) if todo else None,  # (only the records to do need them)
-                    errors if cfg.retry_errors and todo and errors else None))
+        errors = sorted({path for _, status, _, path in mine if (status == "error" and cfg.retry_errors) or status == "flagged"})
+        row = (todo, (sorted(p for p in finished if p is not None) or None) if todo else None,  # (only the records to do need them)
+               errors if todo and errors else None)
+        if cfg.retry_flagged:
+            retry = sorted({p for p, status, _, _ in mine if status == "flagged" and p is not None})
+            row += ((retry or None) if todo else None,)
+        out.append(row)
     return out
 
 
-def random_plan_inputs(rng: random.Random, n: int):
+def random_plan_inputs(rng: random.Random, n: int, flagged: bool = False):
     from pipeline.output.commit import NO_ID
     from pipeline.planning.manifest import SCAN_SCHEMA
     from pipeline.planning.plan import COMMITTED_SCHEMA
@@ -202,9 +207,9 @@ def random_plan_inputs(rng: random.Random, n: int):
         for _ in range(rng.choice([0, 0, 1, 2, 3])):
             prompt = rng.choice([None, "Say it.", "A?", "B?", "Describe this video in detail.",
                                  "Describe this image in detail.", "Describe these images in detail."])
-            status = rng.choice(["ok", "ok", "error"])
+            status = rng.choice(["ok", "ok", "error", *(["flagged"] if flagged else [])])
             committed.append((key, prompt, status, media if rid else None,
-                              f"out/part-{rng.randrange(3)}.parquet" if status == "error" else None))
+                              f"out/part-{rng.randrange(3)}.parquet" if status in ("error", "flagged") else None))
     return (pa.Table.from_pylist(records, schema=SCAN_SCHEMA),
             pa.Table.from_pylist([dict(zip(COMMITTED_SCHEMA.names, c)) for c in committed], schema=COMMITTED_SCHEMA))
 
@@ -219,6 +224,29 @@ def test_a_partition_plans_as_the_per_record_rules_did(task, retry):
     want = reference_still_to_do(records.to_pylist(), [tuple(r.values()) for r in committed.to_pylist()], cfg)
     assert [(r["_todo"], r["done_prompts"], sorted(r["_replaces"]) if r["_replaces"] else None) for r in got] == want
     assert 0.1 < sum(t for t, _, _ in want) / len(want) < 0.9  # both kinds of record are there
+
+
+@pytest.mark.parametrize("retry_errors", [False, True])
+def test_retry_flagged_redoes_flagged_rows_with_the_fallback_prompts_marked(retry_errors):
+    from pipeline.planning.plan import still_to_do
+
+    cfg = RunConfig(manifest="/tmp/m.jsonl", output="/tmp/unused", model="unused", retry_errors=retry_errors,
+                    retry_flagged=["repetition"])
+    records, committed = random_plan_inputs(random.Random(f"flagged{retry_errors}"), 2000, flagged=True)
+    got = still_to_do(records, committed, cfg).to_pylist()
+    want = reference_still_to_do(records.to_pylist(), [tuple(r.values()) for r in committed.to_pylist()], cfg)
+    assert [(r["_todo"], r["done_prompts"], sorted(r["_replaces"]) if r["_replaces"] else None, r["retry_prompts"])
+            for r in got] == want
+    assert any(w[3] for w in want)  # some records redo flagged rows
+
+
+def test_flagged_rows_for_retry_are_first_attempts_with_a_chosen_flag():
+    from pipeline.output.commit import flagged_for_retry
+
+    rows = pa.table({"status": ["ok", "ok", "ok", "error", "ok", "ok"],
+                     "quality_flags": pa.array([["repetition"], ["truncated"], ["repetition"], None, None, []], pa.list_(pa.string())),
+                     "attempt": pa.array([1, 1, 2, None, None, 1], pa.int64())})
+    assert flagged_for_retry(rows, ["repetition", "echo"]).to_pylist() == [True, False, False, False, False, False]
 
 
 def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):

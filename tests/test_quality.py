@@ -102,3 +102,21 @@ def test_thresholds_are_configurable():
     assert quality_flags(text, cfg=QualityConfig(min_caption_words=3)) == []
     long = " ".join(f"w{i}" for i in range(50))
     assert quality_flags(long, cfg=QualityConfig(max_words=40)) == ["length_outlier"]
+
+
+def subword_ids(text: str, vocab: dict) -> list[int]:
+    """Stand-in for a BPE tokenizer: each word (with its leading space) in pieces of up to 4 characters."""
+    import re
+
+    pieces = [w[i:i + 4] for w in re.findall(r"\s*\S+", text) for i in range(0, len(w), 4)]
+    return [vocab.setdefault(p, len(vocab)) for p in pieces]
+
+
+@pytest.mark.parametrize("text", GOOD_CAPTIONS)
+def test_real_captions_get_no_flags_in_subword_tokens_either(text):
+    assert quality_flags(text, prompt=VIDEO, token_ids=subword_ids(text, {}), finish_reason="stop") == []
+
+
+def test_a_loop_in_subword_tokens_is_flagged():
+    loop = "The man walking his dog along the river. " * 4
+    assert "repetition" in quality_flags(loop, prompt=VIDEO, token_ids=subword_ids(loop, {}), finish_reason="length")

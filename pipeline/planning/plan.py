@@ -233,7 +233,7 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     done_prompts = pc.if_else(pa.array(todo), pc.take(prompts["c_prompt_list"], pc.index_in(key, prompts["c_key"])),
                               pa.scalar(None, pa.list_(pa.string())))
     records = records.set_column(records.schema.get_field_index("done_prompts"), "done_prompts", done_prompts)
-    flagged = committed.filter(pc.fill_null(pc.equal(status, "flagged"), False))
+    flagged = committed.filter(pc.fill_null(pc.and_(pc.equal(status, "flagged"), pc.is_valid(committed["c_prompt"])), False))
     if flagged.num_rows:  # the prompts of a record to do that redo flagged rows: attempt 2, fallback settings
         retry = (flagged.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
                  .sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
