@@ -73,7 +73,7 @@ class QualityConfig(BaseModel):
             "repetition, for a row without token ids: a suffix loop of characters (repeated one more time than "
             "loop_min_repeats) covering at least this many characters.")
     echo_share: float = Field(0.8, gt=0, le=1, description=
-            "echo: at least this share of the text's word bigrams (a one-word text: its word) occurs in the prompt.")
+            "echo: at least this share of the text's word bigrams occurs in the prompt (a one-word text is no echo).")
     not_text_share: float = Field(0.2, gt=0, le=1, description=
             "not_text: at least this share of the text's non-space characters are replacement characters (U+FFFD), control, "
             "private-use, surrogate or unassigned code points.")

@@ -43,6 +43,8 @@ GOOD_ANSWERS = [  # (question, answer): short answers are fine for questions
     ("How many people are in the video?", "Three."),
     ("Is the dog wearing a collar?", "Yes"),
     ("What is the total revenue?", "12,450"),
+    ("Is the car red or blue?", "Red."),  # one word of the question: an answer, not an echo
+    ("What is the man doing?", "The man is riding a bicycle."),
     ("What is written on the sign?", "The sign says \"Open 24 hours\"."),
 ]
 

@@ -7,7 +7,7 @@
 | `repetition`     | in words or in tokens (text without spaces is judged too): one unit dominates, an n-gram  |
 |                  | recurs, few distinct units, or the text ends in a loop of a repeated unit sequence         |
 | `length_outlier` | a caption of fewer than min_caption_words words, or any text over max_words words          |
-| `echo`           | most of the text's word bigrams are the prompt's                                          |
+| `echo`           | most of the text's word bigrams are the prompt's (two words or more)                      |
 | `not_text`       | replacement, control, private-use or unassigned characters (a share, or a few anywhere:    |
 |                  | honest text has none), or hardly any letters                                               |
 
@@ -99,9 +99,10 @@ def character_loop(text: str, cfg: QualityConfig) -> bool:
 
 
 def echoes(text_words: list[str], prompt_words: list[str], share: float) -> bool:
-    """At least `share` of the text's word bigrams (a one-word text: its word) are the prompt's."""
-    if len(text_words) == 1:
-        return text_words[0] in set(prompt_words)
+    """At least `share` of the text's word bigrams are the prompt's. A one-word text is no echo: "Red."
+    answers "Is it red or blue?"."""
+    if len(text_words) < 2:
+        return False
     mine = list(zip(text_words, text_words[1:]))
     theirs = set(zip(prompt_words, prompt_words[1:]))
     return sum(b in theirs for b in mine) >= share * len(mine)
