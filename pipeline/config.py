@@ -70,13 +70,13 @@ class QualityConfig(BaseModel):
     loop_min_repeats: int = Field(3, ge=2, description="repetition: a suffix loop is its period repeated this many times back to back...")
     loop_min_units: int = Field(8, ge=1, description="repetition: ...covering at least this many words (tokens): 'very very very' is not a loop.")
     loop_min_chars: int = Field(12, ge=1, description=
-            "repetition, for a row without token ids: a suffix loop of characters (repeated one more time than "
-            "loop_min_repeats) covering at least this many characters.")
+            "repetition: a suffix loop of the text's non-space characters (repeated one more time than loop_min_repeats) "
+            "covering at least this many characters ('unsunsunsuns').")
     echo_share: float = Field(0.8, gt=0, le=1, description=
             "echo: at least this share of the text's word bigrams occurs in the prompt (a one-word text is no echo).")
     not_text_share: float = Field(0.2, gt=0, le=1, description=
-            "not_text: at least this share of the text's non-space characters are replacement characters (U+FFFD), control, "
-            "private-use, surrogate or unassigned code points.")
+            "not_text: at least this share of the text's non-space characters are replacement characters (U+FFFD), "
+            "private-use, surrogate or unassigned code points (any control character but tab, newline and CR: always).")
     not_text_chars: int = Field(3, ge=1, description=
             "not_text: ...or at least this many of them anywhere (honest text has none; a single U+FFFD at the end, a "
             "multi-byte character cut by max_new_tokens, is not counted).")

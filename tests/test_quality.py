@@ -63,6 +63,8 @@ DEGENERATE = [  # (text, prompt, task, finish_reason, flags it must get)
     ("ro bright\r\ufffd\ufffdeningsing\ufffdcro lined\ufffd while\ufffd while\x1b\ufffd\ufffd? ballan isde\ufffdilmed", IMAGE, "caption",
      "length", {"not_text", "truncated"}),
     ("The video shows a woman holding a sign that reads caf\ufffd", VIDEO, "caption", "length", {"truncated"}),  # cut mid-character
+    ("\n@outs ontver\n\x05 lightr ta sunsetTa#; What runs dowline8YIs", VIDEO, "caption", "length", {"truncated", "not_text"}),
+    ("A dog runs along the beach\x05 chasing a ball.", VIDEO, "caption", "stop", {"not_text"}),  # one control character
     ("hahahahahahahahahahahahahahahahaha", VIDEO, "caption", "stop", {"repetition", "length_outlier"}),  # no spaces: judged in characters
     ("Describe this video in detail.", VIDEO, "caption", "stop", {"echo"}),
     ("What color is the car?", "What color is the car?", "qa", "stop", {"echo"}),
@@ -96,6 +98,11 @@ def test_repetition_in_tokens_when_the_words_look_fine():
     word = "Supercalifragilisticexpialidocious"
     assert quality_flags(word, task="qa", token_ids=loop) == ["repetition"]
     assert quality_flags(word, task="qa", token_ids=list(range(20))) == []
+
+
+def test_a_loop_of_pieces_shorter_than_a_token_is_found_in_the_characters():
+    """The quickstart's loop: its 16 tokens do not repeat as tokens, its characters end in 'uns' x 4."""
+    assert "repetition" in quality_flags("anunsunssing\ufffd\ufffdunsunsunsuns", token_ids=list(range(16)), finish_reason="length")
 
 
 def test_thresholds_are_configurable():

@@ -8,11 +8,11 @@
 |                  | recurs, few distinct units, or the text ends in a loop of a repeated unit sequence         |
 | `length_outlier` | a caption of fewer than min_caption_words words, or any text over max_words words          |
 | `echo`           | most of the text's word bigrams are the prompt's (two words or more)                      |
-| `not_text`       | replacement, control, private-use or unassigned characters (a share, or a few anywhere:    |
-|                  | honest text has none), or hardly any letters                                               |
+| `not_text`       | a control character; replacement, private-use or unassigned characters (a share, or a few  |
+|                  | anywhere: honest text has none); or hardly any letters                                     |
 
-Tokens are the model's generated token ids; a row without them (an older output) is judged for a
-suffix loop in its characters instead.
+Tokens are the model's generated token ids; a suffix loop is also looked for in the characters
+(loops of pieces shorter than a token, and rows of older outputs, which have no token ids).
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ def quality_flags(text: str | None, *, prompt: str | None = None, task: str = "c
         flags.append("empty")
     if finish_reason == "length":
         flags.append("truncated")
-    if (repetitive(ws, cfg.ngram_words, cfg) or (repetitive(list(token_ids), cfg.ngram_tokens, cfg) if token_ids else
-                                                  character_loop(text, cfg))):
+    if repetitive(ws, cfg.ngram_words, cfg) or repetitive(list(token_ids or ()), cfg.ngram_tokens, cfg) or character_loop(text, cfg):
         flags.append("repetition")
     if text.strip() and ((task == "caption" and len(ws) < cfg.min_caption_words) or len(ws) > cfg.max_words):
         flags.append("length_outlier")
@@ -93,7 +92,8 @@ def suffix_loop(units: Sequence, max_period: int, min_repeats: int, min_units: i
 
 
 def character_loop(text: str, cfg: QualityConfig) -> bool:
-    """Without token ids (rows of older outputs): a suffix loop in the text's non-space characters."""
+    """A suffix loop in the text's non-space characters: a loop of pieces shorter than a token
+    ("unsunsunsuns"), and the only token-like check of rows without token ids (older outputs)."""
     chars = list(_SPACE.sub("", text))
     return suffix_loop(chars, cfg.loop_max_period, cfg.loop_min_repeats + 1, cfg.loop_min_chars)
 
@@ -115,9 +115,12 @@ def not_text(text: str, cfg: QualityConfig) -> bool:
     if not chars:
         return False
     # str.isprintable (in C) is false for every bad category (and for format characters): look closer only then
-    bad = 0 if chars.isprintable() and "\ufffd" not in chars else sum(
-        c == "\ufffd" or unicodedata.category(c) in _BAD_CATEGORIES for c in chars)
-    if bad >= cfg.not_text_share * len(chars) or bad >= cfg.not_text_chars:
-        return True
+    if not (chars.isprintable() and "\ufffd" not in chars):
+        categories = [unicodedata.category(c) for c in chars]
+        if "Cc" in categories:  # a control character (tab, newline and CR are white space, gone above)
+            return True
+        bad = sum(c == "\ufffd" or k in _BAD_CATEGORIES for c, k in zip(chars, categories))
+        if bad >= cfg.not_text_share * len(chars) or bad >= cfg.not_text_chars:
+            return True
     letters = len(chars) - len(_LETTERS.sub("", chars))
     return len(chars) >= 8 and letters < cfg.min_letter_share * len(chars)
