@@ -123,14 +123,16 @@ def test_cross_row_checks_find_a_collapsed_model_and_near_identical_windows(ray_
                                    "prompt": "Describe.", **r} for r in rows], schema=schema)
     (tmp_path / "out").mkdir()
     pq.write_table(table, tmp_path / "out" / "part-x.parquet")
-    checks = run_checks(cfg, [str(tmp_path / "out" / "part-x.parquet")], table.num_rows)
+    errors = table.slice(0, 2).set_column(table.schema.get_field_index("status"), "status", pa.array(["error"] * 2))
+    pq.write_table(errors, tmp_path / "out" / "part-y.parquet")  # a file without ok rows beside it
+    checks = run_checks(cfg, [str(tmp_path / "out" / f"part-{x}.parquet") for x in "xy"], table.num_rows)
     assert checks["same_text"]["found"] == 1 and checks["same_text"]["rows"] == 6
     assert checks["same_text"]["examples"][0]["text"] == same and checks["same_text"]["examples"][0]["media"] == 6
     near = checks["near_duplicate_windows"]
     assert (near["found"], near["rows"]) == (1, 2) and near["examples"][0]["ids"] == ["clip0", "clip1"]
 
 
-def test_cross_row_checks_of_a_run_of_error_rows_find_nothing(ray_local, tmp_path):
+def test_cross_row_checks_of_a_run_of_error_rows_find_nothing(tmp_path):
     from pipeline.quality.run_checks import run_checks
 
     cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path), model="m")
@@ -138,5 +140,5 @@ def test_cross_row_checks_of_a_run_of_error_rows_find_nothing(ray_local, tmp_pat
     rows = [{**{n: None for n in schema.names}, "id": f"e{i}", "task": "caption", "status": "error", "model": "m",
              "config_key": "k", "run_id": "r", "created_at": pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py()} for i in range(3)]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "part-e.parquet")
-    checks = run_checks(cfg, [str(tmp_path / "part-e.parquet")], 3)
+    checks = run_checks(cfg, [str(tmp_path / "part-e.parquet")], 0)  # no ok rows: nothing to shuffle
     assert checks == {name: {"found": 0, "rows": 0, "examples": []} for name in ("same_text", "near_duplicate_windows")}

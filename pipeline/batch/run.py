@@ -145,7 +145,7 @@ def _run(cfg: RunConfig, held: lease.Lease) -> RunSummary:
         if missing:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")
-    checks = run_checks(cfg, written.files, written.rows)  # on Ray Data, over the staged rows
+    checks = run_checks(cfg, written.files, written.by_status["ok"])  # on Ray Data, over the staged ok rows
     wall = time.time() - started
     summary = RunSummary(run_id=cfg.run_id, items=plan.todo, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),

@@ -23,7 +23,8 @@ _COLUMNS = ["id", "uri", "uris", "media_type", "prompt", "text", "status", "fram
 
 
 def run_checks(cfg: RunConfig, files: list[str], rows: int) -> dict:
-    """Both checks over the staged files of this run: {check: {"found": n, "rows": n, "examples": [...]}}."""
+    """Both checks over the staged files of this run, which hold `rows` ok rows:
+    {check: {"found": n, "rows": n, "examples": [...]}}."""
     from pipeline.io.storage import filesystem
     from pipeline.output.commit import read_files
 
