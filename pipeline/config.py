@@ -28,6 +28,71 @@ class GenerationConfig(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (sampling only).")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 keeps all (sampling only).")
     seed: int = Field(0, description="Sampling seed; each (id, prompt) gets its own stream, so results do not depend on batching.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description=
+            "Divide the scores of tokens already in the prompt or the answer by this (transformers' "
+            "RepetitionPenaltyLogitsProcessor; CTRL's penalty): 1.0 is off, 1.1-1.3 fights loops.")
+    no_repeat_ngram_size: int = Field(0, ge=0, description=
+            "Never generate an n-gram of this many tokens twice (transformers' NoRepeatNGramLogitsProcessor); 0 is off.")
+
+    def key_fields(self) -> dict:
+        """The settings as the settings key (RunConfig.config_key) takes them: a setting added later counts
+        only when it is not at its default, so outputs written before it existed keep their key."""
+        fields = self.model_dump(mode="json")
+        for name, default in _KEYED_WHEN_SET.items():
+            if fields.get(name) == default:
+                fields.pop(name)
+        return fields
+
+
+# Generation settings added after outputs were written: in the settings key only when set.
+_KEYED_WHEN_SET = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
+QUALITY_FLAGS = ("empty", "truncated", "repetition", "length_outlier", "echo", "not_text")
+
+
+class QualityConfig(BaseModel):
+    """The thresholds of the quality flags (pipeline/quality/flags.py). Flags describe a row's text; they
+    never change its status, and they are not part of the settings key (they do not shape the text)."""
+
+    min_caption_words: int = Field(4, ge=0, description=
+            "length_outlier: a caption (task caption) of fewer words; Cosmos Curator's bound (under 4). Answers (task qa) "
+            "may be one word.")
+    max_words: int = Field(1024, ge=1, description="length_outlier: a text of more words (Cosmos Curator's bound).")
+    dominant_share: float = Field(0.5, gt=0, le=1, description=
+            "repetition: one word (or token) is at least this share of the text's words (tokens); Cosmos Curator's 50 %.")
+    dominant_min_units: int = Field(8, ge=1, description="repetition: the dominant-unit and unique-ratio rules need this many words (tokens).")
+    ngram_words: int = Field(4, ge=1, description=
+            "repetition: length of the word n-grams counted (4: a 3-gram such as 'in the background' recurs in honest "
+            "long captions).")
+    ngram_tokens: int = Field(6, ge=1, description="repetition: length of the token n-grams counted (about 4 words).")
+    ngram_max_count: int = Field(3, ge=2, description="repetition: an n-gram seen this many times (Cosmos Curator: a trigram 3 times).")
+    min_unique_ratio: float = Field(0.3, ge=0, le=1, description=
+            "repetition: distinct words (tokens) over all of them, in the last `unique_window` of the text, below this. "
+            "Under Cosmos Curator's 0.4: honest English of 200 words has about 0.5.")
+    unique_window: int = Field(200, ge=1, description="repetition: the unique ratio is taken over at most this many last words (tokens).")
+    loop_max_period: int = Field(16, ge=1, description="repetition: longest unit sequence (words, tokens) a suffix loop repeats.")
+    loop_min_repeats: int = Field(3, ge=2, description="repetition: a suffix loop is its period repeated this many times back to back...")
+    loop_min_units: int = Field(8, ge=1, description="repetition: ...covering at least this many words (tokens): 'very very very' is not a loop.")
+    loop_min_chars: int = Field(12, ge=1, description=
+            "repetition: a suffix loop of the text's non-space characters (repeated one more time than loop_min_repeats) "
+            "covering at least this many characters ('unsunsunsuns').")
+    echo_share: float = Field(0.8, gt=0, le=1, description=
+            "echo: at least this share of the text's word bigrams occurs in the prompt (a one-word text is no echo).")
+    not_text_share: float = Field(0.2, gt=0, le=1, description=
+            "not_text: at least this share of the text's non-space characters are replacement characters (U+FFFD), "
+            "private-use, surrogate or unassigned code points (any control character but tab, newline and CR: always).")
+    not_text_chars: int = Field(3, ge=1, description=
+            "not_text: ...or at least this many of them anywhere (honest text has none; a single U+FFFD at the end, a "
+            "multi-byte character cut by max_new_tokens, is not counted).")
+    min_letter_share: float = Field(0.25, ge=0, le=1, description=
+            "not_text: a text of at least 8 non-space characters of which fewer than this share are letters (of any script).")
+    same_text_min_media: int = Field(5, ge=2, description=
+            "Run check: one text written for at least this many distinct media (a model that collapsed to one caption).")
+    near_duplicate_jaccard: float = Field(0.9, gt=0, le=1, description=
+            "Run check: consecutive clip windows of one video whose captions' word sets have at least this Jaccard "
+            "similarity (Cosmos Curator's 0.9).")
+
+
 
 
 class StorageConfig(BaseModel):
@@ -145,6 +210,8 @@ class CaptionConfig(ModelSettings):
         description="Where media URIs may point (s3://bucket/prefix/, /local/folder/, https://host/path/); "
                     "others become `uri_not_allowed` rows before any I/O. At least one: there is no manifest "
                     "to take a default from.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="The quality flags' thresholds.",
+                                   json_schema_extra={"cli": {"prefix": "quality-"}})
     accelerator_type: str | None = Field(None, description=
             "Run the model stage only on nodes with this accelerator (Ray's accelerator_type, e.g. L40S, A100, H100: the "
             "`accelerator_type:NAME` resource Ray gives GPU nodes): keeps a model's replicas, and the autoscaling they "
@@ -178,7 +245,7 @@ class CaptionConfig(ModelSettings):
 
         shaping = {"model": self.model, "revision": self.revision, "quantization": self.quantization,
                    "num_frames": self.num_frames, "max_pixels": self.max_pixels,
-                   "generation": self.generation.model_dump(mode="json")}
+                   "generation": self.generation.key_fields()}
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
     def default_prompt(self, media_type: str | None) -> str:
@@ -201,6 +268,15 @@ class RunConfig(CaptionConfig):
     retry_errors: bool = Field(False, description=
             "Also redo (id, prompt) pairs committed as errors under the same settings; their new rows replace the old "
             "error rows.")
+    retry_flagged: list[str] = Field(default_factory=list, description=
+            "Quality flags (empty, truncated, repetition, length_outlier, echo, not_text) whose committed ok rows are "
+            "redone once, with the fallback generation settings (retry_fallback); the new rows (attempt 2) replace "
+            "the old ones as --retry-errors replaces error rows. Rows of attempt 2 are not retried again.",
+            json_schema_extra={"cli": {"metavar": "FLAG,...", "help": "Comma-separated, or the flag repeated."}})
+    retry_fallback: GenerationConfig | None = Field(None, description=
+            "Generation settings of retried flagged rows; default: the run's own with repetition_penalty at least 1.2 and "
+            "no_repeat_ngram_size 4 if unset, and twice max_new_tokens when truncated rows are retried.",
+            json_schema_extra={"cli": {"prefix": "fallback-"}})
     output_file_rows: int = Field(100_000, ge=1, description=
             "Rows per output Parquet file (about: the last file of a run is smaller): a million rows are ten files, not "
             "thousands, whatever the decode parallelism.")
@@ -222,6 +298,25 @@ class RunConfig(CaptionConfig):
     no_progress_timeout_s: float = Field(3600.0, description=
             "Once the actors are up, longest the run may go with no block moving through any stage before Ray Data "
             "fails it (a hang). Ray Data's execution_no_progress_timeout_s (Ray's default 1800); -1: never.")
+
+    @field_validator("retry_flagged", mode="before")
+    @classmethod
+    def _known_flags(cls, v):
+        flags = [f for item in ([v] if isinstance(v, str) else v) for f in str(item).split(",") if f]
+        unknown = sorted(set(flags) - set(QUALITY_FLAGS))
+        if unknown:
+            raise ValueError(f"unknown quality flag(s) {', '.join(unknown)}; known: {', '.join(QUALITY_FLAGS)}")
+        return flags
+
+    def fallback_generation(self) -> GenerationConfig:
+        """The generation settings of the retried flagged rows (attempt 2)."""
+        if self.retry_fallback is not None:
+            return self.retry_fallback
+        gen = self.generation
+        update = {"repetition_penalty": max(gen.repetition_penalty, 1.2), "no_repeat_ngram_size": gen.no_repeat_ngram_size or 4}
+        if "truncated" in self.retry_flagged:
+            update["max_new_tokens"] = gen.max_new_tokens * 2
+        return gen.model_copy(update=update)
 
     @field_validator("actor_start_timeout_s", "no_progress_timeout_s")
     @classmethod

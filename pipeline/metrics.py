@@ -30,6 +30,21 @@ def rows_counter():
     return _metric("counter", "pipeline_rows", "Output rows by status and error_type.", ("status", "error_type"))
 
 
+def quality_flags_counter():
+    return _metric("counter", "pipeline_quality_flags", "Generated rows by quality flag (pipeline/quality/flags.py); a row may carry several.",
+                   ("flag",))
+
+
+def finish_reasons_counter():
+    return _metric("counter", "pipeline_finish_reasons", "Generated rows by finish reason (stop: the model ended it; length: max_new_tokens).",
+                   ("reason",))
+
+
+def generated_rows_counter():
+    return _metric("counter", "pipeline_generated_rows", "Rows with generated text (ok rows), by flagged (true: at least one quality flag).",
+                   ("flagged",))
+
+
 def decode_histogram():
     return _metric("histogram", "pipeline_decode_seconds", "Fetch + decode time of one item.",
                    ("media_type", "status"), tuple(SECONDS_BOUNDARIES))
@@ -99,6 +114,17 @@ def rows_written(statuses: list[str], error_types: list[str | None]) -> None:
     """Output rows by status and error_type ("" for ok rows)."""
     for (status, error_type), n in Counter(zip(statuses, error_types)).items():
         rows_counter().inc(n, tags={"status": status, "error_type": error_type or ""})
+
+
+def quality(flags: list[list[str] | None], finish_reasons: list[str | None]) -> None:
+    """Output rows' quality flags and finish reasons (format_output; None: an error row)."""
+    generated = [f for f in flags if f is not None]
+    for flagged, n in Counter(bool(f) for f in generated).items():
+        generated_rows_counter().inc(n, tags={"flagged": str(flagged).lower()})
+    for flag, n in Counter(f for fs in generated for f in fs).items():
+        quality_flags_counter().inc(n, tags={"flag": flag})
+    for reason, n in Counter(r for r in finish_reasons if r).items():
+        finish_reasons_counter().inc(n, tags={"reason": reason})
 
 
 # --- the online server (pipeline/serve) ------------------------------------------------------------

@@ -260,3 +260,50 @@ def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_
     check(pd.read_parquet(out))
     assert len(pd.read_parquet(out)) == len(df)
     assert run(config(manifest, out, tiny_model)).items == 0
+
+
+def test_an_interrupted_retry_flagged_commit_replaces_the_flagged_rows_once(tmp_path, monkeypatch):
+    """The commit point carries the replacement rule: the run that finishes a crashed commit drops the
+    flagged rows the retry replaced (not the error rows, which --retry-errors alone replaces), once."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.schemas import output_arrow_schema
+
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(out), model="m", retry_flagged=["repetition"])
+    key = cfg.config_key()
+
+    def row(**kw):
+        base = {n: None for n in output_arrow_schema().names}
+        base.update(task="caption", model="m", config_key=key, run_id="old", created_at=datetime.now(timezone.utc),
+                    status="ok", prompt="P", text="t", attempt=1, quality_flags=[])
+        base.update(kw)
+        return base
+
+    old = [row(id="a", quality_flags=["repetition"]), row(id="a", prompt="Q", status="error", quality_flags=None, attempt=None),
+           row(id="b", quality_flags=["truncated"]), row(id="c", quality_flags=["repetition"], attempt=2)]
+    pq.write_table(pa.Table.from_pylist(old, schema=output_arrow_schema()), out / "part-old-0.parquet")
+    staged = tmp_path / "out" / "_staging" / cfg.run_id
+    staged.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([row(id="a", attempt=2, run_id=cfg.run_id)], schema=output_arrow_schema()),
+                   staged / "0.parquet")
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed after the commit point")
+
+    location = OutputLocation.of(cfg.output, cfg.storage)
+    monkeypatch.setattr(commit, "_finish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        commit.commit(location, cfg, commit.staged(location, cfg.run_id), {"run_id": cfg.run_id},
+                      {location.child("part-old-0.parquet"): ["a", "c"]})
+    monkeypatch.undo()
+    for _ in range(2):  # finished by the next run; again: nothing changes
+        commit.recover(location)
+        rows = sorted((r["id"], r["prompt"], r["status"], r["attempt"])
+                      for r in pads.dataset(str(out), format="parquet").to_table().to_pylist())
+        assert rows == [("a", "P", "ok", 2), ("a", "Q", "error", None), ("b", "P", "ok", 1), ("c", "P", "ok", 2)]
+    assert json.loads((out / "_SUCCESS").read_text())["run_id"] == cfg.run_id

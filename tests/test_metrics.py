@@ -92,14 +92,29 @@ def test_generate_seconds_tokens_and_inflight(recorded):
     assert max(gauge) == 3 and gauge[-1] == 0 and gauge[::2] != gauge[1::2]
 
 
+def test_quality_flags_and_finish_reasons_count_the_rows_written(recorded):
+    rec, out = recorded
+    ok = [r for r in out.to_pylist() if r["status"] == "ok"]
+    flags, reasons = Counter(), Counter()
+    for method, value, tags in rec["pipeline_quality_flags"]:
+        assert method == "inc"
+        flags[tags["flag"]] += value
+    for method, value, tags in rec["pipeline_finish_reasons"]:
+        reasons[tags["reason"]] += value
+    assert flags == Counter(f for r in ok for f in r["quality_flags"]) and flags["truncated"] == len(ok)  # 4 tokens: all cut
+    assert reasons == Counter(r["finish_reason"] for r in ok) == {"length": len(ok)}
+    assert sum(v for _, v, _ in rec["pipeline_generated_rows"]) == len(ok)
+
+
 def test_grafana_dashboard_queries_the_recorded_metrics():
     dashboard = json.loads((REPO / "cluster" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     for name in ("ray_pipeline_rows_total", "ray_pipeline_decode_seconds_bucket", "ray_pipeline_generate_seconds_bucket",
-                 "ray_pipeline_tokens_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total"):
+                 "ray_pipeline_tokens_total", "ray_pipeline_generate_inflight_rows", "ray_pipeline_replica_failures_total",
+                 "ray_pipeline_quality_flags_total", "ray_pipeline_finish_reasons_total", "ray_pipeline_generated_rows_total"):
         assert name in exprs
     made = {m for m in dir(metrics) if m.endswith(("_counter", "_histogram", "_gauge"))}
-    assert len(made) == 12  # 7 of the batch job, 5 of the online server (tests/test_serve.py checks those)
+    assert len(made) == 15  # 10 of the batch job, 5 of the online server (tests/test_serve.py checks those)
 
 
 def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, samples, tiny_model, tmp_path):
@@ -110,7 +125,9 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(ray_local, samples, tiny_mo
     assert run_job("--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model,
                    "--max-new-tokens", 2, "--num-frames", 2) == 0
     lines = scrape_until(ray_local, {"ray_pipeline_rows_total", "ray_pipeline_decode_seconds_count",
-                                     "ray_pipeline_generate_seconds_count", "ray_pipeline_tokens_total"})
+                                     "ray_pipeline_generate_seconds_count", "ray_pipeline_tokens_total",
+                                     "ray_pipeline_quality_flags_total", "ray_pipeline_finish_reasons_total"})
+    assert any(line.startswith("ray_pipeline_quality_flags_total") and 'flag="truncated"' in line for line in lines)
     rows = [line for line in lines if line.startswith("ray_pipeline_rows_total")
             and 'error_type="not_found"' in line]
     assert rows and float(rows[0].rsplit(" ", 1)[1]) >= 1

@@ -169,22 +169,27 @@ def reference_still_to_do(records: list[dict], committed: list[tuple], cfg) -> l
     for rec in records:
         if rec["id"] is None:
             todo = rec["source"] not in sources
-            out.append((todo, [None] if todo else None, None))
+            out.append((todo, [None] if todo else None, None) + ((None,) if cfg.retry_flagged else ()))
             continue
         mine = rows.get(rec["id"], [])
-        finished = {p for p, status, _, _ in mine if status == "ok" or not cfg.retry_errors}
+        finished = {p for p, status, _, _ in mine if status == "ok" or (status == "error" and not cfg.retry_errors)}
         media = next((m for _, _, m, _ in mine if m), rec["media_type"])
         expected = prompts_for(rec, media, cfg)
         todo = not finished.issuperset(expected)
         no_item = rec["error_type"] in ("invalid_manifest_row", "duplicate_id")
         default = not no_item and not rec["prompt"] and not (cfg.task == "qa" and rec["questions"])
-        errors = sorted({path for _, status, _, path in mine if status == "error"})
-        out.append((todo, [p for p in expected if p not in finished] if todo and not default else None,  # (only the records to do need them)
-                    errors if cfg.retry_errors and todo and errors else None))
+        # the files of the rows the new ones replace: error rows (--retry-errors) and flagged rows (--retry-flagged)
+        errors = sorted({path for _, status, _, path in mine if (status == "error" and cfg.retry_errors) or status == "flagged"})
+        row = (todo, [p for p in expected if p not in finished] if todo and not default else None,  # (only the records to do need them)
+               errors if todo and errors else None)
+        if cfg.retry_flagged:
+            retry = sorted({p for p, status, _, _ in mine if status == "flagged" and p is not None})
+            row += ((retry or None) if todo else None,)
+        out.append(row)
     return out
 
 
-def random_plan_inputs(rng: random.Random, n: int):
+def random_plan_inputs(rng: random.Random, n: int, flagged: bool = False):
     from pipeline.output.committed import item_keys
     from pipeline.planning.manifest import SCAN_SCHEMA
     from pipeline.planning.plan import COMMITTED_SCHEMA
@@ -209,9 +214,9 @@ def random_plan_inputs(rng: random.Random, n: int):
         for _ in range(rng.choice([0, 0, 1, 2, 3])):
             prompt = rng.choice([None, "Say it.", "A?", "B?", "\x00", "", "Describe this video in detail.",
                                  "Describe this image in detail.", "Describe these images in detail."])
-            status = rng.choice(["ok", "ok", "error"])
+            status = rng.choice(["ok", "ok", "error", *(["flagged"] if flagged else [])])
             committed.append((rid, rec["source"], prompt, status, media if rid is not None else None,
-                              f"out/part-{rng.randrange(3)}.parquet" if status == "error" else None))
+                              f"out/part-{rng.randrange(3)}.parquet" if status in ("error", "flagged") else None))
     ids, sources = pa.array([c[0] for c in committed], pa.string()), pa.array([c[1] for c in committed], pa.string())
     keys = item_keys(ids, sources)  # as committed.committed_keys computes them from the output's columns
     return (pa.Table.from_pylist(records, schema=SCAN_SCHEMA),
@@ -229,6 +234,29 @@ def test_a_partition_plans_as_the_per_record_rules_did(task, retry):
     want = reference_still_to_do(records.to_pylist(), raw, cfg)
     assert [(r["_todo"], r["prompts"], sorted(r["_replaces"]) if r["_replaces"] else None) for r in got] == want
     assert 0.1 < sum(t for t, _, _ in want) / len(want) < 0.9  # both kinds of record are there
+
+
+@pytest.mark.parametrize("retry_errors", [False, True])
+def test_retry_flagged_redoes_flagged_rows_with_the_fallback_prompts_marked(retry_errors):
+    from pipeline.planning.plan import still_to_do
+
+    cfg = RunConfig(manifest="/tmp/m.jsonl", output="/tmp/unused", model="unused", retry_errors=retry_errors,
+                    retry_flagged=["repetition"])
+    records, committed, raw = random_plan_inputs(random.Random(f"flagged{retry_errors}"), 2000, flagged=True)
+    got = still_to_do(records, committed, cfg).to_pylist()
+    want = reference_still_to_do(records.to_pylist(), raw, cfg)
+    assert [(r["_todo"], r["prompts"], sorted(r["_replaces"]) if r["_replaces"] else None, r["retry_prompts"])
+            for r in got] == want
+    assert any(w[3] for w in want)  # some records redo flagged rows
+
+
+def test_flagged_rows_for_retry_are_first_attempts_with_a_chosen_flag():
+    from pipeline.output.committed import flagged_for_retry
+
+    rows = pa.table({"status": ["ok", "ok", "ok", "error", "ok", "ok"],
+                     "quality_flags": pa.array([["repetition"], ["truncated"], ["repetition"], None, None, []], pa.list_(pa.string())),
+                     "attempt": pa.array([1, 1, 2, None, None, 1], pa.int64())})
+    assert flagged_for_retry(rows, ["repetition", "echo"]).to_pylist() == [True, False, False, False, False, False]
 
 
 def test_many_partitions_plan_as_one_does(ray_local, tmp_path, monkeypatch):

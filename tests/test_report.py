@@ -51,12 +51,14 @@ def output(samples, tmp_path_factory) -> Path:
     rows = [
         row(id="phone", uri=str(media / "phone.mp4"), source="m.jsonl:10", prompt="Describe this video in detail.",
             text="CAPTION-phone", num_frames=2, frame_timestamps_s=[0.0, 1.0], duration_s=2.0, output_tokens=2,
+            quality_flags=["length_outlier"], finish_reason="stop",
             **dict(video, width=120, height=160)),
         row(id="swapped", uri=str(media / "swapped.jpg"), source="m.jsonl:11", media_type="image", codec="JPEG",
             width=40, height=30, num_frames=1, prompt="Describe this photo.", text="CAPTION-swapped", output_tokens=2),
         row(id="street", uri=str(samples / "street.mp4"), source="m.jsonl:1", prompt="Describe this video in detail.",
             text="CAPTION-street: a white square moves over a gradient", num_frames=4,
-            frame_timestamps_s=[0.0, 1.0, 2.0, 3.0], duration_s=4.0, output_tokens=9, **video),
+            frame_timestamps_s=[0.0, 1.0, 2.0, 3.0], duration_s=4.0, output_tokens=9, quality_flags=[], finish_reason="stop",
+            **video),
         row(id="beach", uri=str(samples / "beach.webm"), source="m.jsonl:3", task="qa", prompt="What moves?",
             text="ANSWER-beach-1 <b>not bold</b>", num_frames=3, frame_timestamps_s=[0.0, 1.0, 2.0], duration_s=3.0,
             output_tokens=4, **dict(video, codec="vp9")),
@@ -64,7 +66,8 @@ def output(samples, tmp_path_factory) -> Path:
             text="ANSWER-beach-2", num_frames=3, frame_timestamps_s=[0.0, 1.0, 2.0], duration_s=3.0,
             output_tokens=3, **dict(video, codec="vp9")),
         row(id="photo", uri=str(samples / "photo.jpg"), source="m.jsonl:4", media_type="image", codec="JPEG",
-            width=120, height=80, num_frames=1, prompt="Describe this photo.", text="CAPTION-photo", output_tokens=2),
+            width=120, height=80, num_frames=1, prompt="Describe this photo.", text="CAPTION-photo", output_tokens=2,
+            quality_flags=["repetition", "truncated"], finish_reason="length"),
         row(id="missing", uri=str(samples / "does-not-exist.mp4"), source="m.jsonl:7", status="error",
             error_type="not_found", error="no such file: does-not-exist.mp4"),
         row(id="gone", uri=str(samples / "gone.mp4"), source="m.jsonl:8", status="error",
@@ -74,6 +77,7 @@ def output(samples, tmp_path_factory) -> Path:
     ]
     pq.write_table(pa.Table.from_pylist(rows, schema=output_arrow_schema()), out / "run-1-part0.parquet")
     ledger = json.dumps({"run_id": "run-1", "items": 6, "wall_s": 12.0, "rows": 7, "files": ["run-1-part0.parquet"],
+                         "quality_checks": {"same_text": {"found": 1, "rows": 6, "examples": [{"text": "SAME-TEXT"}]}},
                          "config": {"task": "caption", "num_frames": 4, "replicas": 2,
                                     "manifest": str(media / "m.jsonl"),
                                     "allowed_uri_prefixes": [str(samples), str(media)]}})
@@ -103,6 +107,17 @@ def test_page_has_answers_errors_by_type_and_figures(page):
     assert "no such file: gone.mp4" in text and "m.jsonl:9" in text
     assert "<td>rows</td><td>9</td>" in text and "<td>error rows</td><td>3</td>" in text
     assert "12.0 s (0.50 items/s)" in text and "<td>replicas</td><td>2</td>" in text
+
+
+def test_quality_section_counts_flags_with_examples_linked_to_their_frames(page):
+    _, text = page
+    quality = text[text.index("<h2 id='quality'>"):text.index("<h2>Items")]
+    assert "3 of 3 generated rows flagged" not in quality and "2 of 3 generated rows flagged" in quality  # 3 rows judged
+    assert "finish reasons: length 1, stop 2" in quality
+    assert re.search(r"<tr id='flag-repetition'><td>repetition</td><td>1</td><td><a href='#item-photo'>photo</a>: CAPTION-photo", quality)
+    assert "<tr id='flag-length_outlier'><td>length_outlier</td><td>1</td>" in quality
+    assert "same_text: 1 found (6 rows)" in quality and "SAME-TEXT" in quality
+    assert "CAPTION-photo<span class='flags'>repetition, truncated</span>" in text  # beside the item's frames
 
 
 def thumbnails(text: str, item: str) -> list[Image.Image]:

@@ -479,3 +479,16 @@ def test_a_prompt_past_the_models_context_is_refused_with_the_numbers(server, sa
         client(server).chat.completions.create(model="tiny-llava", messages=[{"role": "user", "content": [
             image_part(samples, "photo.jpg"), {"type": "text", "text": "word " * 9000}]}])
     assert e.value.code == "prompt_too_long" and "context of 8,192 tokens" in str(e.value)
+
+
+def test_loop_fighting_settings_from_the_config_and_the_request():
+    """repetition_penalty and no_repeat_ngram_size are server settings (the batch job's generation fields);
+    a request may set repetition_penalty (vLLM's extension, with transformers' meaning)."""
+    from pipeline.serve.protocol import generation_for, parse_request
+
+    cfg = parse_args({"model": "/m", "repetition_penalty": "1.2", "no_repeat_ngram_size": "3"})
+    assert (cfg.generation.repetition_penalty, cfg.generation.no_repeat_ngram_size) == (1.2, 3)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert generation_for(parse_request(json.dumps(body).encode()), cfg.generation).repetition_penalty == 1.2
+    asked = generation_for(parse_request(json.dumps({**body, "repetition_penalty": 1.05}).encode()), cfg.generation)
+    assert (asked.repetition_penalty, asked.no_repeat_ngram_size) == (1.05, 3)

@@ -28,11 +28,12 @@ class PreflightReport:
     model: str = ""
     sizing: list[str] = field(default_factory=list)
     plan: str = ""
+    quality: str = ""  # the quality figures of the rows already committed under these settings
 
     def line(self) -> str:
         return "\n".join([f"dry run OK: manifest {len(self.manifest_files)} file(s), {self.items} items "
                           f"({self.invalid_rows} invalid rows would become error rows); output writable; "
-                          f"model: {self.model}", *self.sizing, self.plan])
+                          f"model: {self.model}", *self.sizing, self.plan, *([f"committed {self.quality}"] if self.quality else [])])
 
 
 def check_output_writable(out: OutputLocation, run_id: str) -> None:
@@ -81,12 +82,15 @@ def preflight(cfg: RunConfig) -> PreflightReport:
     model = check_model(cfg)
     sizing = check_sizing(cfg)
     connect_ray(cfg.ray_address)  # the checks that need no cluster came first
+    from pipeline.quality.figures import committed_quality
+
     try:
         plan = plan_run(cfg, out, files)
+        quality = committed_quality(cfg, out) if plan.committed else None
     except (ManifestError, OutputError) as e:
         raise PreflightError(str(e)) from e
     return PreflightReport(items=plan.items, invalid_rows=plan.invalid, manifest_files=plan.files, model=model,
-                           sizing=sizing, plan=plan.line())
+                           sizing=sizing, plan=plan.line(), quality=quality.line() if quality else "")
 
 
 def check_sizing(cfg: RunConfig) -> list[str]:

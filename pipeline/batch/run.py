@@ -17,6 +17,8 @@ from pipeline.output.committed import OutputError, staged_sources
 from pipeline.output.location import OutputLocation, output_overlaps_manifest
 from pipeline.planning.manifest import manifest_file_sizes
 from pipeline.planning.plan import Plan, plan_run
+from pipeline.quality.figures import QualityCounts
+from pipeline.quality.run_checks import run_checks
 
 log = logging.getLogger("pipeline")
 
@@ -37,6 +39,8 @@ class RunSummary:
     output: str
     skipped: int = 0
     discarded: int = 0  # rows staged by earlier runs that died before their commit (computed again)
+    quality: QualityCounts | None = None  # rows per quality flag and finish reason
+    checks: dict | None = None  # the run's cross-row checks (pipeline/quality/run_checks.py)
 
     @property
     def items_per_s(self) -> float:
@@ -45,9 +49,12 @@ class RunSummary:
     def line(self) -> str:
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(self.error_types.items()))
         skipped = f", {self.skipped} already committed" if self.skipped else ""
+        quality = f"{self.quality.line()}; " if self.quality and self.rows else ""
+        found = {k: v["found"] for k, v in (self.checks or {}).items() if v["found"]}
+        checks = "".join(f"{k}={v}; " for k, v in found.items())
         return (f"run {self.run_id}: {self.items} items -> {self.rows} rows ({self.ok} ok, {self.errors} error"
                 f"{f': {kinds}' if kinds else ''}){skipped} in {self.wall_s:.1f} s, {self.items_per_s:.2f} items/s; "
-                f"output: {self.output}")
+                f"{quality}{checks}output: {self.output}")
 
 
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -121,11 +128,13 @@ def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
         if missing:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")
+    checks = run_checks(cfg, out, written.files, written.by_status["ok"])  # on Ray Data, over the staged ok rows
     wall = time.time() - started
     summary = RunSummary(run_id=cfg.run_id, items=plan.todo, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
-                         wall_s=wall, output=cfg.output, skipped=plan.committed, discarded=discarded)
-    replaced = plan.superseded() if cfg.retry_errors and plan.todo else {}
+                         wall_s=wall, output=cfg.output, skipped=plan.committed, discarded=discarded,
+                         quality=written.quality, checks=checks)
+    replaced = plan.superseded() if (cfg.retry_errors or cfg.retry_flagged) and plan.todo else {}
     held.check()  # a run that lost its lease (it stalled past the TTL and another took over) commits nothing
     commit.commit(out, cfg, written, ledger(cfg, summary, plan), replaced)
     return summary
@@ -186,6 +195,6 @@ def ledger(cfg: RunConfig, summary: RunSummary, plan: Plan) -> dict:
             pass
     return {"run_id": cfg.run_id, "manifest_files": plan.files, "manifest_items": plan.items,
             "items": summary.items, "skipped_already_committed": summary.skipped,
-            "discarded_rows_of_failed_runs": summary.discarded,
+            "discarded_rows_of_failed_runs": summary.discarded, "quality_checks": summary.checks or {},
             "wall_s": round(summary.wall_s, 3), "items_per_s": round(summary.items_per_s, 3),
             "config": cfg.model_dump(mode="json"), "versions": versions}

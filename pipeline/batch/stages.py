@@ -34,13 +34,16 @@ _ROW_FIELDS = [
 ]
 # decode -> preprocess: one row per item, decoded frames packed as .npz bytes ("frames" for one
 # media file: (T, H, W, 3); "image_0", "image_1", ... for the images of a `uris` row).
-ITEM_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [("prompts", pa.list_(pa.string())), ("frames", pa.large_binary())])
+# `retry_prompts`: those of its prompts that redo flagged rows (--retry-flagged: attempt 2, fallback settings)
+ITEM_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [("prompts", pa.list_(pa.string())), ("retry_prompts", pa.list_(pa.string())),
+                                                       ("frames", pa.large_binary())])
 # preprocess -> generate: one row per (item, prompt), model inputs packed as .npz bytes.
 REQUEST_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [
-    ("prompt", pa.string()), ("prompt_tokens", pa.int64()), ("model_inputs", pa.large_binary())])
-# generate -> format_output
+    ("prompt", pa.string()), ("attempt", pa.int64()), ("prompt_tokens", pa.int64()), ("model_inputs", pa.large_binary())])
+# generate -> format_output (`token_ids`: the generated tokens, for the quality flags; not written)
 RESULT_SCHEMA = pa.schema(_ROW_FIELDS + _MEDIA_FIELDS + [
-    ("prompt", pa.string()), ("prompt_tokens", pa.int64()), ("text", pa.string()), ("output_tokens", pa.int64())])
+    ("prompt", pa.string()), ("attempt", pa.int64()), ("prompt_tokens", pa.int64()), ("text", pa.string()),
+    ("output_tokens", pa.int64()), ("finish_reason", pa.string()), ("token_ids", pa.list_(pa.int32()))])
 
 
 def pack(arrays: dict[str, np.ndarray]) -> bytes:
@@ -115,6 +118,7 @@ def decode_media(records: pa.Table, cfg: CaptionConfig, resize: dict | None = No
         # the record's prompts still to do (the plan left out those committed); none given: the run's
         # default, for the media type found (a file's bytes can say image where the manifest said nothing)
         item["prompts"] = rec["prompts"] if rec["prompts"] is not None else [cfg.default_prompt(_prompt_kind(item))]
+        item["retry_prompts"] = rec.get("retry_prompts")  # of those, the ones redoing flagged rows (attempt 2)
         items.append(item)
     metrics.decoded(items, started)
     return _table(items, ITEM_SCHEMA)
@@ -164,8 +168,9 @@ class Preprocess:
         requests = []
         for item in items.to_pylist():
             frames = unpack_frames(item.pop("frames")) if item["status"] == "ok" else None
+            retries = set(item.pop("retry_prompts") or ())
             for prompt in item.pop("prompts"):
-                row = dict(item, prompt=prompt)
+                row = dict(item, prompt=prompt, attempt=2 if prompt in retries else 1)
                 if frames is not None:
                     try:
                         inputs = self.preprocessor.build(item["media_type"], frames, prompt)
@@ -210,17 +215,21 @@ class Generate:
         from pipeline.model.engine import row_seed
 
         rows = requests.to_pylist()
-        todo = [r for r in rows if r["status"] == "ok"]
-        if todo:
+        for attempt in (1, 2):  # the run's settings; the fallback of retried flagged rows (--retry-flagged)
+            todo = [r for r in rows if r["status"] == "ok" and (r["attempt"] or 1) == attempt]
+            if not todo:
+                continue
+            gen = generation_of(self.cfg, attempt)
             inputs = [unpack(r["model_inputs"]) for r in todo]
-            seeds = [row_seed(self.cfg.generation.seed, r["id"], r["prompt"]) for r in todo]
+            seeds = [row_seed(gen.seed, r["id"], r["prompt"]) for r in todo]
             started, wall_started = metrics.generating(todo), time.time()
             # out of memory: split and retried; other failures: isolated to the failing row(s)
-            for row, result in zip(todo, generate_rows(self.engine, inputs, self.cfg.generation, seeds)):
+            for row, result in zip(todo, generate_rows(self.engine, inputs, gen, seeds)):
                 if isinstance(result, RowError):
                     _error(row, result.error_type, result.message)
                 else:
-                    row.update(text=result.text, output_tokens=result.output_tokens)
+                    row.update(text=result.text, output_tokens=result.output_tokens, finish_reason=result.finish_reason,
+                               token_ids=result.token_ids)
             metrics.generated(todo, started)
             if self.cfg.trace_dir:
                 self._trace(wall_started, len(todo))
@@ -236,11 +245,28 @@ class Generate:
             f.write(json.dumps({"start": started, "end": time.time(), "rows": rows, "node_id": node}) + "\n")
 
 
+def generation_of(cfg: CaptionConfig, attempt: int):
+    """The generation settings of an attempt: 1 the run's, 2 the fallback of --retry-flagged (a batch
+    run's: RunConfig.fallback_generation; a pipeline.caption dataset has attempt 1 only)."""
+    return cfg.fallback_generation() if attempt == 2 else cfg.generation
+
+
 def format_output(results: pa.Table, cfg: CaptionConfig) -> pa.Table:
-    """Rows in the output schema of schemas/output.schema.json."""
+    """Rows in the output schema of schemas/output.schema.json, with the quality flags of each
+    generated text (pipeline/quality/flags.py; CPU, from the text, its tokens and finish reason)."""
+    from pipeline.quality import quality_flags
+
     n = results.num_rows
     metrics.rows_written(results.column("status").to_pylist(), results.column("error_type").to_pylist())
+    rows = results.select(["status", "text", "prompt", "token_ids", "finish_reason", "attempt"]).to_pylist()
+    flags = [quality_flags(r["text"], prompt=r["prompt"], task=cfg.task, token_ids=r["token_ids"], finish_reason=r["finish_reason"],
+                           cfg=cfg.quality) if r["status"] == "ok" else None for r in rows]
+    settings = {a: generation_of(cfg, a).model_dump_json() for a in {r["attempt"] or 1 for r in rows if r["status"] == "ok"}}
+    metrics.quality(flags, [r["finish_reason"] for r in rows])
     run = {
+        "quality_flags": pa.array(flags, pa.list_(pa.string())),
+        "attempt": pa.array([(r["attempt"] or 1) if r["status"] == "ok" else None for r in rows], pa.int64()),
+        "generation": pa.array([settings[r["attempt"] or 1] if r["status"] == "ok" else None for r in rows], pa.string()),
         "task": pa.array([cfg.task] * n, pa.string()),
         "model": pa.array([cfg.model] * n, pa.string()),
         "config_key": pa.array([cfg.config_key()] * n, pa.string()),

@@ -252,8 +252,9 @@ class Scheduler:
         cuts = [i for i in (text.find(s) for s in row.stop) if i >= 0]
         if cuts:
             text = text[:min(cuts)]
+        ids = list(row.tokens[:-1] if row.tokens and row.tokens[-1] in eng.eos_ids else row.tokens)  # EOS excluded
         row.result = Generated(text=text, prompt_tokens=row.prompt_tokens, output_tokens=len(row.tokens),
-                               finish_reason=reason)
+                               finish_reason=reason, token_ids=ids)
         self._samplers.pop(id(row), None)
         row.done.set()
 

@@ -9,7 +9,7 @@ patch count), image sets and videos (of any frame count) gives the same tokens a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,6 +24,7 @@ class Generated:
     # "stop": the model ended the row (EOS) or a stop string did; "length": it hit max_new_tokens;
     # "cancelled": its caller stopped it (continuous batching: a client that left)
     finish_reason: str = "length"
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (EOS excluded), for the quality flags
 
 
 def row_seed(seed: int, *keys: str | None) -> int:
@@ -118,6 +119,10 @@ class Engine:
         # Vision features once per distinct media (K questions about one item share them).
         batch["mm_encoder_outputs"] = self.vision.encoder_outputs(inputs)
         kwargs = dict(max_new_tokens=gen.max_new_tokens, do_sample=False, pad_token_id=self.pad_id, streamer=streamer)
+        if gen.repetition_penalty != 1.0:  # transformers' own logits processors (before PerRowSampler's)
+            kwargs["repetition_penalty"] = gen.repetition_penalty
+        if gen.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = gen.no_repeat_ngram_size
         if gen.temperature > 0:
             kwargs["logits_processor"] = [PerRowSampler(gen, seeds or [gen.seed] * len(inputs), self.device)]
         with torch.inference_mode():
@@ -125,11 +130,11 @@ class Engine:
         new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
         results = []
         for x, tokens in zip(inputs, new_tokens):
-            end = next((k + 1 for k, t in enumerate(tokens) if t in self.eos_ids), None)
-            reason = "length" if end is None else "stop"
-            end = len(tokens) if end is None else end
+            eos = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
+            end = len(tokens) if eos is None else eos + 1
             text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
-            results.append(Generated(text=text, prompt_tokens=len(x["input_ids"]), output_tokens=end, finish_reason=reason))
+            results.append(Generated(text=text, prompt_tokens=len(x["input_ids"]), output_tokens=end,
+                                     finish_reason="length" if eos is None else "stop", token_ids=tokens[:eos]))
         return results
 
     def collate(self, inputs: list[dict[str, np.ndarray]]) -> dict:

@@ -31,6 +31,7 @@ import pyarrow as pa
 from pipeline.config import RunConfig
 from pipeline.io.storage import join, put_whole, write_whole
 from pipeline.output.location import OutputLocation
+from pipeline.quality.figures import QualityCounts
 from pipeline.schemas import output_arrow_schema
 
 log = logging.getLogger("pipeline")
@@ -43,6 +44,7 @@ class WriteResult:
     rows: int = 0
     by_status: Counter = field(default_factory=Counter)
     by_error_type: Counter = field(default_factory=Counter)
+    quality: QualityCounts = field(default_factory=QualityCounts)  # rows per quality flag and finish reason
 
 
 def write(ds, out: OutputLocation, cfg: RunConfig) -> None:
@@ -54,16 +56,19 @@ def write(ds, out: OutputLocation, cfg: RunConfig) -> None:
 
 
 def staged(out: OutputLocation, run_id: str) -> WriteResult:
-    """What a run wrote to staging: files and row counts by status and error type, from two
-    small columns of one file at a time (a run's files are few: --output-file-rows each)."""
+    """What a run wrote to staging: files and row counts by status and error type, quality flag and
+    finish reason, from a few small columns of one file at a time (a run's files are few: --output-file-rows each)."""
     import pyarrow.parquet as pq
+
+    from pipeline.quality import figures
 
     fs, staged_dir = out.fs, out.staging(run_id)
     fs.invalidate_cache()  # the files were written by other processes: never trust a cached listing
     files = sorted(p for p in fs.find(staged_dir) if p.endswith(".parquet")) if fs.exists(staged_dir) else []
     result = WriteResult(files=files)
     for path in files:
-        table = pq.read_table(path, columns=["status", "error_type"], filesystem=out.arrow)
+        table = pq.read_table(path, columns=["status", "error_type", *figures.COLUMNS[1:]], filesystem=out.arrow)
+        result.quality.add(table)
         counts = table.group_by(["status", "error_type"], use_threads=False).aggregate([([], "count_all")])
         for status, error_type, n in zip(*(counts[c].to_pylist() for c in ("status", "error_type", "count_all"))):
             result.rows += n
@@ -79,14 +84,15 @@ def commit(out: OutputLocation, cfg: RunConfig, result: WriteResult, ledger: dic
     fs = out.fs
     names = [p.rsplit("/", 1)[-1] for p in result.files]
     ledger = dict(ledger, rows=result.rows, by_status=dict(result.by_status),
-                  by_error_type=dict(result.by_error_type), files=[f"part-{cfg.run_id}-{n}" for n in names])
+                  by_error_type=dict(result.by_error_type), quality=result.quality.to_dict(),
+                  files=[f"part-{cfg.run_id}-{n}" for n in names])
     staged_dir = out.staging(cfg.run_id)
     fs.makedirs(staged_dir, exist_ok=True)  # a run with nothing to write still leaves its ledger
     # Size and row count of each staged file: a moved copy is checked against them before the
     # staged file is deleted, so a copy cut short never replaces the only good one.
     checks = {n: _size_and_rows(fs, p) for n, p in zip(names, result.files)}
     point = {"staged": names, "checks": checks, "ledger": ledger, "supersedes": supersedes or {},
-             "config_key": cfg.config_key()}
+             "config_key": cfg.config_key(), "replaces": {"errors": cfg.retry_errors, "flags": cfg.retry_flagged}}
     put_whole(fs, join(staged_dir, COMPLETE), json.dumps(point, indent=2, default=str).encode())
     _finish(out, cfg.run_id)
 
@@ -158,8 +164,10 @@ def _finish(out: OutputLocation, run_id: str) -> None:
                                   "the staged file is kept, rerun to retry")
         if has_src:
             fs.rm(src)
+    # commit points written before --retry-flagged replaced error rows only
+    rule = complete.get("replaces", {"errors": True, "flags": []})
     for path, ids in complete.get("supersedes", {}).items():
-        _drop_error_rows(out, path, set(ids), complete["config_key"])
+        _drop_error_rows(out, path, set(ids), complete["config_key"], rule)
     body = json.dumps(complete["ledger"], indent=2, default=str).encode()
     fs.makedirs(out.child("_runs"), exist_ok=True)
     put_whole(fs, out.ledger(run_id), body)
@@ -167,24 +175,30 @@ def _finish(out: OutputLocation, run_id: str) -> None:
     fs.rm(staged_dir, recursive=True)
 
 
-def _drop_error_rows(out: OutputLocation, path: str, ids: set, key: str) -> None:
-    """Rewrite a committed file without the error rows of `ids` (made under `key`) that a retry
-    replaced. Idempotent; the new file replaces the old in one step (storage.write_whole), so
-    readers see the old file or the new one, never a part."""
+def _drop_error_rows(out: OutputLocation, path: str, ids: set, key: str, rule: dict) -> None:
+    """Rewrite a committed file without the rows of `ids` (made under `key`) that a retry replaced:
+    error rows (rule["errors"]: --retry-errors) and ok rows carrying a flag of rule["flags"] in their
+    first attempt (--retry-flagged). Idempotent; the new file replaces the old in one step
+    (storage.write_whole), so readers see the old file or the new one, never a part."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
+
+    from pipeline.output.committed import flagged_for_retry
 
     if not out.fs.exists(path):
         return
     table = pq.read_table(path, filesystem=out.arrow, schema=output_arrow_schema())
-    drop = pc.and_(pc.and_(pc.is_in(table["id"], pa.array(sorted(ids), pa.string())),
-                           pc.equal(table["status"], "error")), pc.equal(table["config_key"], key))
+    retried = pc.and_(pc.equal(table["status"], "error"), pa.scalar(bool(rule.get("errors"))))
+    if rule.get("flags"):
+        retried = pc.or_(retried, flagged_for_retry(table, rule["flags"]))
+    drop = pc.and_(pc.and_(pc.is_in(table["id"], pa.array(sorted(ids), pa.string())), retried),
+                   pc.equal(table["config_key"], key))
     drop = pc.fill_null(drop, False)
     if not pc.any(drop).as_py():
         return
     kept = table.filter(pc.invert(drop))
     write_whole(out.fs, path, lambda f: pq.write_table(kept, f))
-    log.info("replaced %d retried error rows in %s", table.num_rows - kept.num_rows, out.uri_of(path))
+    log.info("replaced %d retried rows in %s", table.num_rows - kept.num_rows, out.uri_of(path))
 
 
 def _is_commit_point(fs, path: str) -> bool:

@@ -60,28 +60,50 @@ class CommittedKeys:
     bytes: int
 
 
-def committed_keys(out: OutputLocation, config_key: str) -> CommittedKeys | None:
+def committed_keys(out: OutputLocation, config_key: str, retry_flagged: list[str] = ()) -> CommittedKeys | None:
     """The committed rows made with these settings (rows of other settings do not count), read by
     Ray tasks, a file each. None when nothing is committed."""
     files = out.part_files()
     if not files:
         return None
-    keys = read_files(out, sorted(files), _committed_keys, config_key=config_key)
+    keys = read_files(out, sorted(files), _committed_keys, config_key=config_key, retry_flagged=list(retry_flagged))
     return CommittedKeys(keys=keys, bytes=sum(files.values()))
 
 
-def _committed_keys(rows: pa.Table, path: str, config_key: str) -> pa.Table:
+def _committed_keys(rows: pa.Table, path: str, config_key: str, retry_flagged: list[str] = ()) -> pa.Table:
+    """Per committed row its key, prompt, status, media type and, for a row a retry may replace, its file.
+    An ok row whose text carries a flag of --retry-flagged (and is not itself a retry) has status
+    `flagged`: it is to be redone, like an error row under --retry-errors."""
     import pyarrow.compute as pc
 
     rows = rows.filter(pc.fill_null(pc.equal(rows["config_key"], config_key), False))
     key = item_keys(rows["id"], rows["source"])
     rows, key = rows.filter(pc.is_valid(key)), key.filter(pc.is_valid(key))
-    error_file = pc.if_else(pc.fill_null(pc.equal(rows["status"], "error"), False), path, pa.scalar(None, pa.string()))
-    return pa.table({"c_key": key, "c_prompt": rows["prompt"], "c_status": rows["status"], "c_media": rows["media_type"],
+    status = rows["status"]
+    if retry_flagged:
+        status = pc.if_else(flagged_for_retry(rows, retry_flagged), "flagged", status)
+    replaceable = pc.fill_null(pc.is_in(status, pa.array(["error", "flagged"])), False)
+    error_file = pc.if_else(replaceable, path, pa.scalar(None, pa.string()))
+    return pa.table({"c_key": key, "c_prompt": rows["prompt"], "c_status": status, "c_media": rows["media_type"],
                      "c_path": error_file}, schema=COMMITTED_SCHEMA)
 
 
-_committed_keys.columns = ["id", "prompt", "status", "media_type", "source", "config_key"]
+_committed_keys.columns = ["id", "prompt", "status", "media_type", "source", "config_key", "quality_flags", "attempt"]
+
+
+def flagged_for_retry(rows: pa.Table, flags: list[str]):
+    """Ok rows of their first attempt whose quality_flags hold one of `flags` (rows of older outputs: none)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lists = rows["quality_flags"]
+    lists = lists.combine_chunks() if isinstance(lists, pa.ChunkedArray) else lists
+    hit = pc.is_in(pc.list_flatten(lists), value_set=pa.array(list(flags), pa.string()))
+    parents = pc.list_parent_indices(lists)
+    any_hit = pa.array(np.bincount(parents.to_numpy(), weights=hit.to_numpy(zero_copy_only=False).astype(float),
+                                   minlength=len(lists)) > 0) if len(parents) else pa.array(np.zeros(len(lists), bool))
+    first = pc.less(pc.fill_null(rows["attempt"], 1), 2)
+    return pc.fill_null(pc.and_(pc.and_(pc.equal(rows["status"], "ok"), first), any_hit), False)
 
 
 def staged_sources(out: OutputLocation, files: list[str]):

@@ -153,8 +153,39 @@ table.figures td{padding:2px 12px 2px 0} .item{display:flex;gap:16px;margin:12px
 .strip img{height:96px;display:block} .answers{flex:1} .answers dt{font-weight:bold;margin-top:6px}
 .meta{color:#666;font-size:12px} table.errors{border-collapse:collapse;font-size:13px}
 table.errors td,table.errors th{border:1px solid #ddd;padding:3px 6px;text-align:left}
-.warn{color:#a40}
+.warn{color:#a40} .flags{color:#a40;font-size:12px;margin-left:6px}
 """
+QUALITY_EXAMPLES = 3  # rows shown per flag in the quality section (each links to its item, frames beside it)
+
+
+def _quality(rows: list[dict], success: dict | None) -> list[str]:
+    """The quality section: rows per flag (with examples linking to their items) and per finish
+    reason, and the run's cross-row checks from its ledger."""
+    from collections import Counter
+
+    e = html.escape
+    judged = [r for r in rows if r["status"] == "ok" and r.get("quality_flags") is not None]
+    if not judged:
+        return ["<h2>Quality</h2><p class='meta'>no quality flags (rows written before schema version 2)</p>"]
+    flagged = sum(bool(r["quality_flags"]) for r in judged)
+    finish = Counter(r["finish_reason"] for r in judged if r.get("finish_reason"))
+    parts = [f"<h2 id='quality'>Quality</h2><p>{flagged} of {len(judged)} generated rows flagged; finish reasons: "
+             + e(", ".join(f"{k} {v}" for k, v in sorted(finish.items())) or "none") + "</p>",
+             "<table class='errors'><tr><th>flag</th><th>rows</th><th>examples</th></tr>"]
+    by_flag = defaultdict(list)
+    for r in judged:
+        for flag in r["quality_flags"]:
+            by_flag[flag].append(r)
+    for flag, group in sorted(by_flag.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        examples = "<br>".join(f"<a href='#item-{e(str(r['id']))}'>{e(str(r['id']))}</a>: {e((r['text'] or '')[:160])}"
+                               for r in group[:QUALITY_EXAMPLES])
+        parts.append(f"<tr id='flag-{e(flag)}'><td>{e(flag)}</td><td>{len(group)}</td><td>{examples}</td></tr>")
+    parts.append("</table>")
+    for name, check in sorted(((success or {}).get("quality_checks") or {}).items()):
+        parts.append(f"<p id='check-{e(name)}'>{e(name)}: {check['found']} found ({check['rows']} rows)"
+                     + "".join(f"<br><span class='meta'>{e(json.dumps(x)[:300])}</span>" for x in check["examples"]) + "</p>")
+    return parts
+
 
 
 def _figures(rows: list[dict], success: dict | None) -> list[tuple[str, str]]:
@@ -190,6 +221,7 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
              "</head><body><h1>Run report</h1><table class='figures'>"]
     parts += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in _figures(rows, success)]
     parts.append("</table>")
+    parts += _quality(rows, success)
 
     by_item = defaultdict(list)
     for r in rows:
@@ -213,7 +245,9 @@ def render(rows: list[dict], success: dict | None, storage: StorageConfig | None
                 strip.append(f"<p class='warn'>frames unavailable: {e(type(ex).__name__)}: {e(str(ex))}</p>")
         meta = (f"{first['media_type']} {first['codec'] or ''} {first['width']}x{first['height']}"
                 + (f", {first['duration_s']:.1f} s" if first["duration_s"] else ""))
-        qa = "".join(f"<dt>{e(a['prompt'] or '')}</dt><dd>{e(a['text'] or '')}</dd>" for a in answers)
+        qa = "".join(f"<dt>{e(a['prompt'] or '')}</dt><dd>{e(a['text'] or '')}"
+                     + (f"<span class='flags'>{e(', '.join(a['quality_flags']))}</span>" if a.get("quality_flags") else "")
+                     + "</dd>" for a in answers)
         parts.append(f"<div class='item' id='item-{e(str(item_id))}'><div class='strip'>{''.join(strip)}</div>"
                      f"<div class='answers'><b>{e(str(item_id))}</b> <span class='meta'>{e(uri)} · {e(meta)}</span>"
                      f"<dl>{qa}</dl></div></div>")

@@ -48,6 +48,7 @@ RECORD_SCHEMA = pa.schema(
         # the prompts still to do (own_prompts; the run's plan leaves out those committed): null where the
         # item takes the run's default prompt, which the decode stage picks for the media type it finds
         ("prompts", pa.list_(pa.string())),
+        ("retry_prompts", pa.list_(pa.string())),  # of its prompts to do, those redoing flagged rows (--retry-flagged)
     ]
 )
 
@@ -506,7 +507,7 @@ def _fast_records(t: pa.Table, numbers, uri: str, index: int, label: str, prefix
         "id": t["id"], "uri": single, "uris": many, "media_type": t["media_type"], "prompt": t["prompt"],
         "questions": t["questions"], "start_s": t["start_s"], "end_s": t["end_s"], "source": source,
         "status": pa.repeat(pa.scalar("ok"), n), "error_type": nothing, "error": nothing,
-        "prompts": pa.nulls(n, pa.list_(pa.string())),
+        "prompts": pa.nulls(n, pa.list_(pa.string())), "retry_prompts": pa.nulls(n, pa.list_(pa.string())),
         "_order": pa.array((index << ROW_BITS) | np.asarray(numbers, dtype=np.int64)),
     }, schema=SCAN_SCHEMA)
     return records.filter(pa.array(sure)), ~sure

@@ -27,7 +27,7 @@ from pipeline.planning.manifest import RECORD_SCHEMA, SCAN_SCHEMA, ManifestError
 # The committed side's columns (COMMITTED_SCHEMA) are null on manifest rows, as the records' are on these.
 PLAN_INPUT_SCHEMA = pa.schema(list(SCAN_SCHEMA) + list(COMMITTED_SCHEMA) + [pa.field("_part", pa.int32())])
 # `_todo`: the record has a prompt still to do; `_replaces`: committed files holding error rows of
-# its id that its new rows replace (--retry-errors)
+# its id that its new rows replace (--retry-errors), or flagged rows (--retry-flagged)
 # (a partition's summary row, which holds no record, carries its counts: `_items`, `_invalid`)
 PLANNED_SCHEMA = pa.schema(list(SCAN_SCHEMA) + [pa.field("_todo", pa.bool_()), pa.field("_replaces", pa.list_(pa.string())),
                                                 pa.field("_items", pa.int64()), pa.field("_invalid", pa.int64())])
@@ -67,7 +67,8 @@ class Plan:
         return self.records.filter(expr=_todo_expr()).select_columns(RECORD_SCHEMA.names)
 
     def superseded(self) -> dict[str, list[str]]:
-        """Committed error rows that this run's new rows replace (--retry-errors): {file: [ids]}.
+        """Committed rows that this run's new rows replace (error rows: --retry-errors; flagged rows:
+        --retry-flagged): {file: [ids]}.
         One row per retried item reaches the driver."""
         out: dict[str, set] = {}
         rows = self.records.filter(expr=_todo_expr()).map_batches(_replacing, batch_format="pyarrow", batch_size=None)
@@ -121,7 +122,7 @@ def plan_run(cfg: RunConfig, out: OutputLocation, files: dict[str, int]) -> Plan
         # lz4, not Ray's default zstd, for the shuffle by id partition: zstd made a 10 M-row plan
         # twice as slow on 2 cores (135 s vs 70 s, benchmarks/scale.py)
         ray.data.DataContext.get_current().shuffle_compression = "lz4"
-    committed = committed_keys(out, cfg.config_key())
+    committed = committed_keys(out, cfg.config_key(), cfg.retry_flagged)
     committed_bytes = committed.bytes if committed else 0
     # the output's Parquet holds a row in fewer bytes than JSONL: weigh it up
     parts = max(1, min(64, math.ceil((manifest_bytes + 4 * committed_bytes) / PARTITION_BYTES)))
@@ -206,8 +207,10 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     # once committed, whatever its status and prompt (it has none)
     no_id = pc.invert(has_id(committed["c_key"]))
     finished = committed.set_column(1, "c_prompt", pc.if_else(no_id, pa.scalar(None, pa.string()), committed["c_prompt"]))
-    finished = finished.filter(pc.fill_null(pc.or_(pc.or_(pc.equal(committed["c_status"], "ok"), pa.scalar(not cfg.retry_errors)),
-                                                   no_id), False))
+    # (`flagged`: an ok row --retry-flagged redoes, see committed.committed_keys)
+    status = committed["c_status"]
+    done = pc.or_(pc.equal(status, "ok"), pc.and_(pc.equal(status, "error"), pa.scalar(not cfg.retry_errors)))
+    finished = finished.filter(pc.fill_null(pc.or_(done, no_id), False))
     # the media type an earlier run found in the file (its first row that has one), else the manifest's
     typed = committed.filter(pc.is_valid(committed["c_media"]))
     media = pc.coalesce(pc.take(typed["c_media"], pc.index_in(key, typed["c_key"])), records["media_type"])
@@ -230,10 +233,19 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     asks = pc.is_valid(own).to_numpy(zero_copy_only=False)
     prompts = pc.if_else(pa.array(todo & asks), unfinished, pa.scalar(None, pa.list_(pa.string())))
     records = records.set_column(records.schema.get_field_index("prompts"), "prompts", prompts)
+    flagged = committed.filter(pc.fill_null(pc.and_(pc.equal(status, "flagged"), pc.is_valid(committed["c_prompt"])), False))
+    if flagged.num_rows:  # the prompts of a record to do that redo flagged rows: attempt 2, fallback settings
+        retry = (flagged.select(["c_key", "c_prompt"]).group_by(["c_key", "c_prompt"], use_threads=False).aggregate([])
+                 .sort_by([("c_key", "ascending"), ("c_prompt", "ascending")])
+                 .group_by("c_key", use_threads=False).aggregate([("c_prompt", "list")]))
+        retry_prompts = pc.if_else(pa.array(todo), pc.take(retry["c_prompt_list"], pc.index_in(key, retry["c_key"])),
+                                   pa.scalar(None, pa.list_(pa.string())))
+        records = records.set_column(records.schema.get_field_index("retry_prompts"), "retry_prompts", retry_prompts)
     records = records.append_column("_todo", pa.array(todo))
-    errors = committed.filter(pc.fill_null(pc.and_(pc.equal(committed["c_status"], "error"), pc.is_valid(committed["c_path"])), False))
+    redone = pc.or_(pc.and_(pc.equal(status, "error"), pa.scalar(cfg.retry_errors)), pc.equal(status, "flagged"))
+    errors = committed.filter(pc.fill_null(pc.and_(redone, pc.is_valid(committed["c_path"])), False))
     replaces = pa.nulls(n, pa.list_(pa.string()))
-    if cfg.retry_errors and errors.num_rows:
+    if errors.num_rows:
         files = errors.group_by("c_key", use_threads=False).aggregate([("c_path", "distinct")])
         replaces = pc.take(files["c_path_distinct"], pc.index_in(key, files["c_key"]))
         replaces = pc.if_else(pa.array(todo & pc.is_valid(records["id"]).to_numpy(zero_copy_only=False)), replaces, pa.scalar(None, replaces.type))

@@ -90,9 +90,8 @@ class RowStream:
             self.done = True
             self.emit({"error": result.message, "error_type": result.error_type})
             return
-        if not self._stopped(result.text):
-            cut = result.output_tokens >= self.job.generation.max_new_tokens
-            self._end(result.text, "length" if cut else "stop", result.output_tokens)
+        if not self._stopped(result.text):  # the engine's own finish reason (EOS seen: stop; else length)
+            self._end(result.text, result.finish_reason, result.output_tokens)
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.tokens, skip_special_tokens=True)

@@ -68,6 +68,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    # vLLM's extension, with transformers' meaning (CTRL's penalty); no_repeat_ngram_size is a server setting
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
     seed: int | None = None
     n: int | None = None
     stream: bool | None = False
@@ -157,6 +159,7 @@ def generation_for(req: ChatRequest, default: GenerationConfig) -> GenerationCon
     asked = req.max_completion_tokens or req.max_tokens or default.max_new_tokens
     return default.model_copy(update={k: v for k, v in {
         "max_new_tokens": min(asked, default.max_new_tokens), "temperature": req.temperature, "top_p": req.top_p,
+        "repetition_penalty": req.repetition_penalty,
     }.items() if v is not None})
 
 
