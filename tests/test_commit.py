@@ -228,9 +228,9 @@ def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_
             {"id": "a\u0000b", "uri": "photo.jpg"},
             {"id": source + "5", "uri": "photo.jpg"},  # the source text of the id-less row below
             {"uri": "photo.jpg"},  # no id: known by its source
-            {"id": "\u0000source:" + source + "7", "uri": "photo.jpg"},  # the old key of line 7, added later
-            {"id": "q"}]  # invalid (no uri): an error row of id q without a prompt
-    later = [{"uri": "photo.jpg"},  # line 7, without an id
+            {"id": "q"},  # invalid (no uri): an error row of id q without a prompt
+            {"id": "\u0000source:" + source + "8", "uri": "photo.jpg"}]  # the old key of line 8, added later
+    later = [{"uri": "photo.jpg"},  # line 8, without an id
              {"id": "q", "uri": "photo.jpg", "prompt": "\u0000"}]  # a prompt that spells "no prompt" in joins
 
     def write(lines):
@@ -250,11 +250,11 @@ def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_
     assert second.items == len(later)  # only the new rows: none taken for done, none done again
     df = pd.read_parquet(out)
     check(df)
-    assert sorted(df[df.id.isna()].source) == [source + "5", source + "7"]
+    assert sorted(df[df.id.isna()].source) == [source + "5", source + "8"]
     prompt = config(manifest, out, tiny_model).default_prompt("image")
     assert sorted(zip(df.id.fillna("-"), df.prompt.fillna("-"))) == sorted(
         [("\u0000source:evil", prompt), ("", "-"), ("a\u0000b", prompt), (source + "5", prompt), ("-", "-"),
-         ("\u0000source:" + source + "7", prompt), ("q", "-"), ("-", "-"), ("q", "\u0000")])
+         ("\u0000source:" + source + "8", prompt), ("q", "-"), ("-", "-"), ("q", "\u0000")])
     assert run(config(manifest, out, tiny_model)).items == 0
     run(config(manifest, out, tiny_model, retry_errors=True))  # redoes the invalid rows that have an id, replacing theirs
     check(pd.read_parquet(out))
