@@ -228,9 +228,9 @@ def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_
             {"id": "a\u0000b", "uri": "photo.jpg"},
             {"id": source + "5", "uri": "photo.jpg"},  # the source text of the id-less row below
             {"uri": "photo.jpg"},  # no id: known by its source
-            {"id": "\u0000source:" + source + "7", "uri": "photo.jpg"},  # the old key of line 7, added later
-            {"id": "q"}]  # invalid (no uri): an error row of id q without a prompt
-    later = [{"uri": "photo.jpg"},  # line 7, without an id
+            {"id": "q"},  # invalid (no uri): an error row of id q without a prompt
+            {"id": "\u0000source:" + source + "8", "uri": "photo.jpg"}]  # the old key of line 8, added later
+    later = [{"uri": "photo.jpg"},  # line 8, without an id
              {"id": "q", "uri": "photo.jpg", "prompt": "\u0000"}]  # a prompt that spells "no prompt" in joins
 
     def write(lines):
@@ -250,11 +250,11 @@ def test_no_id_or_prompt_collides_with_an_internal_key(ray_local, samples, tiny_
     assert second.items == len(later)  # only the new rows: none taken for done, none done again
     df = pd.read_parquet(out)
     check(df)
-    assert sorted(df[df.id.isna()].source) == [source + "5", source + "7"]
+    assert sorted(df[df.id.isna()].source) == [source + "5", source + "8"]
     prompt = config(manifest, out, tiny_model).default_prompt("image")
     assert sorted(zip(df.id.fillna("-"), df.prompt.fillna("-"))) == sorted(
         [("\u0000source:evil", prompt), ("", "-"), ("a\u0000b", prompt), (source + "5", prompt), ("-", "-"),
-         ("\u0000source:" + source + "7", prompt), ("q", "-"), ("-", "-"), ("q", "\u0000")])
+         ("\u0000source:" + source + "8", prompt), ("q", "-"), ("-", "-"), ("q", "\u0000")])
     assert run(config(manifest, out, tiny_model)).items == 0
     run(config(manifest, out, tiny_model, retry_errors=True))  # redoes the invalid rows that have an id, replacing theirs
     check(pd.read_parquet(out))
@@ -307,3 +307,41 @@ def test_an_interrupted_retry_flagged_commit_replaces_the_flagged_rows_once(tmp_
                       for r in pads.dataset(str(out), format="parquet").to_table().to_pylist())
         assert rows == [("a", "P", "ok", 2), ("a", "Q", "error", None), ("b", "P", "ok", 1), ("c", "P", "ok", 2)]
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == cfg.run_id
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_a_file_is_written_in_one_step_or_not_at_all(tmp_path, store, s3_endpoint, s3_client):
+    """storage.write_whole, the one atomic write (ledgers, commit points, leases, placed and
+    rewritten Parquet): bytes or a writer; a failed check places nothing and leaves no temporary;
+    an exclusive create of an existing name refuses."""
+    import pickle
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import StorageConfig
+    from pipeline.io.storage import write_whole
+
+    if store == "s3":
+        s3_client.create_bucket(Bucket="whole")
+        out = OutputLocation.of("s3://whole/out", StorageConfig(endpoint_url=s3_endpoint))
+    else:
+        out = OutputLocation.of(str(tmp_path / "out"), StorageConfig())
+        out.fs.makedirs(out.path, exist_ok=True)
+    path = out.child("f.parquet")
+    write_whole(out.fs, path, b"old")
+    table = pa.table({"a": list(range(1000))})
+    with pytest.raises(ValueError, match="not this"):
+        write_whole(out.fs, path, lambda f: pq.write_table(table, f), check=lambda tmp: (_ for _ in ()).throw(ValueError("not this")))
+    assert out.fs.cat_file(path) == b"old"
+    seen = []
+    write_whole(out.fs, path, lambda f: pq.write_table(table, f), check=lambda tmp: seen.append(pq.read_table(tmp).num_rows))
+    out.fs.invalidate_cache()
+    assert seen == [1000] and pq.read_table(path, filesystem=out.arrow).num_rows == 1000
+    with pytest.raises(FileExistsError):
+        write_whole(out.fs, path, b"second", exclusive=True)
+    write_whole(out.fs, out.child("new.json"), b"{}", exclusive=True)
+    out.fs.invalidate_cache()
+    assert sorted(p.rsplit("/", 1)[-1] for p in out.fs.ls(out.path, detail=False)) == ["f.parquet", "new.json"]  # no temporaries
+    again = pickle.loads(pickle.dumps(out))  # as Ray tasks get it: resolved again there
+    assert (again.uri, again.path, again.fs.cat_file(path)[:4]) == (out.uri, out.path, b"PAR1")

@@ -153,18 +153,13 @@ def _scan_files(batch: pa.Table, prefixes: list[str], cfg: RunConfig, parts: int
         for records in scan_file(uri, index, prefixes, cfg):
             n = records.num_rows
             yield pa.Table.from_arrays([*records.columns, *(pa.nulls(n, f.type) for f in COMMITTED_SCHEMA),
-                                        _partition_of(_key(records), parts)], schema=PLAN_INPUT_SCHEMA)
+                                        _partition_of(item_keys(records["id"], records["source"]), parts)], schema=PLAN_INPUT_SCHEMA)
 
 
 def _committed_rows(keys: pa.Table, parts: int) -> pa.Table:
     n = keys.num_rows
     return pa.Table.from_arrays([*(pa.nulls(n, f.type) for f in SCAN_SCHEMA), *(keys[f.name] for f in COMMITTED_SCHEMA),
                                  _partition_of(keys["c_key"], parts)], schema=PLAN_INPUT_SCHEMA)
-
-
-def _key(records: pa.Table):
-    """An item's key in the output (committed.item_keys): the rule the committed rows' keys follow."""
-    return item_keys(records["id"], records["source"])
 
 
 def _partition_of(keys, parts: int):
@@ -202,7 +197,7 @@ def still_to_do(records: pa.Table, committed: pa.Table, cfg: RunConfig) -> pa.Ta
     import pyarrow.compute as pc
 
     n = records.num_rows
-    key = _key(records)
+    key = item_keys(records["id"], records["source"])  # as committed_keys keys the committed rows
     # a finished committed row: ok, or any row without --retry-errors; a row without an id is done
     # once committed, whatever its status and prompt (it has none)
     no_id = pc.invert(has_id(committed["c_key"]))
