@@ -147,8 +147,9 @@ def main(argv=None) -> int:
     if "continuous" in only:
         from benchmarks import continuous
 
-        rows = sizes["continuous_rows"]
-        result["continuous"] = {"batch": continuous.measure_batch(str(tiny), rows=rows, log=log),
+        rows, small = sizes["continuous_rows"], profile == "minimal"
+        result["continuous"] = {"batch": continuous.measure_batch(str(tiny), rows=rows, fixed_tokens=8 if small else 32,
+                                                                  longest=16 if small else continuous.LENGTH_MAX, log=log),
                                 "abandoned": continuous.measure_abandoned(str(tiny), long_tokens=40 if profile == "minimal" else 400,
                                                                           log=log)}
     if "gpu" in only:
@@ -160,8 +161,9 @@ def main(argv=None) -> int:
         # continuous vs static on the first architecture, rows of varied answer lengths (benchmarks.continuous)
         first = a.gpu_models.split(",")[0]
         checkpoint = write_checkpoint(first, Path(a.work) / f"gpu-{first}-model")
-        result["gpu"]["continuous"] = continuous.measure_batch(str(checkpoint), rows=max(8, a.gpu_videos), batch_size=a.gpu_batch,
-                                                               device=None, log=log)
+        result["gpu"]["continuous"] = continuous.measure_batch(
+            str(checkpoint), rows=max(8, a.gpu_videos), batch_size=a.gpu_batch, device=None, fixed_tokens=a.gpu_tokens,
+            longest=continuous.LENGTH_MAX if profile != "minimal" else 16, log=log)
 
     result.update(headline(result))
     result["goals"] = {key: {"goal": f"{op} {value}", "value": result[key],

@@ -68,14 +68,14 @@ def _continuous(engine, inputs, lengths, batch_size) -> list:
 
 
 def measure_batch(model_path: str, rows: int = 24, batch_size: int = 4, fixed_tokens: int = 32, repeats: int = 1,
-                  device: str | None = "cpu", log=print) -> dict:
-    """device None: cuda when there is one."""
+                  device: str | None = "cpu", longest: int = LENGTH_MAX, log=print) -> dict:
+    """device None: cuda when there is one; longest: the lengths' upper clip (small for a check run)."""
     from pipeline.model.engine import Engine
 
     engine = Engine(model_path, device=device or "auto")
     engine.eos_ids = set()  # rows end at their drawn lengths (random weights would end some at random)
     inputs = model_inputs(model_path, rows)
-    lengths = caption_lengths(rows)
+    lengths = caption_lengths(rows, median=min(LENGTH_MEDIAN, longest // 2), low=min(LENGTH_MIN, longest), high=longest)
     _continuous(engine, inputs[:2], [2, 2], batch_size)  # warm-up; vision features cached for both sides alike
     engine.vision.encoder_outputs(inputs)
     result = {"rows": rows, "batch_size": batch_size, "lengths": lengths, "device": str(engine.device),

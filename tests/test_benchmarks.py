@@ -38,6 +38,7 @@ def test_decode_preprocess_and_gpu_path(tmp_path):
     # The decoder-side resize gives the processor's pixels exactly.
     assert all(c["pipeline"]["max_abs_diff"] == 0 for c in result["preprocess"]["cases"].values())
     assert result["gpu"]["models"]["tiny-384"]["new_tokens"] == 4
+    assert_ratios(result, ["gpu_continuous_speedup_varied"])  # continuous vs static on the first architecture
 
 
 def test_scale_planning(tmp_path):
@@ -66,7 +67,8 @@ def test_every_figure(tmp_path):
     assert_ratios(result, ["decode_speedup_long", "decode_speedup_short", "preprocess_speedup", "e2e_speedup_tiny",
                            "e2e_speedup_small", "model_busy_fraction_small", "rss_ratio_1000_vs_100",
                            "cpu_scaling_2_vs_1", "model_flops_fraction_small", "plan_rows_per_s_largest",
-                           "files_per_1m_rows", "commit_requests", "commit_wall_s"])
+                           "files_per_1m_rows", "commit_requests", "commit_wall_s", "continuous_batch_speedup_varied",
+                           "continuous_batch_speedup_fixed", "continuous_abandoned_vs_idle"])
     assert result["e2e"]["tiny"]["items"] == 8 and set(result["goals"]) >= {
         "e2e_speedup_tiny", "rss_ratio_1000_vs_100", "plan_rows_per_s_largest", "files_per_1m_rows"}
     commit = result["scale"]["commit"]
