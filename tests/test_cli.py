@@ -88,6 +88,8 @@ def sample(path: tuple[str, ...], field) -> tuple[list[str], object]:
     if get_origin(kind) is Literal:
         choice = [c for c in get_args(kind) if c != default][-1]
         return [choice], choice
+    if get_origin(kind) is list and path == ("retry_flagged",):  # quality flags by name: repeated, or comma-separated
+        return ["empty", "repetition,echo"], ["empty", "repetition", "echo"]
     if get_origin(kind) is list:
         return ["s3://b/one/", "/local/two/"], ["s3://b/one/", "/local/two/"]
     if get_origin(kind) is dict:
