@@ -233,3 +233,23 @@ def test_a_manifest_of_bad_media_runs_to_the_end(samples, tiny_model, tmp_path):
         "truncated/error": "truncated", "audio/error": "no_video_stream", "segfault/error": "decoder_crashed",
         "hang/error": "timeout", "missing/error": "not_found", "ok-video/error": "duplicate_id",
     }, list(zip(df.id, df.status, df.error_type, df.error))  # every row's message, to tell what went wrong
+
+
+@pytest.mark.parametrize("lead", [b"", b"skip", b"uuid", b"free"])
+def test_an_index_bomb_is_too_large_before_ffmpeg_builds_its_index(tmp_path, lead):
+    """A 4.9 KB MP4 whose sample tables declare 60 M samples cost the batch decoder (8 GB limit)
+    2.18 GB and 6.2 s and was labelled `undecodable`; a leading `skip` or `uuid` box bypassed the
+    header check. Each sample holds at least a byte: 60 M samples in a few KB is a crafted index."""
+    import struct
+
+    from tests.helpers.hostile_media import index_bomb_mp4
+
+    bomb = index_bomb_mp4(write_mp4(tmp_path / "src.mp4", frames=24).read_bytes())
+    if lead:
+        payload = (b"\x00" * 16) if lead == b"uuid" else b"padding"
+        bomb = struct.pack(">I4s", 8 + len(payload), lead) + payload + bomb
+    assert len(bomb) < 20_000
+    (tmp_path / "bomb.mp4").write_bytes(bomb)
+    with pytest.raises(MediaError) as e:
+        fetch_and_decode(str(tmp_path / "bomb.mp4"), STORAGE, None, 8, max_memory_bytes=8 * 2**30)
+    assert e.value.error_type == "too_large" and "60,000,000 samples" in str(e.value), e.value

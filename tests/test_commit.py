@@ -345,3 +345,53 @@ def test_a_file_is_written_in_one_step_or_not_at_all(tmp_path, store, s3_endpoin
     assert sorted(p.rsplit("/", 1)[-1] for p in out.fs.ls(out.path, detail=False)) == ["f.parquet", "new.json"]  # no temporaries
     again = pickle.loads(pickle.dumps(out))  # as Ray tasks get it: resolved again there
     assert (again.uri, again.path, again.fs.cat_file(path)[:4]) == (out.uri, out.path, b"PAR1")
+
+
+@pytest.mark.parametrize("stall_at", ["placing", "ledger"])
+def test_a_commit_another_run_finished_while_this_driver_stalled_ends_quietly(tmp_path, monkeypatch, stall_at):
+    """A driver stalled mid-commit (SIGSTOP, a starved node) past its lease; the next run finished the
+    commit and committed its own run. The stalled one used to end with an uncaught FileNotFoundError,
+    and could write its _SUCCESS over the newer run's."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.schemas import output_arrow_schema
+
+    out = tmp_path / "out"
+    cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(out), model="m", run_id="stalled")
+    location = OutputLocation.of(cfg.output, cfg.storage)
+    staged = out / "_staging" / cfg.run_id
+    staged.mkdir(parents=True)
+    for i in range(2):
+        row = {n: None for n in output_arrow_schema().names}
+        row.update(id=f"r{i}", task="caption", model="m", config_key=cfg.config_key(), run_id=cfg.run_id, status="ok",
+                   prompt="P", text="t", created_at=datetime.now(timezone.utc))
+        pq.write_table(pa.Table.from_pylist([row], schema=output_arrow_schema()), staged / f"{i}.parquet")
+
+    def the_next_run_finishes_it():
+        monkeypatch.undo()  # the next run's own commit code is the real one
+        commit.recover(location)  # finishes the stalled run's commit, then commits a run of its own:
+        (out / "_SUCCESS").write_text(json.dumps({"run_id": "next"}))
+
+    if stall_at == "placing":  # stalled before its first copy
+        real_place = commit._place
+        monkeypatch.setattr(commit, "_place", lambda *a: (the_next_run_finishes_it(), real_place(*a)))
+    else:  # stalled after its copies, before its ledger
+        real_exists = location.fs.exists
+
+        def exists(path, **kw):
+            if path.endswith("_COMPLETE.json") and not getattr(exists, "done", False) and not (out / "_runs").exists():
+                exists.done = True
+                the_next_run_finishes_it()
+            return real_exists(path, **kw)
+
+        # (the check before the ledger is the second look at the commit point)
+        monkeypatch.setattr(location.fs, "exists", exists)
+    commit.commit(location, cfg, commit.staged(location, cfg.run_id), {"run_id": cfg.run_id})  # no error
+    rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
+    assert sorted(r["id"] for r in rows) == ["r0", "r1"]  # each row once
+    assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "next"  # the newer run's, not overwritten
+    assert json.loads((out / "_runs" / "stalled.json").read_text())["run_id"] == "stalled"
+    assert not (out / "_staging" / "stalled").exists()

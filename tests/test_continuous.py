@@ -42,7 +42,9 @@ def setup(family, tiny_checkpoint, manifest):
         path = tiny_checkpoint(family)
         cfg = RunConfig(manifest=str(manifest), output="/unused", model=str(path), task="qa", num_frames=4,
                         allowed_uri_prefixes=[tempfile.gettempdir()])
-        requests = [r for r in Preprocess(cfg)(decode_media(scan_manifest(cfg).records, cfg)).to_pylist() if r["status"] == "ok"]
+        scan = scan_manifest(cfg)
+        requests = [r for r in Preprocess(cfg)(decode_media(scan.records, cfg, prefixes=scan.prefixes)).to_pylist()
+                    if r["status"] == "ok"]
         inputs = [unpack(r["model_inputs"]) for r in requests]
         engine = Engine(str(path), device="cpu")
         assert engine.continuous
@@ -195,3 +197,17 @@ def test_tp2_ranks_run_the_same_steps(tiny_checkpoint, manifest):
         assert difference(cut(ref, engine.tokenizer, 7, engine.eos_ids), engine.tokenizer, r.text) is None
     one = engine.generate(inputs, gen(7, temperature=1.0, top_p=0.9), list(range(len(inputs))))
     assert [r.text for r in sampled] == [r.text for r in one]
+
+
+def test_loop_fighting_settings_apply_per_row_as_generate_applies_them(tiny_checkpoint, manifest):
+    """--repetition-penalty and --no-repeat-ngram-size (and --retry-flagged's fallback, which sets
+    them) under continuous scheduling: each row's tokens equal generate's with the same settings."""
+    engine, inputs, plain = setup("llava_onevision", tiny_checkpoint, manifest)
+    settings = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    n = max(LENGTHS)
+    refs = [reference_generation(engine.model, engine.tokenizer, x, n, **settings) for x in inputs]
+    results = engine.scheduler(max_rows=2).run([Row(x, gen(n, **settings)) for x in inputs])
+    for ref, r in zip(refs, results):
+        assert difference(ref, engine.tokenizer, r.text) is None
+    # the settings changed the answers (the comparison would catch them being ignored)
+    assert sum(ref.token_ids != p.token_ids for ref, p in zip(refs, plain)) >= 3

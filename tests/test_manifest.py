@@ -266,3 +266,16 @@ print(json.dumps({{"grown_mb": peak_mb() - before, "rows": out}}))
     assert [r[0] for r in rows] == ["ok", "error", "ok", "error", "ok"], rows
     assert all(rows[n][1] == "invalid_manifest_row" and "longer than 1 MB" in rows[n][2] for n in (1, 3))
     assert [r[0] for r in result["rows"]["end.jsonl"]] == ["ok", "error"]
+
+
+def test_questions_and_images_per_row_are_bounded_with_a_short_message(tmp_path):
+    """10,000 questions about one item were accepted (each a row carrying the item's pixels)."""
+    rows = [{"id": "many", "uri": "s3://b/a.mp4", "questions": [f"Q{i}?" for i in range(10_000)]},
+            {"id": "most", "uri": "s3://b/a.mp4", "questions": [f"Q{i}?" for i in range(256)]},
+            {"id": "album", "uris": [f"s3://b/{i}.jpg" for i in range(65)]}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = by_id(scan_manifest(cfg_for(tmp_path / "m.jsonl", task="qa")))
+    assert got["most"]["status"] == "ok"
+    for rid, n, most in (("many", "10,000", 256), ("album", "65", 64)):
+        assert got[rid]["error_type"] == "invalid_manifest_row", got[rid]
+        assert f"{n} items, more than the {most}" in got[rid]["error"] and len(got[rid]["error"]) < 300

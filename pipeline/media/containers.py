@@ -47,6 +47,15 @@ def _mp4_tables(f, start: int, end: int, found: dict, depth: int = 0) -> None:
             found["entries"] += [entry for entry, _, _ in _mp4_boxes(f, body + 8, box_end)]
 
 
+def _starts_with_a_box(head: bytes) -> bool:
+    """The first 8 bytes read as an ISO-BMFF box header: a length (0: to the end, 1: 64-bit, else at
+    least the header) and a type of four printable characters."""
+    if len(head) < 8:
+        return False
+    length = int.from_bytes(head[:4], "big")
+    return (length in (0, 1) or length >= 8) and all(0x20 <= c <= 0x7e for c in head[4:8])
+
+
 def check_mp4_tables(f, uri: str, max_memory_bytes: int | None) -> None:
     """An MP4/MOV whose sample tables declare more samples than the decoder's memory can index
     (a few KB can declare billions) is rejected before FFmpeg allocates the index; an encrypted
@@ -54,8 +63,8 @@ def check_mp4_tables(f, uri: str, max_memory_bytes: int | None) -> None:
     f.seek(0)
     head = f.read(8)
     found = {"samples": 0, "entries": []}
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
-        size = f.seek(0, 2)
+    size = f.seek(0, 2)
+    if _starts_with_a_box(head):  # any first box (ftyp, moov, but also skip, uuid, free, ...): FFmpeg takes them all
         for kind, body, end in _mp4_boxes(f, 0, size):
             if kind == b"moov":
                 _mp4_tables(f, body, min(end, size), found)
@@ -63,6 +72,10 @@ def check_mp4_tables(f, uri: str, max_memory_bytes: int | None) -> None:
     if b"encv" in found["entries"]:
         raise MediaError("unsupported_codec", f"{uri} is encrypted (CENC/DRM): its frames cannot be decoded "
                                               "without the key; give the decrypted file")
+    if found["samples"] > size:  # every sample holds at least one byte of the file
+        raise MediaError("too_large", f"{uri} declares {found['samples']:,} samples in its index but holds only "
+                                      f"{size:,} bytes; the index is corrupt or crafted (FFmpeg would build it in "
+                                      "memory first): re-encode the file")
     needed = found["samples"] * _INDEX_BYTES_PER_SAMPLE
     if max_memory_bytes and needed > max_memory_bytes // 2:
         raise MediaError("too_large", f"{uri} declares {found['samples']:,} samples in its index, which alone would "

@@ -218,6 +218,8 @@ class _Source:
             # must not make FFmpeg read local files or URLs on the worker.
             self.container = av.open(self.f, mode="r", options={"protocol_whitelist": "none"})
         except (av.FFmpegError, ValueError) as e:
+            if getattr(e, "errno", None) == errno.ENOMEM:  # its index or headers did not fit the decoder's memory
+                raise out_of_memory(self.uri, None) from e
             if mp4_box_overruns(self.f):
                 raise MediaError("truncated", f"{self.uri} is an MP4/MOV file cut short (its last box runs past "
                                               "the end of the file); re-upload it complete") from e

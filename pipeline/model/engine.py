@@ -182,8 +182,21 @@ class RowSampler:
 
     def __init__(self, gen: GenerationConfig, seed: int, device):
         import torch
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        from transformers import (
+            LogitsProcessorList,
+            NoRepeatNGramLogitsProcessor,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
+        # transformers' own loop-fighting processors, before the warpers, as generate applies them
+        self.processors = LogitsProcessorList()
+        if gen.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+        if gen.no_repeat_ngram_size:
+            self.processors.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
         self.sample = gen.temperature > 0
         self.warpers = LogitsProcessorList()
         if self.sample:
@@ -198,8 +211,11 @@ class RowSampler:
         """logits: (vocab,) float32 of this row's last position."""
         import torch
 
-        if not self.sample:
+        if not self.sample and not self.processors:
             return int(logits.argmax())
         ids = torch.tensor([list(row.inputs["input_ids"]) + row.tokens], device=logits.device)
-        probs = torch.softmax(self.warpers(ids, logits[None]), dim=-1)[0]
+        scores = self.processors(ids, logits[None]) if self.processors else logits[None]
+        if not self.sample:
+            return int(scores[0].argmax())
+        probs = torch.softmax(self.warpers(ids, scores), dim=-1)[0]
         return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -140,7 +140,21 @@ def _place(out: OutputLocation, src: str, dest: str, expected: list[int] | None)
 
 def _finish(out: OutputLocation, run_id: str) -> None:
     """Idempotently move a completed staging folder's files into place and write its ledger.
-    A staged file is deleted only once its copy under the final name is checked whole."""
+    A staged file is deleted only once its copy under the final name is checked whole. A driver that
+    stalled mid-commit (its lease expired) may find that another run finished the commit meanwhile:
+    then there is nothing left to do, and it must not write the ledger and _SUCCESS again."""
+    try:
+        _finish_steps(out, run_id)
+    except FileNotFoundError as e:
+        out.fs.invalidate_cache()
+        if out.fs.exists(out.ledger(run_id)) and not out.fs.exists(out.staging(run_id)):
+            log.warning("the commit of run %s was finished by another run while this one stalled (its lease had "
+                        "expired); its rows are committed once, nothing left to do", run_id)
+            return
+        raise CommitError(f"the commit of run {run_id} lost a file midway ({e}); rerun the same command to finish it") from e
+
+
+def _finish_steps(out: OutputLocation, run_id: str) -> None:
     fs = out.fs
     fs.invalidate_cache()
     staged_dir = out.staging(run_id)
@@ -168,6 +182,9 @@ def _finish(out: OutputLocation, run_id: str) -> None:
     rule = complete.get("replaces", {"errors": True, "flags": []})
     for path, ids in complete.get("supersedes", {}).items():
         _drop_error_rows(out, path, set(ids), complete["config_key"], rule)
+    fs.invalidate_cache()
+    if not fs.exists(join(staged_dir, COMPLETE)):  # another run finished this commit meanwhile (see _finish)
+        raise FileNotFoundError(join(staged_dir, COMPLETE))
     body = json.dumps(complete["ledger"], indent=2, default=str).encode()
     fs.makedirs(out.child("_runs"), exist_ok=True)
     put_whole(fs, out.ledger(run_id), body)

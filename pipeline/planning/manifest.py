@@ -12,6 +12,7 @@ process, for small manifests and tests.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -145,6 +146,8 @@ def validate_row(row: dict) -> str | None:
             return ("give 'uri' (one media file) or 'uris' (several images), not both" if "uri" in row and "uris" in row
                     else "missing 'uri' (one media file) or 'uris' (several images)")
         where = f"column '{e.path[0]}': " if e.path else ""
+        if e.validator == "maxItems":  # jsonschema's message repeats the whole list
+            return f"{where}{len(e.instance):,} items, more than the {e.validator_value} a row may hold; split the row"
         return f"{where}{e.message}"
     if "uris" in row and row.get("media_type", "image") != "image":
         return "a row with 'uris' holds images: drop media_type or set it to image"
@@ -426,13 +429,21 @@ def _conform(table: pa.Table, fmt: str) -> tuple[pa.Table, "np.ndarray"]:
     return pa.table(columns, schema=RAW_SCHEMA), slow
 
 
-def _list_items_ok(col) -> "np.ndarray":
-    """Rows of a list<string> column that hold at least one item, each a non-empty string (or are null)."""
+@functools.cache
+def _max_items(column: str) -> int:
+    return schemas.load("manifest")["properties"][column].get("maxItems", 2**31)
+
+
+def _list_items_ok(col, name: str) -> "np.ndarray":
+    """Rows of a list<string> column that hold 1 to the schema's maxItems items, each a non-empty
+    string (or are null): the manifest schema's rule for the column `name`, for a whole table."""
     import pyarrow.compute as pc
 
+    most = _max_items(name)
     col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     bad_item = pc.fill_null(pc.equal(pc.utf8_length(col.flatten()), 0), True).to_numpy(zero_copy_only=False)
-    ok = pc.fill_null(pc.list_value_length(col), 1).to_numpy(zero_copy_only=False) >= 1
+    lengths = pc.fill_null(pc.list_value_length(col), 1).to_numpy(zero_copy_only=False)
+    ok = (lengths >= 1) & (lengths <= most)
     ok[_parents(col)[bad_item]] = False
     return ok
 
@@ -461,10 +472,10 @@ def _plain_rows(t: pa.Table, cfg: CaptionConfig) -> "np.ndarray":
         return mask(pc.greater(pc.utf8_length(t[name]), 0))
 
     has_uri, has_uris = ~absent("uri"), ~absent("uris")
-    ok = nonempty("id") & (has_uri != has_uris) & (~has_uri | nonempty("uri")) & _list_items_ok(t["uris"])
+    ok = nonempty("id") & (has_uri != has_uris) & (~has_uri | nonempty("uri")) & _list_items_ok(t["uris"], "uris")
     ok &= absent("media_type") | mask(pc.is_in(t["media_type"], pa.array(["video", "image"])))
     ok &= ~has_uris | absent("media_type") | mask(pc.equal(t["media_type"], "image"))
-    ok &= (absent("prompt") | nonempty("prompt")) & _list_items_ok(t["questions"])
+    ok &= (absent("prompt") | nonempty("prompt")) & _list_items_ok(t["questions"], "questions")
     ok &= (absent("start_s") | mask(pc.greater_equal(t["start_s"], 0))) & (absent("end_s") | mask(pc.greater(t["end_s"], 0)))
     ok &= absent("start_s") | absent("end_s") | mask(pc.greater(t["end_s"], t["start_s"]))
     if cfg.task == "qa" and not cfg.prompt:

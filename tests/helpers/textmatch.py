@@ -35,7 +35,7 @@ class Reference:
     scores: list  # one 1-D logits tensor per generated step
 
 
-def reference_generation(model, tokenizer, inputs: dict[str, np.ndarray], max_new_tokens: int) -> Reference:
+def reference_generation(model, tokenizer, inputs: dict[str, np.ndarray], max_new_tokens: int, **generate_kwargs) -> Reference:
     """transformers' generate on one row's processor outputs (no batching, no feature cache), greedy,
     with the logits of every step."""
     import torch
@@ -48,16 +48,18 @@ def reference_generation(model, tokenizer, inputs: dict[str, np.ndarray], max_ne
     if "image_sizes" in batch:  # OneVision: (images, patches, C, H, W), several images untiled
         batch["batch_num_images"] = torch.tensor([batch["pixel_values"].shape[0]])
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    return generate_reference(model, tokenizer, batch, max_new_tokens)
+    return generate_reference(model, tokenizer, batch, max_new_tokens, **generate_kwargs)
 
 
-def generate_reference(model, tokenizer, batch: dict, max_new_tokens: int) -> Reference:
-    """Greedy `generate` on one row's processor outputs (tensors, batch dimension 1), with the logits of every step."""
+def generate_reference(model, tokenizer, batch: dict, max_new_tokens: int, **generate_kwargs) -> Reference:
+    """Greedy `generate` on one row's processor outputs (tensors, batch dimension 1), with the logits of
+    every step (after generate's own processors: `generate_kwargs` such as repetition_penalty)."""
     import torch
 
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id)
+                             return_dict_in_generate=True, pad_token_id=model.generation_config.pad_token_id,
+                             **generate_kwargs)
     ids = out.sequences[0, batch["input_ids"].shape[1]:].tolist()
     eos = _eos_ids(model, tokenizer)
     end = next((k + 1 for k, t in enumerate(ids) if t in eos), len(ids))
