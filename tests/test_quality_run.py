@@ -15,6 +15,7 @@ from test_job import run_job
 
 from pipeline import schemas
 from pipeline.config import QualityConfig, RunConfig
+from pipeline.output.committed import read_files
 from pipeline.output.location import OutputLocation
 
 
@@ -88,7 +89,7 @@ def test_retry_flagged_replaces_flagged_rows_once_with_the_fallback(flagged_run,
 
 def test_an_output_of_schema_version_1_is_read_and_planned_as_before(ray_local, samples, tiny_model, tmp_path, capsys):
     """A file without the new columns: its rows count as done (no flags), and the settings key is the old one."""
-    from pipeline.quality.figures import committed_quality
+    from pipeline.output.committed import committed_quality
 
     args = ["--manifest", samples / "manifest.jsonl", "--output", tmp_path, "--model", tiny_model, "--max-new-tokens", 2,
             "--num-frames", 2]
@@ -127,7 +128,7 @@ def test_cross_row_checks_find_a_collapsed_model_and_near_identical_windows(ray_
     errors = table.slice(0, 2).set_column(table.schema.get_field_index("status"), "status", pa.array(["error"] * 2))
     pq.write_table(errors, tmp_path / "out" / "part-y.parquet")  # a file without ok rows beside it
     out = OutputLocation.of(cfg.output, cfg.storage)
-    checks = run_checks(cfg, out, [out.child(f"part-{x}.parquet") for x in "xy"], table.num_rows)
+    checks = run_checks(cfg, lambda fn: read_files(out, [out.child(f"part-{x}.parquet") for x in "xy"], fn), table.num_rows)
     assert checks["same_text"]["found"] == 1 and checks["same_text"]["rows"] == 6
     assert checks["same_text"]["examples"][0]["text"] == same and checks["same_text"]["examples"][0]["media"] == 6
     near = checks["near_duplicate_windows"]
@@ -143,5 +144,5 @@ def test_cross_row_checks_of_a_run_of_error_rows_find_nothing(tmp_path):
              "config_key": "k", "run_id": "r", "created_at": pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py()} for i in range(3)]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "part-e.parquet")
     out = OutputLocation.of(cfg.output, cfg.storage)
-    checks = run_checks(cfg, out, [out.child("part-e.parquet")], 0)  # no ok rows: nothing to shuffle
+    checks = run_checks(cfg, lambda fn: read_files(out, [out.child("part-e.parquet")], fn), 0)  # no ok rows: nothing to shuffle
     assert checks == {name: {"found": 0, "rows": 0, "examples": []} for name in ("same_text", "near_duplicate_windows")}

@@ -82,7 +82,7 @@ def preflight(cfg: RunConfig) -> PreflightReport:
     model = check_model(cfg)
     sizing = check_sizing(cfg)
     connect_ray(cfg.ray_address)  # the checks that need no cluster came first
-    from pipeline.quality.figures import committed_quality
+    from pipeline.output.committed import committed_quality
 
     try:
         plan = plan_run(cfg, out, files)

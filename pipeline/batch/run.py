@@ -13,7 +13,7 @@ from pipeline.batch.stages import video_resize
 from pipeline.config import RunConfig
 from pipeline.io.urls import media_prefixes
 from pipeline.output import commit, lease
-from pipeline.output.committed import OutputError, staged_sources
+from pipeline.output.committed import OutputError, read_files, staged_sources
 from pipeline.output.location import OutputLocation, output_overlaps_manifest
 from pipeline.planning.manifest import manifest_file_sizes
 from pipeline.planning.plan import Plan, plan_run
@@ -128,7 +128,8 @@ def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
         if missing:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")
-    checks = run_checks(cfg, out, written.files, written.by_status["ok"])  # on Ray Data, over the staged ok rows
+    # the cross-row quality checks, on Ray Data over the staged ok rows
+    checks = run_checks(cfg, lambda fn: read_files(out, written.files, fn), written.by_status["ok"] if written.files else 0)
     wall = time.time() - started
     summary = RunSummary(run_id=cfg.run_id, items=plan.todo, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),

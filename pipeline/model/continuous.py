@@ -245,7 +245,7 @@ class Scheduler:
         return [r for r, _ in ended]
 
     def _finish(self, row: Row, reason: str) -> None:
-        from pipeline.model.engine import Generated
+        from pipeline.model.generated import Generated
 
         eng = self.engine
         text = eng.tokenizer.decode(row.tokens, skip_special_tokens=True)

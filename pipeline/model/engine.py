@@ -9,22 +9,11 @@ patch count), image sets and videos (of any frame count) gives the same tokens a
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline.config import GenerationConfig
-
-
-@dataclass
-class Generated:
-    text: str
-    prompt_tokens: int
-    output_tokens: int
-    # "stop": the model ended the row (EOS) or a stop string did; "length": it hit max_new_tokens;
-    # "cancelled": its caller stopped it (continuous batching: a client that left)
-    finish_reason: str = "length"
-    token_ids: list[int] = field(default_factory=list)  # the generated tokens (EOS excluded), for the quality flags
+from pipeline.model.generated import Generated
 
 
 def row_seed(seed: int, *keys: str | None) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.output.location import OutputLocation
+from pipeline.quality.figures import COLUMNS as QUALITY_COLUMNS
+from pipeline.quality.figures import QualityCounts
 from pipeline.schemas import output_arrow_schema
 
 ID_TAG, SOURCE_TAG = "i", "s"  # the first character of every key: its kind
@@ -141,3 +143,30 @@ def _read_each(batch: pa.Table, out: OutputLocation, fn, kwargs: dict):
         except (OSError, pa.ArrowException) as e:
             raise OutputError(f"cannot read {out.uri_of(path)} in the output ({type(e).__name__}: {e}); "
                               "restore it from a backup, or move it out of the output folder to compute its rows again") from e
+
+
+def committed_quality(cfg, out) -> QualityCounts:
+    """The quality figures of the rows committed under the run's settings in `out` (an OutputLocation:
+    --dry-run's view of an existing output), counted by Ray tasks, a file each; a row per file reaches the driver."""
+    import json
+
+    files = out.part_files()
+    result = QualityCounts()
+    if not files:
+        return result
+    counts = read_files(out, sorted(files), _counts_of, config_key=cfg.config_key())
+    for block in counts.take_all():
+        result.merge(QualityCounts.from_dict(json.loads(block["counts"])))
+    return result
+
+
+def _counts_of(rows: pa.Table, path: str, config_key: str) -> pa.Table:
+    import json
+
+    import pyarrow.compute as pc
+
+    rows = rows.filter(pc.fill_null(pc.equal(rows["config_key"], config_key), False))
+    return pa.table({"counts": [json.dumps(QualityCounts().add(rows).to_dict())]})
+
+
+_counts_of.columns = [*QUALITY_COLUMNS, "config_key"]

@@ -58,32 +58,3 @@ class QualityCounts:
         finish = " ".join(f"{k}={v}" for k, v in sorted(self.by_finish_reason.items()))
         return (f"quality: {self.flagged} of {self.generated} rows flagged{f' ({flags})' if flags else ''}"
                 f"{f'; finish: {finish}' if finish else ''}")
-
-
-def committed_quality(cfg, out) -> QualityCounts:
-    """The quality figures of the rows committed under the run's settings in `out` (an OutputLocation:
-    --dry-run's view of an existing output), counted by Ray tasks, a file each; a row per file reaches the driver."""
-    import json
-
-    from pipeline.output.committed import read_files
-
-    files = out.part_files()
-    result = QualityCounts()
-    if not files:
-        return result
-    counts = read_files(out, sorted(files), _counts_of, config_key=cfg.config_key())
-    for block in counts.take_all():
-        result.merge(QualityCounts.from_dict(json.loads(block["counts"])))
-    return result
-
-
-def _counts_of(rows: pa.Table, path: str, config_key: str) -> pa.Table:
-    import json
-
-    import pyarrow.compute as pc
-
-    rows = rows.filter(pc.fill_null(pc.equal(rows["config_key"], config_key), False))
-    return pa.table({"counts": [json.dumps(QualityCounts().add(rows).to_dict())]})
-
-
-_counts_of.columns = [*COLUMNS, "config_key"]

@@ -22,14 +22,13 @@ EXAMPLES = 3
 _COLUMNS = ["id", "uri", "uris", "media_type", "prompt", "text", "status", "frame_timestamps_s"]
 
 
-def run_checks(cfg: RunConfig, out, files: list[str], rows: int) -> dict:
-    """Both checks over the staged files of this run (paths in `out`, its OutputLocation), which hold
-    `rows` ok rows: {check: {"found": n, "rows": n, "examples": [...]}}."""
-    from pipeline.output.committed import read_files
-
-    if not files or not rows:
+def run_checks(cfg: RunConfig, read, rows: int) -> dict:
+    """Both checks over a run's staged rows, which hold `rows` ok rows: {check: {"found": n, "rows": n,
+    "examples": [...]}}. `read(fn)` is the Ray dataset of fn over the staged files (the caller's reader,
+    output.committed.read_files: this module checks rows and knows nothing of where they are kept)."""
+    if not rows:
         return {name: {"found": 0, "rows": 0, "examples": []} for name in CHECKS}
-    ds = read_files(out, files, _check_rows)
+    ds = read(_check_rows)
     parts = max(1, min(64, math.ceil(rows / 200_000)))
     # one shuffle for both checks: a row goes to its text's group, and a video row also to its window group
     keyed = ds.map_batches(_keyed, batch_format="pyarrow")
