@@ -1,5 +1,5 @@
 """The one child-process helper of the decoder child and the tensor-parallel ranks, on a real
-child (tests/child_echo.py): spawn with the repo on PYTHONPATH, framed messages, deadlines,
+child (tests/helpers/child_echo.py): spawn with the repo on PYTHONPATH, framed messages, deadlines,
 a dead child's signal, several children under one deadline."""
 
 import os
@@ -18,7 +18,7 @@ SLOW_START_S = 120  # a Python start on a loaded machine
 
 
 def started(tag: str = "") -> Child:
-    child = Child("tests.child_echo", {"CHILD_ECHO_TAG": tag})
+    child = Child("tests.helpers.child_echo", {"CHILD_ECHO_TAG": tag})
     assert child.read_message(time.monotonic() + SLOW_START_S) == ("ready", tag)
     return child
 

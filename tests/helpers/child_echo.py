@@ -1,4 +1,4 @@
-"""A child for tests/test_child_process.py (`python -m tests.child_echo`): answers each message
+"""A child for tests/test_child_process.py (`python -m tests.helpers.child_echo`): answers each message
 ("echo", x) with ("ok", x), ("sleep", s) after s seconds, ("die", signal) by that signal."""
 
 import os
