@@ -395,3 +395,63 @@ def test_a_commit_another_run_finished_while_this_driver_stalled_ends_quietly(tm
     assert json.loads((out / "_SUCCESS").read_text())["run_id"] == "next"  # the newer run's, not overwritten
     assert json.loads((out / "_runs" / "stalled.json").read_text())["run_id"] == "stalled"
     assert not (out / "_staging" / "stalled").exists()
+
+
+def test_a_kill_at_every_step_of_a_retry_flagged_commit_leaves_every_row_once(tmp_path):
+    """--retry-flagged's commit (new attempt-2 rows in, the flagged rows they replace dropped from a
+    committed file) killed before each of its writes in turn: after the next run's recovery each
+    (id, prompt) is there exactly once, the old row or its retry, never both, never neither."""
+    import shutil
+    import subprocess
+    import sys
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import REPO
+
+    from pipeline.schemas import output_arrow_schema
+
+    base = tmp_path / "base"
+    base.mkdir()
+    cfg = RunConfig(manifest=str(tmp_path / "m.jsonl"), output=str(base), model="m", retry_flagged=["repetition"],
+                    run_id="retry")
+    schema = output_arrow_schema()
+
+    def row(rid, **kw):
+        r = {n: None for n in schema.names}
+        r.update(id=rid, task="caption", model="m", config_key=cfg.config_key(), run_id="old", status="ok",
+                 prompt="P", text="t", attempt=1, quality_flags=[], created_at=datetime.now(timezone.utc))
+        r.update(kw)
+        return r
+
+    committed = [row("a", quality_flags=["repetition"]), row("b"), row("c", status="error", quality_flags=None, attempt=None),
+                 row("d", quality_flags=["repetition"])]
+    pq.write_table(pa.Table.from_pylist(committed, schema=schema), base / "part-old-0.parquet")
+    staged = base / "_staging" / cfg.run_id
+    staged.mkdir(parents=True)
+    retried = [row(r, attempt=2, run_id=cfg.run_id) for r in ("a", "d")]
+    for i, r in enumerate(retried):
+        pq.write_table(pa.Table.from_pylist([r], schema=schema), staged / f"{i}.parquet")
+    outcomes = []
+    for step in range(1, 60):
+        out = tmp_path / f"kill-{step}"
+        shutil.copytree(base, out)
+        killed = cfg.model_copy(update={"output": str(out)})
+        (tmp_path / "cfg.json").write_text(killed.model_dump_json())
+        (tmp_path / "supersedes.json").write_text(json.dumps({str(out / "part-old-0.parquet"): ["a", "d"]}))
+        code = subprocess.run([sys.executable, "-m", "tests.helpers.kill_commit", str(tmp_path / "cfg.json"), str(step),
+                               str(tmp_path / "supersedes.json")], cwd=REPO, capture_output=True, text=True)
+        if code.returncode == 0:
+            break
+        assert code.returncode == 137, code.stderr
+        commit.recover(OutputLocation.of(str(out), killed.storage))  # what the next run does first
+        rows = sorted((r["id"], r["prompt"], r["attempt"] or 0)
+                      for r in pads.dataset(str(out), format="parquet", ignore_prefixes=["_", "."]).to_table().to_pylist())
+        assert len({(i, p) for i, p, _ in rows}) == len(rows) == 4, (step, rows)  # each (id, prompt) once
+        attempts = {i: a for i, _, a in rows}
+        assert attempts in ({"a": 1, "b": 1, "c": 0, "d": 1}, {"a": 2, "b": 1, "c": 0, "d": 2}), (step, rows)
+        outcomes.append("finished" if attempts["a"] == 2 else "redone")
+    else:
+        pytest.fail("the commit never completed")
+    assert "redone" in outcomes and outcomes.count("finished") >= 3, outcomes

@@ -1,6 +1,6 @@
 """Commit a staged run and die (os._exit, as SIGKILL would) just before its Nth write to the store.
 
-    python -m tests.helpers.kill_commit CONFIG.json N      # from the repo root
+    python -m tests.helpers.kill_commit CONFIG.json N [SUPERSEDES.json]     # from the repo root
 
 CONFIG.json is a RunConfig (model_dump_json) whose staging folder holds a finished run. A write is
 a change to the store: locally a file opened for writing, a rename, a delete, a mkdir (Python's
@@ -62,7 +62,11 @@ class Killer:
 
 
 def main(argv=None) -> int:
-    config, die_at = (argv or sys.argv[1:])[:2]
+    import json
+
+    args = argv or sys.argv[1:]
+    config, die_at = args[:2]
+    supersedes = json.loads(open(args[2]).read()) if len(args) > 2 else None  # {committed file: [ids]} the run replaces
     with open(config) as f:
         cfg = RunConfig.model_validate_json(f.read())
     out = OutputLocation.of(cfg.output, cfg.storage)
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
 
         sync(out.fs.loop, out.fs.set_session)
         out.fs.s3.meta.events.register("before-call.s3", killer.before_call)
-    commit.commit(out, cfg, result, {"run_id": cfg.run_id})
+    commit.commit(out, cfg, result, {"run_id": cfg.run_id}, supersedes)
     return 0
 
 
