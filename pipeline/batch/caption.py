@@ -36,7 +36,9 @@ def caption(ds, config: CaptionConfig):
     of output rows: one per (item, prompt), error rows included, in the output schema. The input rows
     have the manifest's columns (id, uri or uris, media_type, prompt, questions, start_s, end_s; others
     are ignored) and are checked by the manifest's rules inside Ray Data; ids are not checked for
-    repeats. Nothing is committed anywhere."""
+    repeats. Nothing is committed anywhere. On the driver, at this call: Ray is joined or started as
+    Ray Data does (to see whether the cluster has GPUs), and the checkpoint's processor config is read
+    (its video resize)."""
     config = CaptionConfig.model_validate(config)  # a RunConfig passes as itself; a dict is validated
     if not config.allowed_uri_prefixes:  # (a RunConfig's default, the manifest's store, has no manifest here)
         raise ValueError("allowed_uri_prefixes is empty: name where the media may be (s3://bucket/, /data/media/, ...)")
