@@ -139,19 +139,27 @@ class Engine:
         return {"input_ids": torch.from_numpy(ids).to(self.device), "attention_mask": torch.from_numpy(mask).to(self.device)}
 
 
+def sampling_warpers(gen: GenerationConfig):
+    """transformers' temperature, top-k and top-p warpers of a sampled generation: one list for both
+    schedulings, so a row samples from the same distribution in a static batch and a continuous one."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(gen.temperature)])
+    if gen.top_k:
+        warpers.append(TopKLogitsWarper(gen.top_k))
+    if gen.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(gen.top_p))
+    return warpers
+
+
 class PerRowSampler:
     """Samples each row from its own seeded generator, then forces that token (generation runs
     greedy), so a row's sampled text does not depend on which rows share its batch."""
 
     def __init__(self, gen: GenerationConfig, seeds: list[int], device):
         import torch
-        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(gen.temperature)])
-        if gen.top_k:
-            self.warpers.append(TopKLogitsWarper(gen.top_k))
-        if gen.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(gen.top_p))
+        self.warpers = sampling_warpers(gen)
         self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
     def __call__(self, input_ids, scores):
@@ -171,14 +179,7 @@ class RowSampler:
 
     def __init__(self, gen: GenerationConfig, seed: int, device):
         import torch
-        from transformers import (
-            LogitsProcessorList,
-            NoRepeatNGramLogitsProcessor,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
         # transformers' own loop-fighting processors, before the warpers, as generate applies them
         self.processors = LogitsProcessorList()
@@ -187,13 +188,8 @@ class RowSampler:
         if gen.no_repeat_ngram_size:
             self.processors.append(NoRepeatNGramLogitsProcessor(gen.no_repeat_ngram_size))
         self.sample = gen.temperature > 0
-        self.warpers = LogitsProcessorList()
         if self.sample:
-            self.warpers.append(TemperatureLogitsWarper(gen.temperature))
-            if gen.top_k:
-                self.warpers.append(TopKLogitsWarper(gen.top_k))
-            if gen.top_p < 1.0:
-                self.warpers.append(TopPLogitsWarper(gen.top_p))
+            self.warpers = sampling_warpers(gen)
             self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, row, logits) -> int:
