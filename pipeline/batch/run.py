@@ -129,7 +129,7 @@ def _run(cfg: RunConfig, out: OutputLocation, held: lease.Lease) -> RunSummary:
             raise RunError(f"{missing} manifest rows have no output row (for example {examples}); "
                            f"the run is incomplete and nothing was committed. Rerun the same command.")
     # the cross-row quality checks, on Ray Data over the staged ok rows
-    checks = run_checks(cfg, lambda fn: read_files(out, written.files, fn), written.by_status["ok"] if written.files else 0)
+    checks = run_checks(cfg, lambda fn: read_files(out, written.files, fn), written.by_status["ok"])
     wall = time.time() - started
     summary = RunSummary(run_id=cfg.run_id, items=plan.todo, rows=written.rows, ok=written.by_status["ok"],
                          errors=written.by_status["error"], error_types=dict(written.by_error_type),
